@@ -1,0 +1,26 @@
+r"""Langevin LoRA: sample the Gibbs measure :math:`\pi_\beta \propto \exp(-\beta(\hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2))`
+over PEFT LoRA adapter tensors, as a drop-in optimizer or a Lightning callback.
+
+The temperature convention is stated in :mod:`langevin_lora.temperature`.
+"""
+from langevin_lora.functional import frozen_preconditioner, langevin_step_
+from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
+from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
+from langevin_lora.temperature import effective_beta, noise_std, resolve_base_beta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LangevinAdam",
+    "LangevinSGD",
+    "LoraFactors",
+    "NonFiniteGradientWarning",
+    "effective_beta",
+    "frozen_preconditioner",
+    "langevin_step_",
+    "lora_modules",
+    "lora_param_groups",
+    "lora_parameters",
+    "noise_std",
+    "resolve_base_beta",
+]

@@ -1,0 +1,88 @@
+"""Explicit per-device noise generators (never the global RNG).
+
+One :class:`torch.Generator` per device, all seeded from one integer. Under data parallelism
+every replica must draw identical noise for the same tensor, so an unseeded stream takes its
+seed from rank 0 when ``torch.distributed`` is initialised. States are saved and restored so a
+resumed run continues bitwise identically.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from langevin_lora._validation import check_int
+
+
+def _broadcast_seed(seed: int) -> int:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        t = torch.tensor([seed], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=0)
+        seed = int(t.item())
+    return seed
+
+
+class NoiseGenerators:
+    """A lazily built ``torch.Generator`` per device, seeded from ``seed``.
+
+    Args:
+        seed: non-negative integer. ``None`` draws one from the operating system's entropy,
+            shared from rank 0 when ``torch.distributed`` is initialised.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = check_int("seed", seed, low=0, allow_none=True)
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_states: dict[str, torch.Tensor] = {}
+
+    def _ensure_seed(self) -> int:
+        if self.seed is None:
+            self.seed = _broadcast_seed(secrets.randbits(62))
+        return self.seed
+
+    def get(self, device: torch.device | str) -> torch.Generator:
+        key = str(torch.device(device))
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=key)
+            gen.manual_seed(self._ensure_seed())
+            if key in self._pending_states:
+                gen.set_state(self._pending_states.pop(key))
+            self._generators[key] = gen
+        return gen
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {key: gen.get_state() for key, gen in self._generators.items()}
+        states.update({k: v for k, v in self._pending_states.items() if k not in states})
+        return {"seed": self.seed, "states": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self._generators.clear()
+        # Restored lazily: the device of a state is only known when a tensor asks for it.
+        self._pending_states = {k: v.clone() for k, v in state["states"].items()}
+
+
+def draw_standard_normal(tensors: list[torch.Tensor], generators: NoiseGenerators,
+                         dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
+    """One :math:`N(0, I)` draw shaped like each tensor.
+
+    Tensors are drawn in order, one ``randn`` call per (device, dtype) bucket, then split, so
+    the single-tensor and foreach update paths consume the same noise and a bucket costs one
+    kernel launch instead of one per tensor.
+    """
+    dtypes = dtypes or [t.dtype for t in tensors]
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (t, dt) in enumerate(zip(tensors, dtypes)):
+        buckets.setdefault((t.device, dt), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (device, dtype), idx in buckets.items():
+        sizes = [tensors[i].numel() for i in idx]
+        flat = torch.randn(sum(sizes), generator=generators.get(device), device=device, dtype=dtype)
+        for i, chunk in zip(idx, torch.split(flat, sizes)):
+            out[i] = chunk.view(tensors[i].shape)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,59 @@
+"""Argument checks shared by the optimizers, the callback and the diagnostics.
+
+Every check raises :class:`ValueError` naming the argument and the allowed range, so
+library code stays importable (and testable) without Lightning.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_real(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
+    """Return ``float(value)`` if it lies in the interval, else raise ``ValueError``.
+
+    The interval is ``[low, high]`` with each end open when ``low_open`` / ``high_open``.
+    NaN is always rejected; ``inf`` only when ``allow_inf``.
+    """
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"{lo}{low:g}, {high:g}{hi}"
+    if not _is_real(value) or math.isnan(float(value)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number in {allowed})")
+    value = float(value)
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number in {allowed})")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        raise ValueError(f"Invalid {name}: {value!r} (allowed range {allowed})")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` must be a finite real number > 0."""
+    return check_real(name, value, low=0.0, low_open=True)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """``value`` must be a finite real number >= 0."""
+    return check_real(name, value, low=0.0)
+
+
+def check_int(name: str, value: Any, *, low: int = 0, allow_none: bool = False) -> int | None:
+    """``value`` must be an integer >= ``low`` (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+    return value

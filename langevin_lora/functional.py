@@ -1,0 +1,132 @@
+r"""Functional core of every Langevin update in this package.
+
+All samplers (:class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam` and the
+:class:`~langevin_lora.LangevinLoRA` callback) call :func:`langevin_step_`, the
+frozen-preconditioner unadjusted Langevin step (THEORY §1–2)
+
+.. math::
+    \theta \leftarrow \theta - \eta\, G \odot \big(g + \lambda\theta\big)
+        + \sqrt{2\eta/\beta}\; \sqrt{G} \odot \xi, \qquad \xi \sim N(0, I),
+
+with :math:`g` an unbiased minibatch gradient of the mean loss, :math:`\lambda` the weight decay
+(coupled: it passes through :math:`G`), and :math:`G` a diagonal preconditioner that is constant
+while sampling (:math:`G \equiv 1` for SGLD). A constant :math:`G` makes the divergence
+correction :math:`\Gamma = \nabla\!\cdot G` vanish, so the step leaves
+:math:`\pi_\beta \propto e^{-\beta U}` invariant up to :math:`O(\eta)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from langevin_lora._validation import check_real
+
+__all__ = ["langevin_step_", "frozen_preconditioner", "all_finite"]
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """``True`` when every element of every tensor is finite (one reduction per device/dtype)."""
+    if not tensors:
+        return True
+    # max |x| never overflows, so a finite-but-large fp16 gradient is not mistaken for inf.
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    return all(
+        bool(torch.stack([n.float() for n in torch._foreach_norm(ts, math.inf)]).isfinite().all())
+        for ts in by_device.values()
+    )
+
+
+def frozen_preconditioner(exp_avg_sq: Tensor, step: int | float, beta2: float, eps: float,
+                          clamp: tuple[float, float] = (0.01, 100.0),
+                          reference: float | None = None) -> Tensor:
+    r"""Freeze an Adam second moment into a Langevin preconditioner.
+
+    .. math::
+        \hat v = v / (1 - \beta_2^{t}), \qquad
+        G = \operatorname{clamp}\!\big(1/(\sqrt{\hat v} + \epsilon),\ c_{lo}\, m,\ c_{hi}\, m\big),
+
+    with :math:`m` the ``reference`` scale (by default the median of the unclamped :math:`G`
+    over this tensor). The clamp matters for LoRA: :math:`B = 0` at start, so
+    :math:`\partial L/\partial A = 0` early, :math:`v_A \approx 0` and :math:`1/\epsilon` would
+    make the noise explode (THEORY §2). With ``step == 0`` (no moment yet) :math:`G \equiv 1`.
+    """
+    lo, hi = clamp
+    if step <= 0:
+        return torch.ones_like(exp_avg_sq)
+    v_hat = exp_avg_sq / (1.0 - beta2 ** step)
+    g = 1.0 / (v_hat.sqrt() + eps)
+    m = float(g.float().median()) if reference is None else float(reference)
+    return g.clamp_(min=lo * m, max=hi * m)
+
+
+def check_clamp(clamp: tuple[float, float]) -> tuple[float, float]:
+    """``precond_clamp`` must be a pair ``0 < lo <= 1 <= hi < inf``."""
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid precond_clamp: {clamp!r} (expected a pair (lo, hi) with 0 < lo <= 1 <= hi)") from None
+    lo = check_real("precond_clamp[0]", lo, low=0.0, high=1.0, low_open=True)
+    hi = check_real("precond_clamp[1]", hi, low=1.0)
+    return lo, hi
+
+
+def langevin_step_(params: list[Tensor], grads: list[Tensor], noise: list[Tensor] | None, *,
+                   lr: float, noise_std: float, weight_decay: float = 0.0,
+                   precond: list[Tensor] | None = None, precond_sqrt: list[Tensor] | None = None,
+                   foreach: bool | None = None) -> None:
+    r"""Apply one Langevin step in place to ``params``.
+
+    .. math::
+        \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sigma \sqrt{G}\odot\xi,
+        \qquad \sigma = \sqrt{2\eta/\beta}.
+
+    Args:
+        params: tensors updated in place (fp32/fp64 master copies for low-precision models).
+        grads: gradients of the **mean** loss, same dtypes as ``params``; never modified.
+        noise: standard normal draws shaped like ``params`` (consumed: may be overwritten),
+            or ``None`` when ``noise_std == 0``.
+        lr: step size :math:`\eta`.
+        noise_std: :math:`\sigma = \sqrt{2\eta/\beta}` (0 for :math:`\beta = \infty`).
+        weight_decay: :math:`\lambda`, coupled (passes through :math:`G`).
+        precond, precond_sqrt: :math:`G` and :math:`\sqrt G` per tensor, or ``None`` for identity.
+        foreach: use the ``torch._foreach_*`` kernels (default: whenever there is more than
+            one tensor). Both paths run the same elementwise operations and agree bitwise.
+    """
+    if not params:
+        return
+    if noise_std > 0 and noise is None:
+        raise ValueError("noise must be given when noise_std > 0")
+    if foreach is None:
+        foreach = len(params) > 1 and not torch.jit.is_scripting()
+    fn = _multi_tensor_step if foreach else _single_tensor_step
+    fn(params, grads, noise, lr=lr, noise_std=noise_std, weight_decay=weight_decay,
+       precond=precond, precond_sqrt=precond_sqrt)
+
+
+def _single_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = torch.add(g, p, alpha=weight_decay) if weight_decay != 0 else g
+        if precond is not None:
+            d = torch.mul(d, precond[i])
+        p.add_(d, alpha=-lr)
+        if noise_std > 0:
+            xi = noise[i]
+            if precond_sqrt is not None:
+                xi.mul_(precond_sqrt[i])
+            p.add_(xi, alpha=noise_std)
+
+
+def _multi_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+    if precond is not None:
+        d = torch._foreach_mul(d, precond)
+    torch._foreach_add_(params, d, alpha=-lr)
+    if noise_std > 0:
+        if precond_sqrt is not None:
+            torch._foreach_mul_(noise, precond_sqrt)
+        torch._foreach_add_(params, noise, alpha=noise_std)

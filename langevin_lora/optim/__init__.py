@@ -1,0 +1,5 @@
+from langevin_lora.optim.adam import LangevinAdam
+from langevin_lora.optim.base import LangevinOptimizer, NonFiniteGradientWarning
+from langevin_lora.optim.sgd import LangevinSGD
+
+__all__ = ["LangevinAdam", "LangevinOptimizer", "LangevinSGD", "NonFiniteGradientWarning"]

@@ -1,0 +1,178 @@
+r"""Find the PEFT LoRA adapter tensors of a model and build named parameter groups.
+
+Adapters are found by type (:class:`peft.tuners.lora.LoraLayer`) and adapter name, never by
+substring matching: ``lora_A`` / ``lora_embedding_A`` (the :math:`r \times \text{in}` factor
+:math:`A`), ``lora_B`` / ``lora_embedding_B`` (the :math:`\text{out} \times r` factor :math:`B`)
+and DoRA's ``lora_magnitude_vector``. The effective update is :math:`\Delta W = s\,BA` with
+:math:`s` = ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from langevin_lora._validation import check_non_negative
+
+__all__ = ["LoraFactors", "lora_modules", "lora_param_groups", "lora_parameters", "LORA_ROLES"]
+
+LORA_ROLES = ("lora_A", "lora_B", "lora_magnitude")
+NO_LORA_MESSAGE = (
+    "found no LoRA adapter tensors in {model}: searched for peft.tuners.lora.LoraLayer modules "
+    "with trainable lora_A/lora_B/lora_embedding_A/lora_embedding_B/lora_magnitude_vector "
+    "entries{adapter}. Wrap the model with peft.get_peft_model(model, LoraConfig(...)) first."
+)
+
+
+@dataclass
+class LoraFactors:
+    """The two factors of one LoRA module: :math:`\\Delta W = s\\,B A`.
+
+    ``A`` has shape ``(r, fan_in)`` and ``B`` ``(fan_out, r)`` for linear layers; embedding
+    adapters store ``A`` as ``(r, num_embeddings)`` and ``B`` as ``(embedding_dim, r)`` the same way.
+    """
+
+    name: str
+    adapter: str
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return self.A[0].numel()
+
+    @property
+    def fan_out(self) -> int:
+        return self.B.shape[0]
+
+
+def _lora_layer_type():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as exc:  # pragma: no cover - peft is a core dependency
+        raise ImportError("langevin_lora needs peft to find LoRA adapters: pip install peft") from exc
+    return LoraLayer
+
+
+def _iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    LoraLayer = _lora_layer_type()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _adapter_names(layer: Any, adapter_name: str | None) -> list[str]:
+    if adapter_name is not None:
+        return [adapter_name]
+    active = layer.active_adapters if hasattr(layer, "active_adapters") else layer.active_adapter
+    return [active] if isinstance(active, str) else list(active)
+
+
+def lora_modules(model: nn.Module, adapter_name: str | None = None) -> list[LoraFactors]:
+    """The :class:`LoraFactors` of every LoRA module (linear, conv, embedding) for the adapter
+    (default: the active ones), in ``named_modules`` order. Raises ``ValueError`` if none."""
+    out = []
+    for name, layer in _iter_lora_layers(model):
+        for adapter in _adapter_names(layer, adapter_name):
+            if adapter in layer.lora_A:
+                A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            elif adapter in getattr(layer, "lora_embedding_A", {}):
+                # PEFT stores embedding factors transposed: A (r, num_embeddings), B (dim, r).
+                A, B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+            else:
+                continue
+            out.append(LoraFactors(name=name, adapter=adapter, A=A, B=B, scaling=float(layer.scaling[adapter])))
+    if not out:
+        raise ValueError(NO_LORA_MESSAGE.format(model=type(model).__name__, adapter=_adapter_note(adapter_name)))
+    return out
+
+
+def _adapter_note(adapter_name: str | None) -> str:
+    return f" for adapter {adapter_name!r}" if adapter_name is not None else " for the active adapters"
+
+
+def _collect(model: nn.Module, adapter_name: str | None) -> list[tuple[str, str, str, nn.Parameter]]:
+    """``(role, adapter, parameter name, parameter)`` for every trainable adapter tensor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found, seen = [], set()
+    for _, layer in _iter_lora_layers(model):
+        for adapter in _adapter_names(layer, adapter_name):
+            candidates = []
+            if adapter in layer.lora_A:
+                candidates += [("lora_A", layer.lora_A[adapter].weight), ("lora_B", layer.lora_B[adapter].weight)]
+            if adapter in getattr(layer, "lora_embedding_A", {}):
+                candidates += [("lora_A", layer.lora_embedding_A[adapter]), ("lora_B", layer.lora_embedding_B[adapter])]
+            if adapter in getattr(layer, "lora_magnitude_vector", {}):
+                candidates += [("lora_magnitude", p) for p in layer.lora_magnitude_vector[adapter].parameters()]
+            for role, p in candidates:
+                if p.requires_grad and id(p) not in seen and id(p) in names:
+                    seen.add(id(p))
+                    found.append((role, adapter, names[id(p)], p))
+    if not found:
+        raise ValueError(NO_LORA_MESSAGE.format(model=type(model).__name__, adapter=_adapter_note(adapter_name)))
+    return found
+
+
+def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable adapter tensors by role: ``{"lora_A": [(name, p)], "lora_B": [...], "lora_magnitude": [...]}``.
+
+    Raises ``ValueError`` (saying what was searched for) when the model holds none.
+    """
+    roles: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in LORA_ROLES}
+    for role, _, name, p in _collect(model, adapter_name):
+        roles[role].append((name, p))
+    return roles
+
+
+def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head_temperature: float = 0.0,
+                      lora_temperature: float = 1.0, head_weight_decay: float | None = None,
+                      split_factors: bool = True) -> list[dict[str, Any]]:
+    """Named parameter groups for a PEFT LoRA model, ready for any ``torch.optim`` optimizer.
+
+    Groups (empty ones are dropped), each with ``"name"``, ``"params"``, ``"param_names"`` and
+    ``"temperature"``:
+
+    - ``lora_A/<adapter>``, ``lora_B/<adapter>``, ``lora_magnitude/<adapter>`` (or one
+      ``lora/<adapter>`` group with ``split_factors=False``), at ``lora_temperature``;
+    - ``head``: every other trainable tensor (classifier heads, ``modules_to_save``), at
+      ``head_temperature`` (0, i.e. noise-free, by default) and, if given, ``head_weight_decay``.
+
+    Langevin optimizers read ``temperature`` per group; torch optimizers ignore the extra keys.
+
+    Example:
+        >>> groups = lora_param_groups(peft_model)                     # doctest: +SKIP
+        >>> opt = LangevinSGD(groups, lr=1e-4, num_data=len(train_set)) # doctest: +SKIP
+    """
+    check_non_negative("head_temperature", head_temperature)
+    check_non_negative("lora_temperature", lora_temperature)
+    if head_weight_decay is not None:
+        check_non_negative("head_weight_decay", head_weight_decay)
+    groups: dict[str, dict[str, Any]] = {}
+    lora_ids: set[int] = set()
+    for role, adapter, name, p in _collect(model, adapter_name):
+        lora_ids.add(id(p))
+        key = f"{role if split_factors else 'lora'}/{adapter}"
+        g = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "temperature": lora_temperature})
+        g["params"].append(p)
+        g["param_names"].append(name)
+    head = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
+    out = list(groups.values())
+    if head:
+        g = {"name": "head", "params": [p for _, p in head], "param_names": [n for n, _ in head],
+             "temperature": head_temperature}
+        if head_weight_decay is not None:
+            g["weight_decay"] = head_weight_decay
+        out.append(g)
+    return out
+
+
+def is_lora_parameter(model: nn.Module, param: torch.Tensor, adapter_name: str | None = None) -> bool:
+    """Whether ``param`` is one of the model's LoRA adapter tensors."""
+    return any(param is p for _, _, _, p in _collect(model, adapter_name))
