@@ -13,6 +13,7 @@ from langevin_lora._rng import NoiseGenerators
 from langevin_lora._validation import check_choice, check_non_negative, check_positive
 from langevin_lora.functional import all_finite
 from langevin_lora.temperature import effective_beta, resolve_base_beta
+from langevin_lora.view import LangevinGroupView
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise")
@@ -105,6 +106,18 @@ class LangevinOptimizer(Optimizer):
     def _update_group(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor],
                       grads: list[Tensor]) -> None:
         raise NotImplementedError
+
+    def langevin_groups(self) -> list[LangevinGroupView]:
+        """The :class:`~langevin_lora.view.LangevinGroupView` of every param group (for diagnostics)."""
+        views = []
+        for i, group in enumerate(self.param_groups):
+            precond = [self.state[p].get("precond") for p in group["params"]]
+            views.append(LangevinGroupView(
+                name=group.get("name", f"group{i}"), params=list(group["params"]), lr=group["lr"],
+                beta=self.group_beta(group), weight_decay=group["weight_decay"],
+                precond=None if any(G is None for G in precond) else precond,
+                sampling=group.get("sampling", True)))
+        return views
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

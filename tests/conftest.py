@@ -1,0 +1,41 @@
+import os
+
+# Tests never reach a model hub: everything loads from packaged assets.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def minilm_lora_factory():
+    """Build the packaged MiniLM sequence classifier wrapped with PEFT LoRA (r=8 on query/value).
+
+    Returns a function ``make(num_labels=2, r=8, seed=0) -> (peft_model, tokenizer)``; each call
+    gives a fresh model (~1 s).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from recipes.assets import minilm_dir
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def make(num_labels: int = 2, r: int = 8, seed: int = 0, **lora_kwargs):
+        torch.manual_seed(seed)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], lora_dropout=0.0,
+                            modules_to_save=["classifier"], **lora_kwargs)
+        model = get_peft_model(base, config)
+        model.train()
+        return model, tokenizer
+
+    return make
+
+
+def cuda_only(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
