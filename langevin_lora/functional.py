@@ -24,21 +24,39 @@ from torch import Tensor
 
 from langevin_lora._validation import check_real
 
-__all__ = ["langevin_step_", "frozen_preconditioner", "all_finite"]
+__all__ = ["langevin_step_", "frozen_preconditioner", "adam_inverse_scale", "median_scale", "all_finite"]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """``True`` when every element of every tensor is finite (one reduction per device/dtype)."""
     if not tensors:
         return True
-    # max |x| never overflows, so a finite-but-large fp16 gradient is not mistaken for inf.
-    by_device: dict[torch.device, list[Tensor]] = {}
+    # One reduction per (device, dtype) bucket, in the tensors' own dtype: casting the norms
+    # (float64 -> float32) would turn large finite values into inf.
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    return all(
-        bool(torch.stack([n.float() for n in torch._foreach_norm(ts, math.inf)]).isfinite().all())
-        for ts in by_device.values()
-    )
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for ts in buckets.values():
+        # Fast path: the 2-norm (~10x faster than max|x| on CPU) is finite when every element is.
+        # Only a non-finite 2-norm is re-checked with max|x|, which never overflows, so a
+        # finite-but-large fp16 gradient is not mistaken for inf.
+        if bool(torch.stack(torch._foreach_norm(ts, 2)).isfinite().all()):
+            continue
+        if not bool(torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()):
+            return False
+    return True
+
+
+def adam_inverse_scale(exp_avg_sq: Tensor, step: int | float, beta2: float, eps: float) -> Tensor:
+    r""":math:`1/(\sqrt{\hat v} + \epsilon)` with :math:`\hat v = v/(1-\beta_2^t)`; ones when ``step == 0``."""
+    if step <= 0:
+        return torch.ones_like(exp_avg_sq)
+    return 1.0 / ((exp_avg_sq / (1.0 - beta2 ** step)).sqrt() + eps)
+
+
+def median_scale(tensors: Sequence[Tensor]) -> float:
+    """Median of all elements of ``tensors`` together (the reference scale of the clamp)."""
+    return float(torch.cat([t.detach().reshape(-1) for t in tensors]).median())
 
 
 def frozen_preconditioner(exp_avg_sq: Tensor, step: int | float, beta2: float, eps: float,
@@ -50,17 +68,16 @@ def frozen_preconditioner(exp_avg_sq: Tensor, step: int | float, beta2: float, e
         \hat v = v / (1 - \beta_2^{t}), \qquad
         G = \operatorname{clamp}\!\big(1/(\sqrt{\hat v} + \epsilon),\ c_{lo}\, m,\ c_{hi}\, m\big),
 
-    with :math:`m` the ``reference`` scale (by default the median of the unclamped :math:`G`
-    over this tensor). The clamp matters for LoRA: :math:`B = 0` at start, so
-    :math:`\partial L/\partial A = 0` early, :math:`v_A \approx 0` and :math:`1/\epsilon` would
-    make the noise explode (THEORY §2). With ``step == 0`` (no moment yet) :math:`G \equiv 1`.
+    with :math:`m` the ``reference`` scale: by default the median of the unclamped :math:`G` over
+    this tensor; :class:`~langevin_lora.LangevinAdam` and the callback pass the median over every
+    tensor frozen together (:func:`median_scale`), so a tensor whose gradient stayed ~0 is capped
+    too. The clamp matters for LoRA: :math:`B = 0` at start, so :math:`\partial L/\partial A = 0`
+    early, :math:`v_A \approx 0` and :math:`1/\epsilon` would make the noise explode (THEORY §2).
+    With ``step == 0`` (no moment yet) :math:`G \equiv 1`.
     """
     lo, hi = clamp
-    if step <= 0:
-        return torch.ones_like(exp_avg_sq)
-    v_hat = exp_avg_sq / (1.0 - beta2 ** step)
-    g = 1.0 / (v_hat.sqrt() + eps)
-    m = float(g.float().median()) if reference is None else float(reference)
+    g = adam_inverse_scale(exp_avg_sq, step, beta2, eps)
+    m = float(g.median()) if reference is None else float(reference)
     return g.clamp_(min=lo * m, max=hi * m)
 
 
@@ -88,8 +105,7 @@ def langevin_step_(params: list[Tensor], grads: list[Tensor], noise: list[Tensor
     Args:
         params: tensors updated in place (fp32/fp64 master copies for low-precision models).
         grads: gradients of the **mean** loss, same dtypes as ``params``; never modified.
-        noise: standard normal draws shaped like ``params`` (consumed: may be overwritten),
-            or ``None`` when ``noise_std == 0``.
+        noise: standard normal draws shaped like ``params``, or ``None`` when ``noise_std == 0``.
         lr: step size :math:`\eta`.
         noise_std: :math:`\sigma = \sqrt{2\eta/\beta}` (0 for :math:`\beta = \infty`).
         weight_decay: :math:`\lambda`, coupled (passes through :math:`G`).
@@ -110,23 +126,30 @@ def langevin_step_(params: list[Tensor], grads: list[Tensor], noise: list[Tensor
 
 def _single_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
     for i, (p, g) in enumerate(zip(params, grads)):
-        d = torch.add(g, p, alpha=weight_decay) if weight_decay != 0 else g
-        if precond is not None:
-            d = torch.mul(d, precond[i])
+        if weight_decay != 0:
+            d = torch.add(g, p, alpha=weight_decay)
+            if precond is not None:
+                d.mul_(precond[i])
+        else:
+            d = torch.mul(g, precond[i]) if precond is not None else g
         p.add_(d, alpha=-lr)
         if noise_std > 0:
-            xi = noise[i]
             if precond_sqrt is not None:
-                xi.mul_(precond_sqrt[i])
-            p.add_(xi, alpha=noise_std)
+                p.addcmul_(noise[i], precond_sqrt[i], value=noise_std)
+            else:
+                p.add_(noise[i], alpha=noise_std)
 
 
 def _multi_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
-    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
-    if precond is not None:
-        d = torch._foreach_mul(d, precond)
+    if weight_decay != 0:
+        d = torch._foreach_add(grads, params, alpha=weight_decay)
+        if precond is not None:
+            torch._foreach_mul_(d, precond)  # d is a fresh buffer: no second allocation
+    else:
+        d = torch._foreach_mul(grads, precond) if precond is not None else grads
     torch._foreach_add_(params, d, alpha=-lr)
     if noise_std > 0:
         if precond_sqrt is not None:
-            torch._foreach_mul_(noise, precond_sqrt)
-        torch._foreach_add_(params, noise, alpha=noise_std)
+            torch._foreach_addcmul_(params, noise, precond_sqrt, value=noise_std)  # one pass
+        else:
+            torch._foreach_add_(params, noise, alpha=noise_std)

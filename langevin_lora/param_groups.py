@@ -98,12 +98,16 @@ def _adapter_note(adapter_name: str | None) -> str:
     return f" for adapter {adapter_name!r}" if adapter_name is not None else " for the active adapters"
 
 
-def _collect(model: nn.Module, adapter_name: str | None) -> list[tuple[str, str, str, nn.Parameter]]:
-    """``(role, adapter, parameter name, parameter)`` for every trainable adapter tensor."""
+def _collect(model: nn.Module, adapter_name: str | None,
+             every_adapter: bool = False) -> list[tuple[str, str, str, nn.Parameter]]:
+    """``(role, adapter, parameter name, parameter)`` for every trainable adapter tensor of the
+    selected adapter (``every_adapter``: of all adapters, active or not)."""
     names = {id(p): n for n, p in model.named_parameters()}
     found, seen = [], set()
     for _, layer in _iter_lora_layers(model):
-        for adapter in _adapter_names(layer, adapter_name):
+        adapters = (set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {})) |
+                    set(getattr(layer, "lora_magnitude_vector", {}))) if every_adapter else _adapter_names(layer, adapter_name)
+        for adapter in adapters:
             candidates = []
             if adapter in layer.lora_A:
                 candidates += [("lora_A", layer.lora_A[adapter].weight), ("lora_B", layer.lora_B[adapter].weight)]
@@ -141,7 +145,8 @@ def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head
 
     - ``lora_A/<adapter>``, ``lora_B/<adapter>``, ``lora_magnitude/<adapter>`` (or one
       ``lora/<adapter>`` group with ``split_factors=False``), at ``lora_temperature``;
-    - ``head``: every other trainable tensor (classifier heads, ``modules_to_save``), at
+    - ``head``: every other trainable tensor (classifier heads, ``modules_to_save``) except the
+      LoRA tensors of other adapters, which are left out of every group, at
       ``head_temperature`` (0, i.e. noise-free, by default) and, if given, ``head_weight_decay``.
 
     Langevin optimizers read ``temperature`` per group; torch optimizers ignore the extra keys.
@@ -162,6 +167,8 @@ def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head
         g = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "temperature": lora_temperature})
         g["params"].append(p)
         g["param_names"].append(name)
+    # Trainable tensors of *other* adapters are neither sampled nor a head: leave them out.
+    lora_ids |= {id(p) for _, _, _, p in _collect(model, None, every_adapter=True)}
     head = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
     out = list(groups.values())
     if head:

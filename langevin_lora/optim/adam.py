@@ -8,7 +8,7 @@ from torch import Tensor
 
 from langevin_lora._rng import draw_standard_normal
 from langevin_lora._validation import check_int, check_non_negative, check_real
-from langevin_lora.functional import check_clamp, frozen_preconditioner, langevin_step_
+from langevin_lora.functional import adam_inverse_scale, check_clamp, langevin_step_, median_scale
 from langevin_lora.optim.base import LOW_PRECISION, LangevinOptimizer
 from langevin_lora.temperature import noise_std
 
@@ -29,7 +29,8 @@ class LangevinAdam(LangevinOptimizer):
     .. math::
         G = \operatorname{clamp}\big(1/(\sqrt{\hat v}+\epsilon),\; c_{lo} m,\; c_{hi} m\big),
 
-    :math:`m` the median of :math:`1/(\sqrt{\hat v}+\epsilon)` over the tensor, and every step is
+    :math:`m` the median of :math:`1/(\sqrt{\hat v}+\epsilon)` over all tensors frozen together, and
+    every step is
 
     .. math::
         \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi .
@@ -52,6 +53,9 @@ class LangevinAdam(LangevinOptimizer):
         warmup_steps: Adam steps before sampling starts (``None``: only :meth:`start_sampling`).
         precond_clamp: ``(c_lo, c_hi)`` with ``0 < c_lo <= 1 <= c_hi``, relative to the median
             (caps the preconditioner's condition number at ``c_hi / c_lo``).
+
+    Sampling starts right after the ``warmup_steps``-th Adam step (``warmup_steps=0``: the first
+    step already samples, with :math:`G \equiv 1`).
 
     Stability: keep :math:`\eta\,\lambda_{\max}(G^{1/2}\nabla^2 U\, G^{1/2}) \lesssim 0.1`.
     """
@@ -84,39 +88,62 @@ class LangevinAdam(LangevinOptimizer):
 
     @torch.no_grad()
     def start_sampling(self) -> None:
-        """Freeze the preconditioner of every group from its Adam second moment and switch to
-        Langevin steps. A group with no Adam step yet gets :math:`G \\equiv 1` (LangevinSGD) and a
-        warning. Calling it again does nothing."""
-        for group in self.param_groups:
-            self._freeze(group)
+        """Freeze the preconditioner of every group still in warm-up and switch to Langevin steps.
 
-    def _freeze(self, group: dict[str, Any]) -> None:
-        if group["sampling"]:
+        A group with no Adam step yet gets :math:`G \\equiv 1` (plain SGLD) and a warning.
+        Calling it again does nothing."""
+        self._freeze([g for g in self.param_groups if not g["sampling"]])
+
+    def _freeze(self, groups: list[dict[str, Any]]) -> None:
+        """Freeze ``groups`` together: the clamp's reference scale is the median of the unclamped
+        :math:`G` over all their tensors, so a tensor whose gradient stayed ~0 (LoRA ``A`` while
+        ``B = 0``) is capped at ``c_hi`` times the typical scale instead of :math:`1/\\epsilon`."""
+        if not groups:
             return
-        if group["step"] == 0:
-            warnings.warn("LangevinAdam.start_sampling: no warm-up step taken, the preconditioner "
-                          "is the identity (plain SGLD)", stacklevel=3)
-        _, beta2 = group["betas"]
-        for p in group["params"]:
+        raw: list[tuple[dict[str, Any], Tensor, Tensor]] = []
+        for group in groups:
+            if group["step"] == 0:
+                warnings.warn("LangevinAdam.start_sampling: no warm-up step taken, the preconditioner "
+                              "is the identity (plain SGLD)", stacklevel=3)
+            _, beta2 = group["betas"]
+            for p in group["params"]:
+                v = self.state[p].get("exp_avg_sq")
+                if v is None:
+                    v = torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
+                raw.append((group, p, adam_inverse_scale(v, group["step"], beta2, group["eps"])))
+        reference = median_scale([g for _, _, g in raw]) if raw else 1.0
+        for group, p, g in raw:
+            lo, hi = group["precond_clamp"]
+            G = g.clamp_(min=lo * reference, max=hi * reference)
             state = self.state[p]
-            v = state.get("exp_avg_sq")
-            if v is None:
-                v = torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
-            G = frozen_preconditioner(v, group["step"], beta2, group["eps"], group["precond_clamp"])
             state["precond"] = G
             state["precond_sqrt"] = G.sqrt()
             state.pop("exp_avg", None)  # no longer used: the frozen G replaces the moments
-        group["sampling"] = True
+        for group in groups:
+            group["sampling"] = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self._freeze_due()  # sampling starts right after the warmup_steps-th Adam step
+        return loss
+
+    def _freeze_due(self) -> None:
+        # Every group that is due is frozen at once: they share the clamp's reference scale.
+        self._freeze([g for g in self.param_groups if not g["sampling"] and self._warmup_done(g)])
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor],
                       grads: list[Tensor]) -> None:
+        if not group["sampling"] and self._warmup_done(group):
+            self._freeze_due()  # warmup_steps=0, or lowered since the last step
         if group["sampling"]:
             self._sample(group, params, work, grads)
         else:
             self._adam(group, params, work, grads)
-            warm = group["warmup_steps"]
-            if warm is not None and group["step"] >= warm:
-                self._freeze(group)
+
+    @staticmethod
+    def _warmup_done(group: dict[str, Any]) -> bool:
+        return group["warmup_steps"] is not None and group["step"] >= group["warmup_steps"]
 
     def _adam(self, group, params, work, grads) -> None:
         beta1, beta2 = group["betas"]

@@ -42,7 +42,11 @@ class LangevinOptimizer(Optimizer):
     # -- validation of every group, including ones added later or overridden by the user ----------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay behind
+            raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_positive("lr", group["lr"])
