@@ -3,6 +3,7 @@ over PEFT LoRA adapter tensors, as a drop-in optimizer or a Lightning callback.
 
 The temperature convention is stated in :mod:`langevin_lora.temperature`.
 """
+from langevin_lora.gauge import BalanceSchedule, GaugeMoves, balance_factors, balance_lora_
 from langevin_lora.functional import frozen_preconditioner, langevin_step_
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
 from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
@@ -11,6 +12,10 @@ from langevin_lora.temperature import effective_beta, noise_std, resolve_base_be
 __version__ = "0.1.0"
 
 __all__ = [
+    "BalanceSchedule",
+    "GaugeMoves",
+    "balance_factors",
+    "balance_lora_",
     "LangevinAdam",
     "LangevinSGD",
     "LoraFactors",
