@@ -3,10 +3,12 @@ over PEFT LoRA adapter tensors, as a drop-in optimizer or a Lightning callback.
 
 The temperature convention is stated in :mod:`langevin_lora.temperature`.
 """
+from langevin_lora.callback import LangevinLoRA
 from langevin_lora.gauge import BalanceSchedule, GaugeMoves, balance_factors, balance_lora_
 from langevin_lora.functional import frozen_preconditioner, langevin_step_
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
 from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
+from langevin_lora.samples import SampleBank, bma_predict_proba
 from langevin_lora.temperature import effective_beta, noise_std, resolve_base_beta
 
 __version__ = "0.1.0"
@@ -16,10 +18,13 @@ __all__ = [
     "GaugeMoves",
     "balance_factors",
     "balance_lora_",
+    "bma_predict_proba",
     "LangevinAdam",
+    "LangevinLoRA",
     "LangevinSGD",
     "LoraFactors",
     "NonFiniteGradientWarning",
+    "SampleBank",
     "effective_beta",
     "frozen_preconditioner",
     "langevin_step_",

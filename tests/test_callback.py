@@ -1,0 +1,512 @@
+"""LangevinLoRA inside a real lightning.Trainer: contract, law, accumulation, AMP, resume, errors."""
+from __future__ import annotations
+
+import math
+import types
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from langevin_lora import LangevinSGD, NonFiniteGradientWarning
+from langevin_lora._rng import NoiseGenerators, draw_standard_normal
+from langevin_lora.callback import LangevinLoRA
+from langevin_lora.functional import frozen_preconditioner
+from langevin_lora.param_groups import lora_modules
+
+IN, OUT, R, N = 6, 3, 2, 32
+
+
+class Base(nn.Module):
+    def __init__(self, d_in=IN, d_out=OUT):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+        self.head = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.head(self.lin(x))
+
+
+class Tiny(L.LightningModule):
+    """A LoRA r=2 adapter on ``lin`` plus a trainable head (PEFT modules_to_save), AdamW + LR schedule."""
+
+    def __init__(self, lr=1e-2, optimizer="adamw", schedule=True, zero_loss=False, inf_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = get_peft_model(Base(), LoraConfig(r=R, lora_alpha=R, target_modules=["lin"],
+                                                       modules_to_save=["head"], lora_dropout=0.0))
+        with torch.no_grad():  # start away from B = 0 so both factors get gradients at once
+            for f in lora_modules(self.model):
+                f.B.normal_(0.0, 0.3)
+        self.lr, self.optimizer_name, self.schedule = lr, optimizer, schedule
+        self.zero_loss, self.inf_at = zero_loss, inf_at
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).sum(-1).mean() / 2
+        if self.zero_loss:
+            loss = loss * 0.0
+        if self.inf_at is not None and self.global_step == self.inf_at:
+            loss = loss * math.inf
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
+        if not self.schedule:
+            return opt
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + 0.05 * k))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
+
+
+def data(n=N, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=g)
+    y = x @ torch.randn(IN, OUT, generator=g) + 0.1 * torch.randn(n, OUT, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(batch_size=8, n=N):
+    return DataLoader(data(n), batch_size=batch_size, shuffle=False)
+
+
+def trainer(callbacks, max_steps, **kw):
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", devices=1, max_epochs=-1, **kw)
+
+
+def lora_tensors(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+def all_tensors(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        yield
+
+
+# -- argument validation --------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(burn_in_steps=-1), "burn_in_steps"),
+    (dict(sample_every=0), "sample_every"),
+    (dict(num_samples=-2), "num_samples"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(num_data=0), "num_data"),
+    (dict(num_data=10, beta=3.0), "exactly one"),
+    (dict(beta=0.0), "beta"),
+    (dict(head_temperature=-1.0), "head_temperature"),
+    (dict(precond_clamp=(2.0, 3.0)), r"precond_clamp\[0\]"),
+    (dict(sample_dir="x", num_samples=0), "sample_dir"),
+    (dict(nonfinite="ignore"), "nonfinite"),
+    (dict(seed=-3), "seed"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LangevinLoRA(**kwargs)
+
+
+# -- Trainer-dependent errors ----------------------------------------------------------------------
+class NoLora(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(IN, OUT)
+
+    def training_step(self, batch, batch_idx):
+        return self.lin(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_no_lora_adapters_says_what_was_searched():
+    with pytest.raises(MisconfigurationException, match="searched for peft.tuners.lora.LoraLayer"):
+        trainer([LangevinLoRA(num_data=N)], 2).fit(NoLora(), loader())
+
+
+class Manual(Tiny):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class AlreadyLangevin(Tiny):
+    def configure_optimizers(self):
+        return LangevinSGD(self.parameters(), lr=1e-3, num_data=N)
+
+
+class Unsized(IterableDataset):
+    def __iter__(self):
+        yield from data()
+
+
+@pytest.mark.parametrize("module, dl, cb_kwargs, match", [
+    (Manual, None, {}, "automatic optimization"),
+    (AlreadyLangevin, None, {}, "added twice"),
+    (Tiny, "iterable", {}, "could not infer num_data.*Pass"),
+])
+def test_unsupported_setups_are_refused(module, dl, cb_kwargs, match):
+    dl = DataLoader(Unsized(), batch_size=8) if dl == "iterable" else loader()
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer([LangevinLoRA(**cb_kwargs)], 2).fit(module(), dl)
+
+
+def test_several_optimizers_refused():
+    # Lightning already refuses several optimizers under automatic optimization; the callback
+    # checks again in case a strategy or plugin lets them through.
+    mod = Tiny()
+    opts = [torch.optim.SGD(mod.model.parameters(), lr=0.1), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)]
+    with pytest.raises(MisconfigurationException, match="exactly one optimizer; configure_optimizers returned 2"):
+        LangevinLoRA(num_data=N).on_train_start(types.SimpleNamespace(optimizers=opts), mod)
+
+
+def test_inconsistent_steps_refused():
+    cb = LangevinLoRA(num_data=N, burn_in_steps=10, sample_every=5, num_samples=3)
+    with pytest.raises(MisconfigurationException, match="leave room for no sample"):
+        trainer([cb], 12).fit(Tiny(), loader())
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharded_strategies_refused(strategy):
+    import lightning.pytorch.strategies as S
+
+    fake_trainer = types.SimpleNamespace(strategy=object.__new__(getattr(S, strategy)), max_steps=-1)
+    with pytest.raises(MisconfigurationException, match=f"sharded strategy {strategy}"):
+        LangevinLoRA(num_data=N).setup(fake_trainer, Tiny(), "fit")
+
+    class Custom(getattr(S, strategy)):  # subclasses are refused too, naming the subclass
+        pass
+
+    fake_trainer.strategy = object.__new__(Custom)
+    with pytest.raises(MisconfigurationException, match="sharded strategy Custom"):
+        LangevinLoRA(num_data=N).setup(fake_trainer, Tiny(), "fit")
+
+
+# -- the contract ----------------------------------------------------------------------------------
+def test_burn_in_leaves_user_optimizer_untouched():
+    ref = Tiny()
+    trainer([], 5).fit(ref, loader())
+    mod = Tiny()
+    cb = LangevinLoRA(num_data=N, burn_in_steps=5, seed=3)
+    trainer([cb], 5).fit(mod, loader())
+    assert not cb.sampling and cb.langevin_steps == 0
+    for (n, a), b in zip(all_tensors(ref).items(), all_tensors(mod).values()):
+        assert torch.equal(a, b), n
+    # the step wrapper is removed at teardown (the LR scheduler's own patch remains)
+    assert cb._installed is None and not isinstance(mod.trainer.optimizers[0].__dict__.get("step"), types.MethodType)
+
+
+def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
+    """Every sampling step equals, by hand: G frozen from AdamW's v at the switch, current scheduled
+    lr, coupled decay, sqrt(2 lr / beta) sqrt(G) xi with xi from an independent generator of the
+    same seed; heads follow AdamW; the user's AdamW state of LoRA tensors stays frozen; grads intact."""
+    burn, seed, lam, temp = 4, 11, 0.3, 0.5
+    cb = LangevinLoRA(temperature=temp, weight_decay=lam, burn_in_steps=burn, seed=seed, precond_clamp=(0.2, 5.0))
+    mod = Tiny()
+    ref_gen = NoiseGenerators(seed)
+    log = {"checked": 0}
+
+    def before(tr, pl, c):
+        opt = tr.optimizers[0]
+        views = {v.name: v for v in c.langevin_groups()}
+        assert set(views) == {"lora_A/default", "lora_B/default"}
+        assert all(v.sampling and v.beta == N / temp and v.weight_decay == lam for v in views.values())
+        lr = opt.param_groups[0]["lr"]
+        assert views["lora_A/default"].lr == lr
+        params = [p for v in views.values() for p in v.params]
+        if "G" not in log:  # frozen from AdamW's second moment at the switch
+            log["G"] = []
+            for p in params:
+                st = opt.state[p]
+                G = frozen_preconditioner(st["exp_avg_sq"], float(st["step"]), 0.999, 1e-8, (0.2, 5.0))
+                log["G"].append(G)
+            log["adam_state"] = [opt.state[p]["exp_avg_sq"].clone() for p in params]
+        assert all(torch.equal(G, P) for G, P in zip(log["G"], [P for v in views.values() for P in v.precond]))
+        xi = draw_standard_normal(params, ref_gen)
+        sigma = math.sqrt(2 * lr / (N / temp))
+        log["expect"] = [p - lr * G * (p.grad + lam * p) + sigma * G.sqrt() * x
+                         for p, G, x in zip(params, log["G"], xi)]
+        log["grads"] = [p.grad.clone() for p in params]
+        log["params"] = params
+        log["head_before"] = {n: p.detach().clone() for n, p in pl.named_parameters() if "modules_to_save" in n}
+
+    def after(tr, pl, c):
+        for p, e, g in zip(log["params"], log["expect"], log["grads"]):
+            torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p.grad, g)  # the user sees its gradients unchanged
+        opt = tr.optimizers[0]
+        for p, v in zip(log["params"], log["adam_state"]):
+            assert torch.equal(opt.state[p]["exp_avg_sq"], v)  # AdamW no longer touches LoRA tensors
+        moved = [not torch.equal(p, log["head_before"][n]) for n, p in pl.named_parameters() if "modules_to_save" in n]
+        assert any(moved)  # the head keeps its optimizer
+        log["checked"] += 1
+
+    cb.step_observers.append(before)
+    cb.post_step_observers.append(after)
+    trainer([cb], burn + 6).fit(mod, loader())
+    assert cb.sampling and log["checked"] == 6 == cb.langevin_steps
+    assert cb.num_data == N and cb.beta == N / temp
+
+
+@pytest.mark.slow
+def test_gibbs_law_gauge_identity_inside_trainer():
+    r"""16 chains (16 independent LoRA r=2 modules, in=16, out=2) sampled by one Trainer with AdamW
+    burn-in, a step LR schedule and the frozen Adam preconditioner. THEORY §3:
+    E[A A^T - B^T B] = (in - out)/(beta lambda) I, loss-independent. Per-chain time averages after
+    a discard, z-test across chains."""
+    C, d_in, d_out, n = 16, 16, 2, 16
+    burn, steps, lam, temp = 100, 1100, 1.0, 0.8
+
+    class Chains(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for _ in range(C))
+
+        def forward(self, x):
+            return torch.stack([layer(x) for layer in self.layers])
+
+    class Multi(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            base = Chains().requires_grad_(False)
+            self.model = get_peft_model(base, LoraConfig(r=R, lora_alpha=R, target_modules=r"layers\.\d+"))
+
+        def training_step(self, batch, batch_idx):  # sum over chains of each chain's mean loss
+            x, y = batch
+            return ((self.model(x) - y) ** 2).sum(-1).mean(-1).sum() / 2
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=0.02, weight_decay=0.0)
+            sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k < burn else 0.2)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d_in, generator=g)
+    y = x @ torch.randn(d_in, d_out, generator=g) + 0.1 * torch.randn(n, d_out, generator=g)
+    cb = LangevinLoRA(temperature=temp, weight_decay=lam, burn_in_steps=burn, seed=0, precond_clamp=(0.5, 2.0))
+    rec, factors = [], []
+
+    def record(tr, pl, c):
+        if not factors:
+            factors.extend(lora_modules(pl))
+        rec.append(torch.stack([f.A @ f.A.T - f.B.T @ f.B for f in factors]).clone())
+
+    cb.post_step_observers.append(record)
+    torch.set_num_threads(1)
+    trainer([cb], steps).fit(Multi(), DataLoader(TensorDataset(x, y), batch_size=n))
+    assert cb.num_data == n and cb.beta == n / temp  # inferred from the dataset
+    D = torch.stack(rec)[200:].double()  # (time, chain, r, r), discard ~8 relaxation times
+    per_chain = D.mean(0)
+    target = (d_in - d_out) / (cb.beta * lam)
+    tr = per_chain.diagonal(dim1=-2, dim2=-1).sum(-1)
+    z_trace = (tr.mean() - R * target) / (tr.std() / C ** 0.5)
+    off = per_chain[:, 0, 1]
+    z_off = off.mean() / (off.std() / C ** 0.5)
+    assert abs(z_trace) <= 4.5 and abs(z_off) <= 4.5, (tr.mean().item(), R * target, z_trace, z_off)
+    # the statistic has power: at twice the temperature the identity would be violated
+    assert abs((tr.mean() - 2 * R * target) / (tr.std() / C ** 0.5)) > 4.5
+
+
+def test_gradient_accumulation_draws_one_noise_per_optimizer_step():
+    # zero loss: the trajectory is pure noise, so k = 1 and k = 2 must agree bitwise
+    seed, steps = 5, 6
+    res = {}
+    for k, bs in ((1, 8), (2, 4)):
+        cb = LangevinLoRA(num_data=N, seed=seed, precondition=False)
+        mod = Tiny(optimizer="sgd", schedule=False, zero_loss=True)
+        start = lora_tensors(mod)
+        trainer([cb], steps, accumulate_grad_batches=k).fit(mod, loader(batch_size=bs))
+        assert cb.langevin_steps == steps
+        res[k] = (start, lora_tensors(mod), cb.generators.state_dict()["states"]["cpu"])
+    (s1, e1, g1), (s2, e2, g2) = res[1], res[2]
+    assert all(torch.equal(e1[n], e2[n]) for n in e1) and torch.equal(g1, g2)
+    # and equal to theta_0 + sigma * sum of `steps` reference draws
+    ref = NoiseGenerators(seed)
+    sigma = math.sqrt(2 * 1e-2 / N)
+    names = list(s1)
+    total = [torch.zeros_like(s1[n]) for n in names]
+    for _ in range(steps):
+        for t, xi in zip(total, draw_standard_normal([s1[n] for n in names], ref)):
+            t.add_(xi)
+    for n, t in zip(names, total):
+        torch.testing.assert_close(e1[n], s1[n] + sigma * t, rtol=1e-5, atol=1e-6)
+
+    # real gradients: the accumulated mean gradient drives the same noise (equal up to rounding)
+    out = {}
+    for k, bs in ((1, 8), (2, 4)):
+        cb = LangevinLoRA(num_data=N, seed=seed, burn_in_steps=2)
+        mod = Tiny()
+        trainer([cb], steps, accumulate_grad_batches=k).fit(mod, loader(batch_size=bs))
+        out[k] = lora_tensors(mod)
+    for n in out[1]:
+        torch.testing.assert_close(out[1][n], out[2][n], rtol=1e-4, atol=1e-5)
+
+
+def test_amp_skipped_step_adds_no_noise():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seed, steps, bad = 2, 6, 3
+    cb = LangevinLoRA(num_data=N, seed=seed)
+    mod = Tiny(optimizer="sgd", schedule=False, inf_at=bad)
+    snaps = {}
+    cb.post_step_observers.append(lambda tr, pl, c: snaps.__setitem__(tr.global_step, lora_tensors(pl)))
+    # init_scale=1: no overflow-skips while the scale calibrates, only the injected inf step
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    trainer([cb], steps, plugins=[plugin]).fit(mod, loader())
+    assert mod.trainer.global_step == steps and cb.langevin_steps == steps - 1 and bad not in snaps
+    ref = NoiseGenerators(seed)
+    params = list(lora_tensors(mod).values())
+    for _ in range(steps - 1):
+        draw_standard_normal(params, ref)
+    assert torch.equal(cb.generators.state_dict()["states"]["cpu"], ref.state_dict()["states"]["cpu"])
+
+
+def test_nonfinite_gradient_without_scaler_skips_langevin_step():
+    # the head is sampled too (head_temperature > 0), so no optimizer turns the inf into NaN weights
+    cb = LangevinLoRA(num_data=N, seed=0, head_temperature=1.0)
+    mod = Tiny(optimizer="sgd", schedule=False, inf_at=2)
+    snaps = {}
+    cb.post_step_observers.append(lambda tr, pl, c: snaps.__setitem__(tr.global_step, all_tensors(pl)))
+    with pytest.warns(NonFiniteGradientWarning, match="no noise drawn"):
+        trainer([cb], 4).fit(mod, loader())
+    assert cb.langevin_steps == 3 and cb.skipped_steps == 1 and sorted(snaps) == [0, 1, 3]
+    assert all(torch.isfinite(t).all() for t in snaps[3].values())
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer([LangevinLoRA(num_data=N, nonfinite="raise")], 4).fit(Tiny(optimizer="sgd", inf_at=1), loader())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, accumulate):
+    """An uninterrupted run of 2k steps saves a checkpoint at step k (what a run killed after step k
+    leaves behind); a fresh process-like setup resumes from it to 2k and must end bitwise equal:
+    adapters, head, AdamW and LR schedule, generator state and sample bank. k is an epoch boundary:
+    Lightning restarts a plain (non-stateful) DataLoader from its first batch on resume."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    k, burn = 8, 3  # 4 optimizer steps per epoch
+    bs = 8 // accumulate
+
+    def make():
+        return LangevinLoRA(num_data=N, burn_in_steps=burn, weight_decay=0.1, seed=4, sample_every=2, num_samples=3)
+
+    L.seed_everything(0, verbose=False)
+    full, cb_full = Tiny(), make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=k, save_top_k=-1, filename="{step}")
+    trainer([cb_full, ckpt], 2 * k, accumulate_grad_batches=accumulate,
+            enable_checkpointing=True).fit(full, loader(bs))
+
+    L.seed_everything(123, verbose=False)  # the resumed process does not share the first one's RNG
+    resumed, cb_res = Tiny(), make()
+    trainer([cb_res], 2 * k, accumulate_grad_batches=accumulate).fit(
+        resumed, loader(bs), ckpt_path=tmp_path / f"step={k}.ckpt")
+
+    assert cb_res.langevin_steps == cb_full.langevin_steps == 2 * k - burn
+    for (n, a), b in zip(all_tensors(full).items(), all_tensors(resumed).values()):
+        assert torch.equal(a, b), n
+    assert cb_res.sample_bank.steps == cb_full.sample_bank.steps
+    for a, b in zip(cb_full.sample_bank, cb_res.sample_bank):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(cb_full.generators.state_dict()["states"]["cpu"], cb_res.generators.state_dict()["states"]["cpu"])
+
+
+def test_bf16_adapters_use_fp32_masters_and_resume(tmp_path):
+    cb = LangevinLoRA(num_data=N, burn_in_steps=2, seed=1)
+    mod = Tiny(optimizer="sgd", schedule=False)
+    t = trainer([cb], 5, precision="bf16-true")
+    t.fit(mod, loader())
+    assert cb._masters and all(m.dtype == torch.float32 for m in cb._masters.values())
+    params = dict(mod.named_parameters())
+    for n, m in cb._masters.items():
+        assert params[n].dtype == torch.bfloat16 and torch.equal(params[n], m.to(torch.bfloat16))
+    state = cb.state_dict()
+    fresh = LangevinLoRA(num_data=N, burn_in_steps=2, seed=1)
+    fresh.load_state_dict(state)
+    fresh._apply_pending(mod)
+    assert all(torch.equal(fresh._masters[n], m) for n, m in cb._masters.items())
+
+
+def test_head_temperature_samples_heads_with_langevin():
+    cb = LangevinLoRA(num_data=N, burn_in_steps=2, head_temperature=2.0, head_weight_decay=0.5, seed=0)
+    mod = Tiny()
+    seen = {}
+
+    def before(tr, pl, c):
+        seen.update({v.name: v for v in c.langevin_groups()})
+        seen["head_state"] = {id(p): tr.optimizers[0].state[p]["exp_avg_sq"].clone() for p in seen["head"].params}
+
+    cb.step_observers.append(before)
+    trainer([cb], 4).fit(mod, loader())
+    assert set(seen) == {"lora_A/default", "lora_B/default", "head", "head_state"}
+    assert seen["head"].beta == N / 2.0 and seen["head"].weight_decay == 0.5 and seen["lora_A/default"].beta == N
+    opt = mod.trainer.optimizers[0]
+    for p in seen["head"].params:  # AdamW no longer moves the sampled head
+        assert torch.equal(opt.state[p]["exp_avg_sq"], seen["head_state"][id(p)])
+
+
+def test_lr_scheduler_wrapper_coexists_and_is_removed():
+    mod = Tiny()
+    cb = LangevinLoRA(num_data=N, burn_in_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "optimizer.step() has been overridden"
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*no Adam second moment.*")
+        trainer([cb], 4).fit(mod, loader())
+    opt = mod.trainer.optimizers[0]
+    assert getattr(opt.step, "_wrapped_by_lr_sched", False)  # the scheduler's patch is back in place
+    assert opt._opt_called  # the scheduler saw the optimizer step through our wrapper
+    assert mod.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
+def test_minilm_lora_takes_langevin_steps(minilm_lora_factory):
+    model, tok = minilm_lora_factory(num_labels=2, r=4)
+    texts = ["free prize, call now", "see you at lunch", "win cash today", "ok thanks"] * 2
+    enc = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    labels = torch.tensor([1, 0, 1, 0] * 2)
+    ds = TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+    class Clf(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            ids, mask, y = batch
+            return nn.functional.cross_entropy(self.model(input_ids=ids, attention_mask=mask).logits, y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    clf = Clf()
+    frozen = {n: p.detach().clone() for n, p in clf.named_parameters() if not p.requires_grad}
+    cb = LangevinLoRA(burn_in_steps=2, weight_decay=1e-2, num_samples=2, sample_every=1, seed=0)
+    moved = []
+    cb.step_observers.append(lambda tr, pl, c: moved.append(lora_tensors(pl)))
+    torch.set_num_threads(2)
+    trainer([cb], 5).fit(clf, DataLoader(ds, batch_size=4))
+    assert cb.num_data == 8 and cb.sampling and cb.langevin_steps == 3
+    names = {v.name for v in cb.langevin_groups()}
+    assert names == {"lora_A/default", "lora_B/default"}
+    after = lora_tensors(clf)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert any(not torch.equal(moved[-1][n], after[n]) for n in after)  # the last Langevin step moved them
+    assert all(torch.equal(p, frozen[n]) for n, p in clf.named_parameters() if n in frozen)  # base untouched
+    assert len(cb.sample_bank) == 2 and cb.sample_bank.steps == [3, 4]
