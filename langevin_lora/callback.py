@@ -70,7 +70,15 @@ DeepSpeed, ModelParallel) are refused in ``setup`` with a ``MisconfigurationExce
 **Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
 each Langevin step and before the user's optimizer updates the heads (gradients final and present,
 no parameter updated yet; not called for steps skipped for non-finite gradients);
-``post_step_observers`` right after it (e.g. gauge moves). Both run on every rank.
+``post_step_observers`` right after it. Both run on every rank.
+
+**Gauge (THEORY §4).** ``balance=BalanceSchedule(every_n_steps=k, at_sampling_start=True)``
+balances the LoRA factors (same :math:`BA`, minimal :math:`|A|^2+|B|^2`) after every ``k``-th
+burn-in step and once at the end of burn-in, transporting the user's Adam moments to the new gauge
+before the preconditioner is frozen; never while sampling (that would change the law of
+:math:`W`). ``gauge_moves=GaugeMoves(...)`` applies exact orthogonal / Metropolis GL(r) gauge moves
+after Langevin steps (no forward pass; they leave :math:`\pi_\beta` invariant) and logs
+``langevin/gauge/*`` (e.g. the GL acceptance rate).
 """
 from __future__ import annotations
 
@@ -89,9 +97,10 @@ from torch import Tensor
 
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice, check_int, check_non_negative, check_positive
-from langevin_lora.functional import all_finite, check_clamp, frozen_preconditioner, langevin_step_
+from langevin_lora.functional import adam_inverse_scale, all_finite, check_clamp, langevin_step_, median_scale
+from langevin_lora.gauge import SAMPLING_REFUSAL, BalanceSchedule, GaugeMoves
 from langevin_lora.optim.base import LOW_PRECISION, LangevinOptimizer, NonFiniteGradientWarning
-from langevin_lora.param_groups import lora_param_groups
+from langevin_lora.param_groups import lora_modules, lora_param_groups
 from langevin_lora.samples import SampleBank
 from langevin_lora.temperature import effective_beta, noise_std, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
@@ -140,12 +149,16 @@ class LangevinLoRA(Callback):
         adapter_name: PEFT adapter to sample (default: the active adapters).
         head_temperature: :math:`T_{head}`; 0 keeps heads on the user's optimizer, noise-free.
         precondition: freeze the user's Adam second moment into :math:`G` (else :math:`G = 1`).
-        precond_clamp: ``(c_lo, c_hi)``, :math:`G` clamped to ``[c_lo m, c_hi m]``, :math:`m` its median.
+        precond_clamp: ``(c_lo, c_hi)``, :math:`G` clamped to ``[c_lo m, c_hi m]``, :math:`m` the median
+            of the unclamped :math:`G` over all Langevin tensors.
         sample_dir: write samples as PEFT adapter folders here instead of keeping them in memory.
         head_weight_decay: :math:`\lambda` of sampled heads (default ``weight_decay``).
         foreach: use the ``torch._foreach_*`` update path (default: automatic).
         nonfinite: ``"skip"`` (warn, no update, no noise) or ``"raise"`` on non-finite gradients
             of the Langevin tensors.
+        balance: a :class:`~langevin_lora.gauge.BalanceSchedule`: balance the factors during burn-in
+            (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
+        gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
 
     Attributes:
         sample_bank: the :class:`~langevin_lora.samples.SampleBank`.
@@ -160,7 +173,8 @@ class LangevinLoRA(Callback):
                  seed: int | None = 0, adapter_name: str | None = None, head_temperature: float = 0.0,
                  precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
-                 foreach: bool | None = None, nonfinite: str = "skip") -> None:
+                 foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
+                 gauge_moves: GaugeMoves | None = None) -> None:
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         if num_data is not None:
@@ -183,6 +197,16 @@ class LangevinLoRA(Callback):
         if sample_dir is not None and self.num_samples == 0:
             raise ValueError(f"Invalid sample_dir: {sample_dir!r} given with num_samples=0 (expected num_samples >= 1 "
                              "to write samples, or sample_dir=None)")
+        if balance is not None and not isinstance(balance, BalanceSchedule):
+            raise ValueError(f"Invalid balance: {balance!r} (expected a langevin_lora.BalanceSchedule or None)")
+        if gauge_moves is not None and not isinstance(gauge_moves, GaugeMoves):
+            raise ValueError(f"Invalid gauge_moves: {gauge_moves!r} (expected a langevin_lora.GaugeMoves or None)")
+        if balance is not None and balance.every_n_steps is not None and self.burn_in_steps == 0:
+            raise ValueError(f"Invalid balance: every_n_steps={balance.every_n_steps} with burn_in_steps=0 would "
+                             "balance during sampling: " + SAMPLING_REFUSAL)
+        self.balance = balance
+        self.gauge_moves = gauge_moves
+        self.gauge_stats: dict[str, float] = {}
         self.adapter_name = adapter_name
         self.foreach = foreach
         self._num_data_arg = num_data
@@ -268,7 +292,16 @@ class LangevinLoRA(Callback):
         self._apply_pending(pl_module)
         if self.sampling:
             self._ensure_masters()
+        elif self.balance is not None and self.burn_in_steps == 0 and trainer.global_step == 0:
+            self.balance.start_sampling(pl_module, optimizer=opt, adapter_name=self.adapter_name)
         self._install(opt)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.gauge_stats:
+            pl_module.log_dict({f"langevin/{k}": v for k, v in self.gauge_stats.items()}, on_step=True,
+                               on_epoch=False, sync_dist=False)
+            self.gauge_stats = {}
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._uninstall()
@@ -348,8 +381,12 @@ class LangevinLoRA(Callback):
 
         def step(opt_self, closure=None, **kwargs):
             cb = cb_ref()
-            if cb is None or not active[0] or not cb._wants_langevin_step():
+            if cb is None or not active[0]:
                 return original(closure, **kwargs) if closure is not None else original(**kwargs)
+            if not cb._wants_langevin_step():
+                out = original(closure, **kwargs) if closure is not None else original(**kwargs)
+                cb._after_burn_in_step()
+                return out
             return cb._step(original, closure, kwargs)
 
         if hasattr(original, "_wrapped_by_lr_sched"):
@@ -373,6 +410,18 @@ class LangevinLoRA(Callback):
 
     def _wants_langevin_step(self) -> bool:
         return self._trainer is not None and self._trainer.global_step >= self.burn_in_steps
+
+    def _after_burn_in_step(self) -> None:
+        """Balancing after a burn-in optimizer step (counted from 1; the step has just been applied,
+        the next forward pass has not run, so every gradient stays consistent with its point)."""
+        if self.balance is None:
+            return
+        done = self._trainer.global_step + 1
+        opt = self._installed[0]
+        if self.balance.due(done):
+            self.balance.step(self._module, done, sampling=False, optimizer=opt, adapter_name=self.adapter_name)
+        if done == self.burn_in_steps:
+            self.balance.start_sampling(self._module, optimizer=opt, adapter_name=self.adapter_name)
 
     @torch.no_grad()
     def _step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
@@ -416,7 +465,7 @@ class LangevinLoRA(Callback):
 
     def _start_sampling(self) -> None:
         opt = self._installed[0]
-        identity = []
+        identity, raw = [], []
         for g in self._groups:
             for n, p in zip(g.names, g.params):
                 state = opt.state.get(p, {})
@@ -425,11 +474,17 @@ class LangevinLoRA(Callback):
                 t = float(t.item() if torch.is_tensor(t) else t) if t is not None else 0.0
                 if self.precondition and v is not None and betas is not None and eps is not None and t > 0:
                     dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-                    G = frozen_preconditioner(v.detach().to(dtype), t, float(betas[1]), float(eps), self.precond_clamp)
-                    self._precond[n] = G
-                    self._precond_sqrt[n] = G.sqrt()
+                    raw.append((n, adam_inverse_scale(v.detach().to(dtype), t, float(betas[1]), float(eps))))
                 else:
                     identity.append(n)
+        # One reference scale for the clamp over every tensor (as LangevinAdam does), so a tensor whose
+        # gradient stayed ~0 during burn-in (LoRA A while B = 0) is capped, not left at 1/eps.
+        lo, hi = self.precond_clamp
+        reference = median_scale([G for _, G in raw]) if raw else 1.0
+        for n, G in raw:
+            G = G.clamp_(min=lo * reference, max=hi * reference)
+            self._precond[n] = G
+            self._precond_sqrt[n] = G.sqrt()
         if self.precondition and identity:
             rank_zero_warn(f"LangevinLoRA: no Adam second moment for {len(identity)} Langevin tensors "
                            f"(e.g. {identity[0]!r}; optimizer {type(opt).__name__}, step {self._trainer.global_step}); "
@@ -482,6 +537,10 @@ class LangevinLoRA(Callback):
                 if w is not p:
                     p.copy_(w)
         self.langevin_steps += 1
+        if self.gauge_moves is not None:
+            stats = self.gauge_moves(lora_modules(module, self.adapter_name), beta=self.beta,
+                                     weight_decay=self.weight_decay)
+            self.gauge_stats.update(stats)
         for fn in self.post_step_observers:
             fn(trainer, module, self)
         if self.num_samples > 0 and self.langevin_steps % self.sample_every == 0:
@@ -496,7 +555,9 @@ class LangevinLoRA(Callback):
                 "generators": self.generators.state_dict(),
                 "precond": {n: t.clone() for n, t in self._precond.items()},
                 "masters": {n: t.clone() for n, t in self._masters.items()},
-                "sample_bank": self.sample_bank.state_dict()}
+                "sample_bank": self.sample_bank.state_dict(),
+                "balance": None if self.balance is None else self.balance.state_dict(),
+                "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampling = bool(state_dict["sampling"])
@@ -506,6 +567,9 @@ class LangevinLoRA(Callback):
             self.num_data = state_dict["num_data"]
         self.generators.load_state_dict(state_dict["generators"])
         self.sample_bank.load_state_dict(state_dict["sample_bank"])
+        for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
+            if obj is not None and state_dict.get(key) is not None:
+                obj.load_state_dict(state_dict[key])
         # Tensors are matched to parameters by name once the module is known (on_train_start).
         self._pending = {"precond": state_dict["precond"], "masters": state_dict["masters"]}
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from langevin_lora import LangevinSGD, NonFiniteGradientWarning
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.callback import LangevinLoRA
-from langevin_lora.functional import frozen_preconditioner
+from langevin_lora.functional import adam_inverse_scale, frozen_preconditioner, median_scale
 from langevin_lora.param_groups import lora_modules
 
 IN, OUT, R, N = 6, 3, 2, 32
@@ -233,11 +233,12 @@ def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
         assert views["lora_A/default"].lr == lr
         params = [p for v in views.values() for p in v.params]
         if "G" not in log:  # frozen from AdamW's second moment at the switch
-            log["G"] = []
-            for p in params:
-                st = opt.state[p]
-                G = frozen_preconditioner(st["exp_avg_sq"], float(st["step"]), 0.999, 1e-8, (0.2, 5.0))
-                log["G"].append(G)
+            # the clamp's reference scale is the median of the unclamped G over all Langevin tensors
+            raw = [adam_inverse_scale(opt.state[p]["exp_avg_sq"], float(opt.state[p]["step"]), 0.999, 1e-8)
+                   for p in params]
+            ref = median_scale(raw)
+            log["G"] = [frozen_preconditioner(opt.state[p]["exp_avg_sq"], float(opt.state[p]["step"]), 0.999, 1e-8,
+                                              (0.2, 5.0), reference=ref) for p in params]
             log["adam_state"] = [opt.state[p]["exp_avg_sq"].clone() for p in params]
         assert all(torch.equal(G, P) for G, P in zip(log["G"], [P for v in views.values() for P in v.precond]))
         xi = draw_standard_normal(params, ref_gen)
