@@ -41,8 +41,13 @@ test: install
 demo: install
 	$(BIN)/python -m recipes.demo
 
+# Benchmark-only extra: the `posteriors` library, for bench_sampler's comparison (torch stays pinned).
+BENCH_PINS := posteriors==0.1.3 tensordict==0.15.3 torchopt==0.7.3 optree==0.20.0
+
 bench: install
-	$(BIN)/python benchmarks/bench_optimizer_step.py
+	$(BIN)/python -m pip install -q $(TORCH_PIN) $(BENCH_PINS)
+	$(BIN)/python benchmarks/bench_optimizer_step.py --append-results
+	$(BIN)/python benchmarks/bench_sampler.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

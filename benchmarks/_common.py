@@ -1,0 +1,203 @@
+"""Shared helpers for the benchmark scripts in ``benchmarks/``.
+
+* :func:`machine_record` / :func:`machine_markdown`: what ran the benchmark (CPU, threads, Python,
+  torch and friends, git commit), so every figure in ``RESULTS.md`` carries its machine.
+* :func:`append_results`: append one dated section to ``benchmarks/RESULTS.md``. Several scripts
+  may append at the same time, so the file is only ever opened in append mode, under an
+  exclusive ``flock``, and each section is written in one call.
+* :func:`time_per_call` / :func:`median_chunk_time`: wall time as the median of repeats after a
+  warm-up (robust to other processes sharing the machine). Report *ratios* measured in one run.
+* :func:`effective_sample_size`: multi-chain ESS with Geyer's initial-sequence truncation. It
+  calls :func:`langevin_lora.diagnostics.effective_sample_size` when that module exists and falls
+  back to a small local implementation otherwise (:data:`ESS_BACKEND` says which).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.metadata as _md
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_PATH = BENCH_DIR / "RESULTS.md"
+
+__all__ = ["BENCH_DIR", "RESULTS_PATH", "ESS_BACKEND", "machine_record", "machine_markdown",
+           "append_results", "time_per_call", "median_chunk_time", "effective_sample_size",
+           "markdown_table"]
+
+
+# -- machine and versions -------------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return _md.version(dist)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_record() -> dict:
+    """Machine and software versions as a flat dict (``None`` for what is not installed)."""
+    import torch
+
+    rec = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": _git_commit(),
+    }
+    for dist in ("torch", "numpy", "langevin-lora", "posteriors", "tensordict", "lightning", "peft",
+                 "scikit-learn", "scipy"):
+        rec[dist] = _version(dist)
+    return rec
+
+
+def machine_markdown(rec: dict | None = None) -> str:
+    """One markdown line summarising :func:`machine_record` (``key: value`` pairs, absent ones dropped)."""
+    rec = machine_record() if rec is None else rec
+    return "Machine: " + "; ".join(f"{k} {v}" for k, v in rec.items() if v is not None)
+
+
+# -- results file ---------------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_results(section_title: str, markdown_table: str, command: str, *, notes: str = "",
+                   machine: dict | None = None, path: Path | str | None = None) -> Path:
+    """Append a dated section ``## <title> (<date>)`` with the command, machine line, table and
+    notes to ``benchmarks/RESULTS.md`` (created if absent). Never rewrites the file: it is opened in
+    append mode under an exclusive lock and the section is written in a single call, so concurrent
+    benchmark scripts interleave whole sections only."""
+    path = Path(path) if path is not None else RESULTS_PATH
+    machine = machine_record() if machine is None else machine
+    stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [f"\n## {section_title} ({stamp})\n", f"Command: `{command}`\n", machine_markdown(machine) + "\n",
+             markdown_table.rstrip() + "\n"]
+    if notes:
+        parts.append(notes.rstrip() + "\n")
+    text = "\n".join(parts)
+    with open(path, "a", encoding="utf-8") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except (ImportError, OSError):  # non-POSIX: append mode alone still never rewrites
+            pass
+        if fh.tell() == 0:
+            text = "# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n" + text
+        fh.write(text)
+        fh.flush()
+    return path
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def time_per_call(fn: Callable[[], object], *, number: int = 10, repeats: int = 5, warmup: int = 2) -> float:
+    """Median over ``repeats`` of the mean wall time (s) of ``number`` calls, after ``warmup`` calls."""
+    if number < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"Invalid number/repeats/warmup: {number}/{repeats}/{warmup} (need >= 1, >= 1, >= 0)")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return float(np.median(times))
+
+
+def median_chunk_time(chunk_seconds: list[float], chunk_steps: list[int], skip_first: bool = True) -> float:
+    """Seconds per step as the median over chunks of (chunk time / chunk steps); the first chunk
+    is a warm-up and skipped when there are at least three."""
+    pairs = list(zip(chunk_seconds, chunk_steps))
+    if skip_first and len(pairs) >= 3:
+        pairs = pairs[1:]
+    return float(np.median([t / n for t, n in pairs if n > 0]))
+
+
+# -- effective sample size ------------------------------------------------------------------------
+try:  # the package's own estimator when it exists (langevin_lora/diagnostics/)
+    _diag = importlib.import_module("langevin_lora.diagnostics")
+    _pkg_ess = getattr(_diag, "effective_sample_size")
+    ESS_BACKEND = "langevin_lora.diagnostics.effective_sample_size"
+except (ImportError, AttributeError):
+    _pkg_ess = None
+    ESS_BACKEND = "benchmarks._common (local Geyer fallback)"
+
+
+def _geyer_ess(x: np.ndarray) -> np.ndarray:
+    """Local fallback. ``x``: (chains, n, k). Multi-chain ESS per column (split-free, Stan form):
+    rho_t = 1 - (W - mean_c gamma_c(t)) / var+, Geyer's initial positive then monotone sequence
+    on pair sums, tau = -1 + 2 sum P_k, ESS = chains * n / tau."""
+    c, n, k = x.shape
+    xc = x - x.mean(axis=1, keepdims=True)
+    m = 1 << (2 * n - 1).bit_length()
+    f = np.fft.rfft(xc, n=m, axis=1)
+    acov = np.fft.irfft(f * np.conj(f), n=m, axis=1)[:, :n] / n           # (c, n, k), biased
+    w = acov[:, 0].mean(0) * n / (n - 1)                                    # within-chain variance
+    b_over_n = x.mean(1).var(0, ddof=1) if c > 1 else np.zeros(k)
+    var_plus = (n - 1) / n * w + b_over_n
+    ess = np.empty(k)
+    for j in range(k):
+        if not var_plus[j] > 0:
+            ess[j] = np.nan
+            continue
+        rho = 1.0 - (w[j] - acov[:, :, j].mean(0)) / var_plus[j]
+        pairs = rho[: (n // 2) * 2].reshape(-1, 2).sum(1)
+        neg = np.nonzero(pairs <= 0)[0]
+        pairs = pairs[: neg[0]] if neg.size else pairs
+        pairs = np.minimum.accumulate(pairs)
+        tau = max(-1.0 + 2.0 * pairs.sum(), 1.0 / np.log10(max(c * n, 10)))
+        ess[j] = c * n / tau
+    return ess
+
+
+def effective_sample_size(x) -> np.ndarray:
+    """Multi-chain ESS of each column of a trace ``x`` of shape (chains, n) or (chains, n, k).
+
+    Uses :func:`langevin_lora.diagnostics.effective_sample_size` when available (one call per
+    column on a ``(chains, n)`` array), else the local Geyer fallback. Returns an array (k,) of
+    total ESS over all chains."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3:
+        raise ValueError(f"Invalid trace shape {x.shape}: expected (chains, n) or (chains, n, k)")
+    if _pkg_ess is not None:  # total ESS over chains of one (chains, draws) trace
+        return np.array([float(_pkg_ess(np.ascontiguousarray(x[:, :, j]))) for j in range(x.shape[2])])
+    return _geyer_ess(x)
