@@ -159,6 +159,10 @@ class LangevinLoRA(Callback):
         balance: a :class:`~langevin_lora.gauge.BalanceSchedule`: balance the factors during burn-in
             (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
         gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
+        diagnostics: ``True`` (default) attaches a :class:`~langevin_lora.diagnostics.GibbsDiagnostics`
+            with its default cadence (cheap estimators every step, logged every 10; HVP ones rarely;
+            the end-of-fit stationarity report is saved when the Trainer has a logger) unless the
+            Trainer already has one; pass your own instance to configure it, ``False`` for none.
 
     Attributes:
         sample_bank: the :class:`~langevin_lora.samples.SampleBank`.
@@ -174,7 +178,7 @@ class LangevinLoRA(Callback):
                  precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
                  foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
-                 gauge_moves: GaugeMoves | None = None) -> None:
+                 gauge_moves: GaugeMoves | None = None, diagnostics: Any = True) -> None:
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         if num_data is not None:
@@ -204,6 +208,11 @@ class LangevinLoRA(Callback):
         if balance is not None and balance.every_n_steps is not None and self.burn_in_steps == 0:
             raise ValueError(f"Invalid balance: every_n_steps={balance.every_n_steps} with burn_in_steps=0 would "
                              "balance during sampling: " + SAMPLING_REFUSAL)
+        from langevin_lora.diagnostics import GibbsDiagnostics
+
+        if not isinstance(diagnostics, (bool, GibbsDiagnostics)):
+            raise ValueError(f"Invalid diagnostics: {diagnostics!r} (expected True, False or a GibbsDiagnostics)")
+        self.diagnostics = diagnostics
         self.balance = balance
         self.gauge_moves = gauge_moves
         self.gauge_stats: dict[str, float] = {}
@@ -266,6 +275,7 @@ class LangevinLoRA(Callback):
             lora_param_groups(pl_module, self.adapter_name)
         except ValueError as exc:
             raise MisconfigurationException(f"LangevinLoRA: {exc}") from exc
+        self._attach_diagnostics(trainer)
         max_steps = trainer.max_steps
         if self.num_samples > 0 and max_steps is not None and max_steps >= 0:
             room = (max_steps - self.burn_in_steps) // self.sample_every
@@ -274,6 +284,18 @@ class LangevinLoRA(Callback):
                     f"LangevinLoRA: num_samples={self.num_samples} but burn_in_steps={self.burn_in_steps}, "
                     f"sample_every={self.sample_every} and Trainer(max_steps={max_steps}) leave room for no "
                     "sample; lower burn_in_steps or sample_every, or raise max_steps.")
+
+    def _attach_diagnostics(self, trainer: Trainer) -> None:
+        """Add the live Gibbs diagnostics to the Trainer's callbacks (they find this sampler through
+        :meth:`langevin_groups` and observe every Langevin step). Added during ``setup``, so their own
+        hooks and checkpoint state work as if the user had listed them."""
+        from langevin_lora.diagnostics import GibbsDiagnostics
+
+        if self.diagnostics is False or any(isinstance(c, GibbsDiagnostics) for c in trainer.callbacks):
+            return
+        if self.diagnostics is True:
+            self.diagnostics = GibbsDiagnostics(report=trainer.logger is not None)
+        trainer.callbacks.append(self.diagnostics)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = trainer.optimizers

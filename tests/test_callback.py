@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from langevin_lora import LangevinSGD, NonFiniteGradientWarning
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.callback import LangevinLoRA
+from langevin_lora.diagnostics import StepSizeWarning
 from langevin_lora.functional import adam_inverse_scale, frozen_preconditioner, median_scale
 from langevin_lora.param_groups import lora_modules
 
@@ -470,6 +471,7 @@ def test_lr_scheduler_wrapper_coexists_and_is_removed():
         warnings.simplefilter("error", UserWarning)  # e.g. "optimizer.step() has been overridden"
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*no Adam second moment.*")
+        warnings.filterwarnings("ignore", category=StepSizeWarning)  # the diagnostics judge this lr, rightly
         trainer([cb], 4).fit(mod, loader())
     opt = mod.trainer.optimizers[0]
     assert getattr(opt.step, "_wrapped_by_lr_sched", False)  # the scheduler's patch is back in place

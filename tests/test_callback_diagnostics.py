@@ -1,0 +1,48 @@
+"""LangevinLoRA attaches the live Gibbs diagnostics by default; they log through the Trainer's loggers."""
+from __future__ import annotations
+
+import csv
+import warnings
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+from test_callback import Tiny, loader, trainer
+
+from langevin_lora import LangevinLoRA
+from langevin_lora.diagnostics import GibbsDiagnostics
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_default_diagnostics_log_the_virial_temperature(tmp_path):
+    cb = LangevinLoRA(weight_decay=0.1, burn_in_steps=2, seed=0)
+    logger = CSVLogger(tmp_path, name="d")
+    L.Trainer(max_steps=30, callbacks=[cb], logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+              max_epochs=-1).fit(Tiny(lr=1e-3), loader())
+    diag = [c for c in cb._trainer.callbacks if isinstance(c, GibbsDiagnostics)]
+    assert len(diag) == 1 and diag[0] is cb.diagnostics and diag[0].sampling_steps == 28
+    with open(logger.log_dir + "/metrics.csv") as fh:
+        keys = set(csv.DictReader(fh).fieldnames)
+    assert {"langevin/virial_temperature", "langevin/gauge_gap", "langevin/U"} <= keys  # chi2 needs >= 4 blocks
+    assert any(k.startswith("langevin/lora_A/default/") for k in keys)
+    assert diag[0].report_paths  # the stationarity report was saved next to the logs
+
+
+def test_diagnostics_off_or_user_supplied():
+    cb = LangevinLoRA(weight_decay=0.1, seed=0, diagnostics=False)
+    trainer([cb], max_steps=3).fit(Tiny(), loader())
+    assert not any(isinstance(c, GibbsDiagnostics) for c in cb._trainer.callbacks)
+    mine = GibbsDiagnostics(log_every_n_steps=1, report=False)
+    cb = LangevinLoRA(weight_decay=0.1, seed=0)
+    trainer([cb, mine], max_steps=3).fit(Tiny(), loader())
+    assert [c for c in cb._trainer.callbacks if isinstance(c, GibbsDiagnostics)] == [mine]
+    assert mine.sampling_steps == 3
+    with pytest.raises(ValueError, match="diagnostics"):
+        LangevinLoRA(diagnostics="yes")
