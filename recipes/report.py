@@ -1,0 +1,206 @@
+"""Write the comparison's outputs: ``results.json``, ``report.md`` and PNG plots.
+
+``results.json`` holds ``{"config": ..., "machine": ..., "columns": REPORT_COLUMNS,
+"runs": [row, ...], "summary": [row, ...]}``; every run row has the keys of
+:data:`REPORT_COLUMNS`, every summary row (one per method, mean and standard deviation over
+seeds) the keys ``method``, ``seeds`` and ``<metric>_mean`` / ``<metric>_std`` for the numeric
+columns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["REPORT_COLUMNS", "NUMERIC_COLUMNS", "summarize", "format_table", "write_report", "machine_info",
+           "reliability_curve"]
+
+REPORT_COLUMNS = ("method", "seed", "accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb",
+                  "num_samples", "beta_virial", "stationarity")
+NUMERIC_COLUMNS = ("accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb", "beta_virial")
+_FORMAT = {"accuracy": "{:.4f}", "ece": "{:.4f}", "nll": "{:.4f}", "brier": "{:.4f}", "wall_time_s": "{:.1f}",
+           "peak_memory_mb": "{:.0f}", "beta_virial": "{:.2f}"}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU/GPU, thread count and library versions, recorded with every report."""
+    import lightning
+    import peft
+    import transformers
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "peft": peft.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation (ddof=1; 0 for one seed) of the numeric columns per method,
+    methods in order of first appearance; ``stationarity`` counts the passing seeds."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        s: dict[str, Any] = {"method": method, "seeds": len(rs)}
+        for c in NUMERIC_COLUMNS:
+            vals = np.array([r[c] for r in rs if r.get(c) is not None and not _isnan(r[c])], dtype=float)
+            s[f"{c}_mean"] = float(vals.mean()) if len(vals) else None
+            s[f"{c}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else None)
+        verdicts = [r.get("stationarity") for r in rs if r.get("stationarity") not in (None, "n/a")]
+        s["stationarity"] = f"{sum(v == 'pass' for v in verdicts)}/{len(verdicts)} pass" if verdicts else "n/a"
+        out.append(s)
+    return out
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _cell(summary: dict[str, Any], col: str) -> str:
+    m, sd = summary.get(f"{col}_mean"), summary.get(f"{col}_std")
+    if m is None:
+        return "–"
+    fmt = _FORMAT[col]
+    return fmt.format(m) if not sd else f"{fmt.format(m)} ± {fmt.format(sd)}"
+
+
+def format_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: one row per method, mean ± sd over seeds."""
+    head = ["method", "seeds", "accuracy", "ECE (15 bins)", "NLL", "Brier", "wall time (s)", "peak mem (MB)",
+            "β·T_virial", "stationarity"]
+    cols = ["accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb", "beta_virial"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["method"], str(s["seeds"])] + [_cell(s, c) for c in cols] + [s["stationarity"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reliability_curve(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
+    """Per-bin (mean confidence, accuracy, count) of the top-class confidence, equal-width bins."""
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    idx = torch.bucketize(conf.double(), edges[1:-1].double(), right=False)
+    mids, accs, counts = [], [], []
+    for b in range(n_bins):
+        m = idx == b
+        counts.append(int(m.sum()))
+        mids.append(float(conf[m].double().mean()) if m.any() else float((edges[b] + edges[b + 1]) / 2))
+        accs.append(float(correct[m].mean()) if m.any() else float("nan"))
+    return np.array(mids), np.array(accs), np.array(counts)
+
+
+def _plot_reliability(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]], n_bins: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4), squeeze=False)
+    for ax, (name, (probs, labels)) in zip(axes[0], curves.items()):
+        conf, acc, cnt = reliability_curve(probs, labels, n_bins)
+        width = 1.0 / n_bins
+        centers = (np.arange(n_bins) + 0.5) * width
+        ok = cnt > 0
+        ax.bar(centers[ok], acc[ok], width=width * 0.9, alpha=0.7, label="accuracy", edgecolor="k")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.plot(conf[ok], acc[ok], "o", ms=3, color="C3", label="mean confidence")
+        ax.set(title=name, xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_traces(path: Path, traces: dict[str, dict[str, list[float]]], target_beta: dict[str, float]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, tr in traces.items():
+        if tr.get("train_loss"):
+            axes[0].plot(tr["train_loss"], lw=0.8, label=name)
+        if tr.get("virial"):
+            beta = target_beta.get(name)
+            vals = np.asarray(tr["virial"]) * (beta if beta else 1.0)
+            axes[1].plot(vals, lw=0.6, alpha=0.6, label=f"{name} (per step)")
+            k = max(1, len(vals) // 20)
+            if len(vals) >= k:
+                run = np.convolve(vals, np.ones(k) / k, mode="valid")
+                axes[1].plot(np.arange(k - 1, len(vals)), run, lw=1.5, label=f"{name} (moving mean, {k})")
+    axes[0].set(title="training loss (minibatch)", xlabel="optimizer step", ylabel="cross-entropy", yscale="log")
+    axes[1].axhline(1.0, color="k", ls="--", lw=1, label="Gibbs value")
+    axes[1].set(title="centred virial temperature × β", xlabel="sampling step", ylabel="β·T_virial")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dict[str, Any],
+                 predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 traces: dict[str, dict[str, list[float]]] | None = None,
+                 target_beta: dict[str, float] | None = None, n_bins: int = 15,
+                 command: str | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write ``results.json``, ``report.md``, ``reliability.png`` and ``diagnostics.png`` (the PNGs
+    when predictions/traces are given) into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        missing = [c for c in REPORT_COLUMNS if c not in r]
+        if missing:
+            raise ValueError(f"Invalid rows: missing columns {missing}")
+    summary = summarize(rows)
+    machine = machine_info()
+    paths = {"results": out / "results.json", "report": out / "report.md"}
+    payload = {"config": config, "machine": machine, "columns": list(REPORT_COLUMNS),
+               "runs": [{c: r[c] for c in REPORT_COLUMNS} | {k: v for k, v in r.items() if k not in REPORT_COLUMNS}
+                        for r in rows],
+               "summary": summary}
+    paths["results"].write_text(json.dumps(payload, indent=2, default=str))
+    if predictions:
+        paths["reliability"] = out / "reliability.png"
+        _plot_reliability(paths["reliability"], predictions, n_bins)
+    if traces:
+        paths["diagnostics"] = out / "diagnostics.png"
+        _plot_traces(paths["diagnostics"], traces, target_beta or {})
+    md = ["# AdamW LoRA vs Langevin LoRA", ""]
+    if command:
+        md += ["Command:", "", f"    {command}", ""]
+    md += [f"Machine: {machine['processor']}, {machine.get('gpu', 'no GPU')}, torch {machine['torch']}, "
+           f"{machine['torch_threads']} threads.", "",
+           f"Held-out test metrics, mean ± sd over seeds (ECE with {n_bins} equal-width bins; NLL and Brier "
+           "of the predictive probabilities; Langevin LoRA predicts with the average of the softmax over "
+           "its posterior samples).", "", format_table(summary), "", "## Per seed", "",
+           "| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
+    for r in rows:
+        cells = [(_FORMAT[c].format(r[c]) if c in _FORMAT and isinstance(r[c], (int, float)) else str(r[c]))
+                 for c in REPORT_COLUMNS]
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "## How to read this", "",
+           "- **accuracy**: higher is better; Langevin LoRA should match AdamW LoRA within noise.",
+           "- **ECE**: expected calibration error, |accuracy − confidence| averaged over confidence bins; "
+           "lower is better. **NLL** (log loss) and **Brier** are proper scores: lower is better; they "
+           "reward calibrated uncertainty and punish confident mistakes.",
+           "- **β·T_virial**: centred virial temperature times β = N/T (THEORY §3). At stationarity it is "
+           "1, inflated to about 1 + ρ by minibatch-gradient noise. Well below 1: the chain has not yet "
+           "heated up to its temperature (sample longer); above 1 + ρ: the step is too large (lower lr).",
+           "- **stationarity**: `pass` when the diagnostics of the chain's traces found no drift.",
+           "- Reliability diagrams: bars on the diagonal are calibrated; bars below it are over-confident."]
+    if paths.get("reliability"):
+        md += ["", "![reliability](reliability.png)"]
+    if paths.get("diagnostics"):
+        md += ["", "![diagnostics](diagnostics.png)"]
+    if notes:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    paths["report"].write_text("\n".join(md) + "\n")
+    return paths
