@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from recipes import assets
-from recipes.data import PACKAGED_LABELS, _check_count, _subsample, load_text_frame, stratified_split
+from recipes.data import PACKAGED_LABELS, LazySplits, _check_count, _subsample, load_text_frame, stratified_split
 
 __all__ = ["ChoiceData", "LoRAChoiceLM", "smollm2_path", "forward_choice_logits", "CHOICE_DATASETS"]
 
@@ -121,7 +121,7 @@ def _hub_rows(name: str, config: str | None) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-class ChoiceData(LightningDataModule):
+class ChoiceData(LazySplits, LightningDataModule):
     """Prompts and answer letters for causal-LM classification.
 
     Args:
@@ -178,15 +178,6 @@ class ChoiceData(LightningDataModule):
                 raise ValueError(f"Invalid tokenizer: answer ' {letter}' is {len(toks)} tokens, need 1")
             ids.append(toks[0])
         return ids
-
-    @property
-    def num_train_examples(self) -> int:
-        self._ensure_loaded()
-        return len(self.splits["train"])
-
-    def _ensure_loaded(self) -> None:
-        if not self.splits:
-            self._load()
 
     def _load(self) -> None:
         hp = self.hparams

@@ -168,7 +168,26 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             yield batches[j]
 
 
-class TextClassificationData(LightningDataModule):
+class LazySplits:
+    """Data modules whose ``splits`` load on first use, so :math:`N` is known before ``setup``."""
+
+    splits: dict[str, Any]
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _ensure_loaded(self) -> None:
+        if not self.splits:
+            self._load()
+
+    @property
+    def num_train_examples(self) -> int:
+        """:math:`N` of the Bayesian reading (``num_data`` of the sampler)."""
+        self._ensure_loaded()
+        return len(self.splits["train"])
+
+
+class TextClassificationData(LazySplits, LightningDataModule):
     """Tokenised train/validation/test loaders for sequence classification.
 
     Args:
@@ -222,16 +241,6 @@ class TextClassificationData(LightningDataModule):
     def num_labels(self) -> int:
         self._ensure_loaded()
         return len(self.label_names)
-
-    @property
-    def num_train_examples(self) -> int:
-        """:math:`N` of the Bayesian reading (``num_data`` of the sampler)."""
-        self._ensure_loaded()
-        return len(self.splits["train"])
-
-    def _ensure_loaded(self) -> None:
-        if not self.splits:
-            self._load()
 
     def _load(self) -> None:
         import datasets

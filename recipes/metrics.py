@@ -40,47 +40,43 @@ def _check_inputs(probs: Tensor, target: Tensor) -> None:
         raise ValueError(f"Invalid target: labels must lie in [0, {probs.shape[1] - 1}]")
 
 
-class NegativeLogLikelihood(Metric):
+class _MeanOverExamples(Metric):
+    """Mean of a per-example loss; ``total``/``count`` states reduce by summation (exact under DDP)."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _per_example(self, probs: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        _check_inputs(probs, target)
+        self.total += self._per_example(probs.double(), target.long()).sum()
+        self.count += target.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+class NegativeLogLikelihood(_MeanOverExamples):
     r"""Mean negative log predictive probability of the true class, :math:`-\frac1n\sum_i\log p_{iy_i}`
     (probabilities floored at 1e-12)."""
 
-    full_state_update = False
-    higher_is_better = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, probs: Tensor, target: Tensor) -> None:
-        _check_inputs(probs, target)
-        p = probs.double().gather(1, target.long()[:, None]).squeeze(1)
-        self.total += -p.clamp_min(_TINY).log().sum()
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+    def _per_example(self, probs: Tensor, target: Tensor) -> Tensor:
+        return -probs.gather(1, target[:, None]).squeeze(1).clamp_min(_TINY).log()
 
 
-class BrierScore(Metric):
+class BrierScore(_MeanOverExamples):
     r"""Multiclass Brier score :math:`\frac1n\sum_i\sum_k (p_{ik} - [k=y_i])^2`."""
 
-    full_state_update = False
-    higher_is_better = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, probs: Tensor, target: Tensor) -> None:
-        _check_inputs(probs, target)
-        onehot = torch.nn.functional.one_hot(target.long(), probs.shape[1]).double()
-        self.total += ((probs.double() - onehot) ** 2).sum()
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count
+    def _per_example(self, probs: Tensor, target: Tensor) -> Tensor:
+        onehot = torch.nn.functional.one_hot(target, probs.shape[1]).double()
+        return ((probs - onehot) ** 2).sum(1)
 
 
 def classification_metrics(probs: Tensor, target: Tensor, n_bins: int = ECE_BINS) -> dict[str, float]:
