@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     defaults = GibbsDiagnostics()
+    ap.add_argument("--append-results", action="store_true", help="append the figures to benchmarks/RESULTS.md")
     ap.add_argument("--hvp-every", type=int, default=defaults.hvp_every_n_steps)
     ap.add_argument("--lambda-max-every", type=int, default=defaults.lambda_max_every_n_steps)
     args = ap.parse_args()
@@ -193,6 +194,23 @@ def main():
           f"{100 * direct:.2f}%")
     print(f"ratio (with diagnostics / without), from step-time differences: {1 + total:.4f}; "
           f"timed inside: {1 + direct:.4f}")
+    if args.append_results:
+        import shlex
+        import sys
+
+        from _common import append_results, markdown_table
+
+        rows = [["every-step estimators", f"{100 * cheap:.2f}%", f"{100 * step_in / plain:.2f}%"],
+                [f"Hutchinson HVP / {args.hvp_every} steps", f"{100 * hvp:.2f}%",
+                 f"{100 * hvp_in / (args.hvp_every * plain):.2f}%"],
+                [f"power iteration / {args.lambda_max_every} steps", f"{100 * power:.2f}%",
+                 f"{100 * pow_in / (args.lambda_max_every * plain):.2f}%"],
+                ["total (goal <= 3%)", f"{100 * total:.2f}%", f"{100 * direct:.2f}%"]]
+        table = markdown_table(["part", "from step-time differences", "timed inside the callback"], rows)
+        append_results("Diagnostics overhead on the MiniLM step (bench_diagnostics_overhead.py)", table,
+                       "python benchmarks/bench_diagnostics_overhead.py " + shlex.join(sys.argv[1:]),
+                       notes=f"plain step {1000 * plain:.1f} ms; batch {args.batch_size} x {args.max_length} tokens; "
+                             f"{args.repeats} interleaved repeats x {args.steps - 1} timed steps per arm.")
 
 
 if __name__ == "__main__":
