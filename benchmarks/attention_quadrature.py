@@ -76,14 +76,19 @@ def features(s: np.ndarray, x: np.ndarray, y: np.ndarray, lam: float) -> tuple[n
     return P, B
 
 
+def _grid(x: np.ndarray, y: np.ndarray, lam: float, half_width: float, spacing: float):
+    """The (q, k) grid on [-half_width, half_width]^2, mean y^2, and the features P, B of every node."""
+    m = int(round(half_width / spacing))
+    g = np.arange(-m, m + 1) * spacing
+    Q, K = np.meshgrid(g, g, indexing="ij")
+    P, B = features(Q * K, x, y, lam)
+    return g, float((y * y).mean()), Q, K, P, B
+
+
 def quadrature_3d(x: np.ndarray, y: np.ndarray, lam: float, beta: float, half_width: float,
                   spacing: float) -> dict:
     """Moments of exp(-beta U) by the rectangle rule on the 3-D grid, one q-slice at a time."""
-    m = int(round(half_width / spacing))
-    g = np.arange(-m, m + 1) * spacing
-    c0 = float((y * y).mean())
-    Q, K = np.meshgrid(g, g, indexing="ij")
-    P, B = features(Q * K, x, y, lam)
+    g, c0, Q, K, P, B = _grid(x, y, lam, half_width, spacing)
     base = 0.5 * c0 + 0.5 * lam * (Q ** 2 + K ** 2)
     # Shift by the minimum of U over the grid (q, k and v all on nodes) for a stable exponent.
     u_min = np.inf
@@ -124,11 +129,7 @@ def quadrature_3d(x: np.ndarray, y: np.ndarray, lam: float, beta: float, half_wi
 def quadrature_2d(x: np.ndarray, y: np.ndarray, lam: float, beta: float, half_width: float,
                   spacing: float) -> dict:
     """Independent check: integrate v exactly (v | q, k is Gaussian), rectangle rule in (q, k)."""
-    m = int(round(half_width / spacing))
-    g = np.arange(-m, m + 1) * spacing
-    c0 = float((y * y).mean())
-    Q, K = np.meshgrid(g, g, indexing="ij")
-    P, B = features(Q * K, x, y, lam)
+    g, c0, Q, K, P, B = _grid(x, y, lam, half_width, spacing)
     mv = B / P
     # -log of the v-marginal weight, up to a constant: beta * (c0/2 + lam/2 (q^2+k^2) - B^2/(2P)) + log(P)/2
     e = beta * (0.5 * c0 + 0.5 * lam * (Q ** 2 + K ** 2) - 0.5 * B ** 2 / P) + 0.5 * np.log(P)

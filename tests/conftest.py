@@ -37,5 +37,15 @@ def minilm_lora_factory():
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: small vectorised chains gain nothing from OpenMP, and one
+    thread keeps timings comparable on shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cuda_only(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))

@@ -27,13 +27,7 @@ Z_MAX = 4.5
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Timings comparable across machines; the chains are tiny tensors anyway."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _report(label: str, z: dict[str, np.ndarray]) -> float:
