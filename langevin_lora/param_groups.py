@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
 from langevin_lora._validation import check_non_negative
@@ -178,8 +177,3 @@ def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head
             g["weight_decay"] = head_weight_decay
         out.append(g)
     return out
-
-
-def is_lora_parameter(model: nn.Module, param: torch.Tensor, adapter_name: str | None = None) -> bool:
-    """Whether ``param`` is one of the model's LoRA adapter tensors."""
-    return any(param is p for _, _, _, p in _collect(model, adapter_name))
