@@ -58,8 +58,6 @@ class LangevinSettings:
         sample_every: optimizer steps between kept samples (``None``: automatic).
         precond_clamp: clamp of the frozen preconditioner relative to its median.
         head_temperature: temperature of the non-LoRA trainable tensors (0: noise-free).
-        route: ``callback`` (LangevinLoRA + sample bank), ``optimizer`` (LangevinAdam + local
-            snapshots) or ``auto`` (the callback when installed).
     """
 
     temperature: float = 1.0
@@ -70,7 +68,6 @@ class LangevinSettings:
     sample_every: int | None = None
     precond_clamp: tuple[float, float] = (0.01, 100.0)
     head_temperature: float = 0.0
-    route: str = "auto"
     lr_scale: float = 0.01
     diagnostics: dict = dataclasses.field(default_factory=dict)
 
@@ -94,8 +91,6 @@ class LangevinSettings:
             raise ValueError(f"Invalid langevin.sample_every: {self.sample_every!r} (expected an integer >= 1)")
         if not isinstance(self.lr_scale, (int, float)) or not 0 < self.lr_scale <= 1:
             raise ValueError(f"Invalid langevin.lr_scale: {self.lr_scale!r} (expected a real number in (0, 1])")
-        if self.route not in ("auto", "callback", "optimizer"):
-            raise ValueError(f"Invalid langevin.route: {self.route!r} (expected auto, callback or optimizer)")
         self.precond_clamp = tuple(self.precond_clamp)
 
     def plan(self, total_steps: int, num_data: int) -> dict[str, Any]:
@@ -211,15 +206,6 @@ class _LossTrace:
         return LossTrace()
 
 
-def _callback_available() -> bool:
-    try:
-        import langevin_lora.callback  # noqa: F401
-        import langevin_lora.samples  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _total_steps(trainer_cfg: dict[str, Any], n_train: int, batch_size: int) -> int:
     accum = int(trainer_cfg.get("accumulate_grad_batches", 1))
     devices = trainer_cfg.get("devices", 1)
@@ -231,33 +217,11 @@ def _total_steps(trainer_cfg: dict[str, Any], n_train: int, batch_size: int) -> 
     return per_epoch * int(trainer_cfg.get("max_epochs", 1))
 
 
-def _stationarity(virial: list[float], beta: float) -> tuple[str, dict[str, float]]:
-    """Local verdict from the virial trace: Geweke z (first 10% vs last 50%, batch-means variances)
-    below 3 and β·T_virial within [0.5, 2] (minibatch noise inflates it to 1 + ρ)."""
-    import numpy as np
-
-    v = np.asarray(virial, dtype=float) * beta
-    if len(v) < 20:
-        return "n/a", {}
-
-    def bm_var(x):
-        nb = max(2, min(10, len(x) // 3))
-        means = np.array([c.mean() for c in np.array_split(x, nb)])
-        return means.var(ddof=1) / nb
-
-    a, b = v[: max(2, len(v) // 10)], v[len(v) // 2:]
-    z = (a.mean() - b.mean()) / math.sqrt(bm_var(a) + bm_var(b) + 1e-300)
-    ratio = float(v.mean())
-    verdict = "pass" if abs(z) < 3 and 0.5 <= ratio <= 2.0 else "fail"
-    return verdict, {"geweke_z": float(z), "beta_virial": ratio}
-
-
 def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSettings, out_dir: Path,
              datamodule) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], dict[str, list[float]]]:
     import lightning.pytorch as pl
 
     from recipes.metrics import classification_metrics
-    from recipes.sampling import SnapshotBank, VirialTemperature, bank_predict_proba
 
     Data, Module, forward_fn = TASKS[cfg.get("task", "text")]()
     trainer_cfg = dict(cfg.get("trainer") or {})
@@ -266,37 +230,27 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
     n = datamodule.num_train_examples
     total = _total_steps(trainer_cfg, n, datamodule.hparams.batch_size)
     plan = settings.plan(total, n)
-    route = settings.route if settings.route != "auto" else ("callback" if _callback_available() else "optimizer")
 
     pl.seed_everything(seed, workers=True, verbose=False)
     if settings.lr_scale != 1.0:  # same schedule for both methods: same budget
         model_cfg.update(lr_drop_step=plan["burn_in_steps"], lr_drop_factor=settings.lr_scale)
-    if method == "langevin" and route == "optimizer":
-        model_cfg.update(optimizer="langevin_adam", temperature=settings.temperature,
-                         burn_in_steps=plan["burn_in_steps"], prior_weight_decay=plan["weight_decay"],
-                         sampler_seed=seed)
     module = Module(**model_cfg)
     callbacks: list[Any] = []
     loss_trace = _LossTrace()
     callbacks.append(loss_trace)
-    bank = virial = lcb = diag = None
+    lcb = diag = None
     run_dir = out_dir / f"seed{seed}" / method
     if method == "langevin":
-        if route == "callback":
-            from langevin_lora.callback import LangevinLoRA
-            from langevin_lora.diagnostics import GibbsDiagnostics
+        from langevin_lora.callback import LangevinLoRA
+        from langevin_lora.diagnostics import GibbsDiagnostics
 
-            lcb = LangevinLoRA(num_data=n, temperature=settings.temperature, weight_decay=plan["weight_decay"],
-                               burn_in_steps=plan["burn_in_steps"], sample_every=plan["sample_every"],
-                               num_samples=plan["num_samples"], seed=seed,
-                               head_temperature=settings.head_temperature, precond_clamp=settings.precond_clamp)
-            diag = GibbsDiagnostics(log_every_n_steps=10, center_window=max(5, plan["sampling_steps"] // 10),
-                                    report_dir=str(run_dir), plots=True, seed=seed, **settings.diagnostics)
-            callbacks += [lcb, diag]
-        else:
-            bank = SnapshotBank(sample_every=plan["sample_every"], num_samples=plan["num_samples"])
-            virial = VirialTemperature(beta=plan["beta"], weight_decay=plan["weight_decay"])
-            callbacks += [bank, virial]
+        lcb = LangevinLoRA(num_data=n, temperature=settings.temperature, weight_decay=plan["weight_decay"],
+                           burn_in_steps=plan["burn_in_steps"], sample_every=plan["sample_every"],
+                           num_samples=plan["num_samples"], seed=seed,
+                           head_temperature=settings.head_temperature, precond_clamp=settings.precond_clamp)
+        diag = GibbsDiagnostics(log_every_n_steps=10, center_window=max(5, plan["sampling_steps"] // 10),
+                                report_dir=str(run_dir), plots=True, seed=seed, **settings.diagnostics)
+        callbacks += [lcb, diag]
     tcfg = {"logger": False, "enable_model_summary": False, "enable_checkpointing": True,
             "default_root_dir": str(run_dir)} | trainer_cfg
     if tcfg.get("logger") is True or tcfg.get("logger") == "csv":
@@ -314,14 +268,11 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
             from recipes.models import predict_proba
             probs, labels = predict_proba(model, test, forward_fn)
             n_samples = 1
-        elif lcb is not None:
+        else:
             from langevin_lora.samples import bma_predict_proba
             probs = bma_predict_proba(model, lcb.sample_bank, test, forward_fn=forward_fn)
             labels = torch.cat([b["labels"] for b in test])
             n_samples = len(lcb.sample_bank)
-        else:
-            probs, labels = bank_predict_proba(model, bank.samples, test, forward_fn)
-            n_samples = len(bank)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     metrics = classification_metrics(probs, labels)
     row: dict[str, Any] = {"method": method, "seed": seed, **metrics, "wall_time_s": wall, "cpu_time_s": cpu,
@@ -329,22 +280,14 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
                            "beta_virial": None, "stationarity": "n/a", "optimizer_steps": trainer.global_step}
     traces = {"train_loss": loss_trace.values}
     if method == "langevin":
-        row.update({f"plan_{k}": v for k, v in plan.items()}, route=route, temperature=settings.temperature)
-        if diag is not None:
-            vt = list(diag.traces.get("virial_temperature", []))
-            traces["virial"] = [v / plan["beta"] for v in vt]
-            rep = diag.last_report
-            row["beta_virial"] = float(sum(vt) / len(vt)) if vt else None
-            if rep is not None:
-                row["stationarity"] = rep.verdict
-                row["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in rep.checks}
-        else:
-            vs = virial.summary()
-            row["beta_virial"] = vs["ratio"]
-            verdict, extra = _stationarity(virial.values, plan["beta"])
-            row["stationarity"] = verdict
-            row.update(extra)
-            traces["virial"] = virial.values
+        row.update({f"plan_{k}": v for k, v in plan.items()}, temperature=settings.temperature)
+        vt = list(diag.traces.get("virial_temperature", []))
+        traces["virial"] = [v / plan["beta"] for v in vt]
+        report = diag.last_report
+        row["beta_virial"] = float(sum(vt) / len(vt)) if vt else None
+        if report is not None:
+            row["stationarity"] = report.verdict
+            row["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in report.checks}
     return row, (probs, labels), traces
 
 
@@ -395,7 +338,7 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int] | None = None, outpu
         notes.append(f"Langevin: T = {settings.temperature}, β = N/T = {lrow['plan_beta']:.0f}, "
                      f"λ = {lrow['plan_weight_decay']:.3g}, burn-in {lrow['plan_burn_in_steps']} of "
                      f"{lrow['optimizer_steps']} steps, a sample every {lrow['plan_sample_every']} steps "
-                     f"({lrow['num_samples']} samples), route: {lrow['route']}.")
+                     f"({lrow['num_samples']} samples).")
     paths = write_report(out_dir, rows, config=cfg_out, predictions=predictions, traces=traces,
                          target_beta=betas, command=command, notes=notes)
     summary = summarize(rows)
