@@ -39,11 +39,11 @@ def ref_autocov(x: np.ndarray, lag: int) -> float:
     return float(np.dot(xc[: n - lag], xc[lag:]) / n)
 
 
-def ref_tau_single(x: np.ndarray) -> float:
-    g0 = ref_autocov(x, 0)
-    rho = lambda k: ref_autocov(x, k) / g0  # noqa: E731
+def ref_geyer_tau(rho, n: int) -> float:
+    """Geyer's initial monotone sequence: tau = 2 * sum of pair sums Gamma_k (truncated at the first
+    negative one, made non-increasing) - 1, from the autocorrelation function ``rho``."""
     total, prev, k = 0.0, math.inf, 0
-    while 2 * k + 1 < x.size:
+    while 2 * k + 1 < n:
         gamma = rho(2 * k) + rho(2 * k + 1)
         if gamma < 0:
             break
@@ -52,6 +52,12 @@ def ref_tau_single(x: np.ndarray) -> float:
         prev = gamma
         k += 1
     return 2 * total - 1
+
+
+def ref_tau_single(x: np.ndarray) -> float:
+    g0 = ref_autocov(x, 0)
+    rho = lambda k: ref_autocov(x, k) / g0  # noqa: E731
+    return ref_geyer_tau(rho, x.size)
 
 
 def ref_tau_multi(chains: np.ndarray) -> float:
@@ -63,16 +69,7 @@ def ref_tau_multi(chains: np.ndarray) -> float:
     B_over_n = sum((mu - grand) ** 2 for mu in means) / (m - 1)
     var_plus = (n - 1) / n * W + B_over_n
     rho = lambda t: 1 - (W - sum(ref_autocov(c, t) for c in chains) / m) / var_plus  # noqa: E731
-    total, prev, k = 0.0, math.inf, 0
-    while 2 * k + 1 < n:
-        gamma = rho(2 * k) + rho(2 * k + 1)
-        if gamma < 0:
-            break
-        gamma = min(gamma, prev)
-        total += gamma
-        prev = gamma
-        k += 1
-    return 2 * total - 1
+    return ref_geyer_tau(rho, n)
 
 
 def ref_split_rhat(chains: np.ndarray) -> float:
