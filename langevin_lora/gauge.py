@@ -282,9 +282,11 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
       would freeze :math:`G \approx 1/\epsilon`. A module whose factors are not of full rank
       :math:`r` has no such :math:`g` and falls back to ``"reset"``.
     - ``moments="reset"``: the whole per-tensor state is cleared (but an fp32 master copy).
-      ``torch.optim.Adam/AdamW`` restart from ``step = 0`` with their bias correction;
-      LangevinAdam keeps a per-group ``step``, so its restarted moments get no bias correction
-      until they have refilled (about :math:`1/(1-\beta_2)` steps); do not start sampling before.
+      ``torch.optim.Adam/AdamW`` and :class:`~langevin_lora.LangevinAdam` restart the moments
+      with their bias correction counted from the restart (LangevinAdam keeps a per-tensor
+      ``step`` for that; its warm-up length still counts the group's steps). A second moment
+      restarted shortly before sampling starts is estimated from few gradients: prefer
+      ``"transport"`` there.
 
     A Langevin optimizer's fp32 master copies of fp16/bf16 parameters are balanced first and
     copied into the parameters, so the next step does not undo the change.

@@ -110,7 +110,8 @@ class LangevinAdam(LangevinOptimizer):
                 v = self.state[p].get("exp_avg_sq")
                 if v is None:
                     v = torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
-                raw.append((group, p, adam_inverse_scale(v, group["step"], beta2, group["eps"])))
+                steps = self.state[p].get("step", group["step"])
+                raw.append((group, p, adam_inverse_scale(v, steps, beta2, group["eps"])))
         reference = median_scale([g for _, _, g in raw]) if raw else 1.0
         for group, p, g in raw:
             lo, hi = group["precond_clamp"]
@@ -149,23 +150,33 @@ class LangevinAdam(LangevinOptimizer):
         beta1, beta2 = group["betas"]
         lam, lr, eps = group["weight_decay"], group["lr"], group["eps"]
         group["step"] += 1
-        t = group["step"]
-        m, v = [], []
+        m, v, steps = [], [], []
         for p, w in zip(params, work):
             state = self.state[p]
-            if "exp_avg" not in state:
+            if "exp_avg" not in state:  # first step, or moments cleared by balance_lora_(moments="reset")
                 state["exp_avg"] = torch.zeros_like(w)
                 state["exp_avg_sq"] = torch.zeros_like(w)
+                state["step"] = 0
+            # Bias correction counts the steps of *these* moments (a per-tensor count), so moments
+            # restarted mid-run are corrected like fresh ones; group["step"] counts the warm-up.
+            state["step"] = state.get("step", group["step"] - 1) + 1
             m.append(state["exp_avg"])
             v.append(state["exp_avg_sq"])
+            steps.append(state["step"])
         d = torch._foreach_add(grads, work, alpha=lam) if lam != 0 else list(grads)
         torch._foreach_lerp_(m, d, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, d, d, value=1 - beta2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, (1 - beta2 ** t) ** 0.5)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(work, m, denom, value=-lr / (1 - beta1 ** t))
+        if len(set(steps)) == 1:  # the common case: one scalar for all tensors
+            t = steps[0]
+            torch._foreach_div_(denom, (1 - beta2 ** t) ** 0.5)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(work, m, denom, value=-lr / (1 - beta1 ** t))
+        else:
+            torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in steps])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
 
     def _sample(self, group, params, work, grads) -> None:
         std = noise_std(group["lr"], self.group_beta(group))
