@@ -4,16 +4,37 @@ One :class:`torch.Generator` per device, all seeded from one integer. Under data
 every replica must draw identical noise for the same tensor, so an unseeded stream takes its
 seed from rank 0 when ``torch.distributed`` is initialised. States are saved and restored so a
 resumed run continues bitwise identically.
+
+Large CPU draws are split into :data:`CPU_STREAMS` fixed chunks, each filled by its own generator,
+on up to ``torch.get_num_threads()`` threads: torch's CPU generator fills a tensor on one thread
+(under a lock), which would make the noise the serial bottleneck of a step whose arithmetic runs
+on every core. The chunking depends only on the size of the draw, never on the thread count, so
+results are identical on any machine.
 """
 from __future__ import annotations
 
+import hashlib
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from langevin_lora._validation import check_int
+
+#: CPU draws of at least this many numbers are split into :data:`CPU_STREAMS` chunks.
+PARALLEL_MIN_NUMEL = 1 << 18
+#: Number of independent generators (streams) per CPU device for large draws.
+CPU_STREAMS = 8
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """Seed of stream ``stream`` >= 1, derived from ``seed`` by a hash (decorrelated streams)."""
+    digest = hashlib.blake2b(f"langevin-lora:{seed}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1   # torch seeds are < 2**64; keep it non-negative
 
 
 def _broadcast_seed(seed: int) -> int:
@@ -44,12 +65,14 @@ class NoiseGenerators:
             self.seed = _broadcast_seed(secrets.randbits(62))
         return self.seed
 
-    def get(self, device: torch.device | str) -> torch.Generator:
-        key = str(torch.device(device))
+    def get(self, device: torch.device | str, stream: int = 0) -> torch.Generator:
+        """The generator of ``device``; ``stream`` >= 1 are the extra CPU streams of large draws."""
+        key = str(torch.device(device)) + (f"#{stream}" if stream else "")
         gen = self._generators.get(key)
         if gen is None:
-            gen = torch.Generator(device=key)
-            gen.manual_seed(self._ensure_seed())
+            gen = torch.Generator(device=str(torch.device(device)))
+            seed = self._ensure_seed()
+            gen.manual_seed(_stream_seed(seed, stream) if stream else seed)
             if key in self._pending_states:
                 gen.set_state(self._pending_states.pop(key))
             self._generators[key] = gen
@@ -82,7 +105,25 @@ def draw_standard_normal(tensors: list[torch.Tensor], generators: NoiseGenerator
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (device, dtype), idx in buckets.items():
         sizes = [tensors[i].numel() for i in idx]
-        flat = torch.randn(sum(sizes), generator=generators.get(device), device=device, dtype=dtype)
+        flat = _randn(sum(sizes), generators, device, dtype)
         for i, chunk in zip(idx, torch.split(flat, sizes)):
             out[i] = chunk.view(tensors[i].shape)
     return out  # type: ignore[return-value]
+
+
+def _randn(numel: int, generators: NoiseGenerators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if device.type != "cpu" or numel < PARALLEL_MIN_NUMEL:
+        return torch.randn(numel, generator=generators.get(device), device=device, dtype=dtype)
+    flat = torch.empty(numel, device=device, dtype=dtype)
+    chunks = torch.tensor_split(flat, CPU_STREAMS)
+    gens = [generators.get(device, k) for k in range(CPU_STREAMS)]
+    workers = min(CPU_STREAMS, torch.get_num_threads())
+    if workers == 1:
+        for chunk, gen in zip(chunks, gens):
+            chunk.normal_(generator=gen)
+    else:   # torch releases the GIL inside normal_, and each stream has its own lock
+        global _POOL
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="langevin-noise")
+        list(_POOL.map(lambda cg: cg[0].normal_(generator=cg[1]), zip(chunks, gens)))
+    return flat

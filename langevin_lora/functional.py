@@ -126,13 +126,11 @@ def langevin_step_(params: list[Tensor], grads: list[Tensor], noise: list[Tensor
 
 def _single_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
     for i, (p, g) in enumerate(zip(params, grads)):
-        if weight_decay != 0:
-            d = torch.add(g, p, alpha=weight_decay)
-            if precond is not None:
-                d.mul_(precond[i])
+        d = torch.add(g, p, alpha=weight_decay) if weight_decay != 0 else g
+        if precond is not None:
+            p.addcmul_(d, precond[i], value=-lr)   # one pass: p - lr * G * d
         else:
-            d = torch.mul(g, precond[i]) if precond is not None else g
-        p.add_(d, alpha=-lr)
+            p.add_(d, alpha=-lr)
         if noise_std > 0:
             if precond_sqrt is not None:
                 p.addcmul_(noise[i], precond_sqrt[i], value=noise_std)
@@ -141,15 +139,14 @@ def _single_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, pr
 
 
 def _multi_tensor_step(params, grads, noise, *, lr, noise_std, weight_decay, precond, precond_sqrt):
-    if weight_decay != 0:
-        d = torch._foreach_add(grads, params, alpha=weight_decay)
-        if precond is not None:
-            torch._foreach_mul_(d, precond)  # d is a fresh buffer: no second allocation
+    # Same elementwise operations as the single-tensor path, in the same order (bitwise equal).
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+    if precond is not None:
+        torch._foreach_addcmul_(params, d, precond, value=-lr)
     else:
-        d = torch._foreach_mul(grads, precond) if precond is not None else grads
-    torch._foreach_add_(params, d, alpha=-lr)
+        torch._foreach_add_(params, d, alpha=-lr)
     if noise_std > 0:
         if precond_sqrt is not None:
-            torch._foreach_addcmul_(params, noise, precond_sqrt, value=noise_std)  # one pass
+            torch._foreach_addcmul_(params, noise, precond_sqrt, value=noise_std)
         else:
             torch._foreach_add_(params, noise, alpha=noise_std)

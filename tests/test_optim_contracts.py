@@ -170,6 +170,42 @@ def test_draw_standard_normal_same_stream_for_any_split():
     assert torch.equal(torch.cat([x.reshape(-1) for x in a]), flat)
 
 
+def test_large_cpu_draws_use_fixed_streams_whatever_the_thread_count():
+    """A large CPU draw is split into CPU_STREAMS chunks, each from its own generator, filled in
+    parallel: the result depends on the seed and the size only, never on the thread count; the
+    chunks are standard normal and mutually uncorrelated (|z| <= 4.5 against exact SEs); every
+    stream's state round-trips through state_dict."""
+    from langevin_lora import _rng
+
+    n = 4 * _rng.PARALLEL_MIN_NUMEL + 13      # uneven chunks
+    ts = [torch.empty(n // 3), torch.empty(n - n // 3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = torch.cat([x.reshape(-1) for x in draw_standard_normal(ts, NoiseGenerators(11))])
+        torch.set_num_threads(2)
+        gens = NoiseGenerators(11)
+        parallel = torch.cat([x.reshape(-1) for x in draw_standard_normal(ts, gens)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+    x = parallel.double()
+    assert abs(float(x.mean())) * math.sqrt(n) <= Z_MAX                       # Var(mean) = 1/n
+    assert abs(float(x.square().mean()) - 1) / math.sqrt(2 / n) <= Z_MAX       # Var(xi^2) = 2
+    chunks = torch.tensor_split(x, _rng.CPU_STREAMS)
+    m = min(c.numel() for c in chunks)
+    for a, b in zip(chunks[:-1], chunks[1:]):                               # neighbouring streams
+        assert abs(float((a[:m] * b[:m]).mean())) * math.sqrt(m) <= Z_MAX     # Var(a b) = 1
+    assert not torch.equal(chunks[0][:m], chunks[1][:m])
+    # the state of every stream is saved: a restored copy continues identically
+    state = copy.deepcopy(gens.state_dict())
+    assert len(state["states"]) == _rng.CPU_STREAMS
+    restored = NoiseGenerators()
+    restored.load_state_dict(state)
+    nxt = [torch.cat([x.reshape(-1) for x in draw_standard_normal(ts, g)]) for g in (gens, restored)]
+    assert torch.equal(nxt[0], nxt[1]) and not torch.equal(nxt[0], parallel)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. temperature 0 == torch optimizers
 # ---------------------------------------------------------------------------------------------
