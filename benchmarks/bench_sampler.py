@@ -5,6 +5,9 @@ Compares, on the same targets and at the same step size (in the sense below):
 * ``ours SGLD``        :class:`langevin_lora.LangevinSGD`;
 * ``ours Adam-precond`` :class:`langevin_lora.LangevinAdam`: a short noise-free Adam warm-up,
   then Langevin sampling with the frozen preconditioner :math:`G` (warm-up gradients counted);
+* ``ours Adam + adapt``: the same, with ``adapt_steps``: :math:`G` re-frozen from the mean
+  :math:`(\partial U)^2` of the first noisy steps (a curvature scale, see
+  :func:`langevin_lora.functional.adapted_preconditioner`), step size re-tuned (same h);
 * ``ours SGLD + gauge`` / ``ours Adam + gauge`` (LoRA targets only): the same chains with exact
   gauge moves (:class:`langevin_lora.gauge.GaugeMoves`: Haar orthogonal move plus a Metropolis
   GL(r) move after every step; they cost no gradient evaluation);
@@ -142,6 +145,7 @@ class Target:
     trace_chains: int
     n_burn: int
     n_keep: int
+    adapt_steps: int = 300                      # 'ours Adam + adapt': noisy steps measuring v
     lora: tuple[int, int] | None = None       # (fan_in, fan_out) when params are (A, B)
     exact_law: Callable | None = None           # (eta, G_flat or None) -> reference moments
     note: str = ""
@@ -412,34 +416,46 @@ def make_ours_sgd(target: Target, eta: float, seed: int, gauge: bool = False):
     return params, step, {"eta": eta, "gauge": move}
 
 
-def make_ours_adam(target: Target, h: float, H: np.ndarray, seed: int, gauge: bool = False):
-    """Adam warm-up (noise-free, coupled decay) for ``warm_steps`` steps, then the frozen G; the
-    sampling step size is set so that eta * lambda_max(G^1/2 H G^1/2) = h (same h as SGLD)."""
+def make_ours_adam(target: Target, h: float, H: np.ndarray, seed: int, gauge: bool = False, adapt: bool = False):
+    """Adam warm-up (noise-free, coupled decay) for ``warm_steps`` steps, then the frozen G (re-frozen
+    after ``target.adapt_steps`` noisy steps with ``adapt``); the step size is set, and re-set when G
+    changes, so that eta * lambda_max(G^1/2 H G^1/2) = h (same h as SGLD) for every chain."""
     params = _batched_init(target, target.chains)
     opt = LangevinAdam(params, lr=target.warm_lr, beta=target.beta, weight_decay=target.lam,
-                       warmup_steps=target.warm_steps, seed=seed)
+                       warmup_steps=target.warm_steps, adapt_steps=target.adapt_steps if adapt else 0, seed=seed)
     move = _gauge(target, params, seed) if gauge else None
     info: dict = {"eta": None, "gauge": move}
+    phase = ["warm-up"]
 
     def retune():
+        # The chain depends on eta and G only through eta*G, so each chain's own step size is set by
+        # scaling its G: eta * lambda_max(G_c^1/2 H G_c^1/2) = h for every chain c (one tuning per
+        # chain, as a user of one chain would do); with a G common to all chains this is a no-op.
         G = torch.cat([opt.state[p]["precond"].reshape(target.chains, -1) for p in params], 1).numpy()
-        lam_max = 0.0
-        for Gc in np.unique(G, axis=0)[:8]:  # all chains start alike: G is the same for every chain
+        lam = np.empty(target.chains)
+        for c, Gc in enumerate(G):
             s = np.sqrt(Gc)
-            lam_max = max(lam_max, float(np.linalg.eigvalsh(s[:, None] * H * s[None, :]).max()))
-        eta = h / lam_max
+            lam[c] = float(np.linalg.eigvalsh(s[:, None] * H * s[None, :]).max())
+        eta = h / float(np.median(lam))
+        scale = torch.as_tensor(np.median(lam) / lam, dtype=DTYPE)
+        for p in params:
+            st = opt.state[p]
+            shape = (target.chains,) + (1,) * (p.dim() - 1)
+            st["precond"].mul_(scale.view(shape))
+            st["precond_sqrt"] = st["precond"].sqrt()
         for group in opt.param_groups:
             group["lr"] = eta
+        G = torch.cat([opt.state[p]["precond"].reshape(target.chains, -1) for p in params], 1).numpy()
         info.update(eta=eta, G=G[0], G_distinct=len(np.unique(G, axis=0)))
 
     def step():
         _backward(target, params)
         opt.step()
-        if info["eta"] is None:
-            if opt.sampling:
-                retune()
-            return  # gauge moves only while sampling
-        if move is not None:
+        now = "warm-up" if not opt.sampling else "adapting" if opt.adapting else "sampling"
+        if now != phase[0]:
+            phase[0] = now
+            retune()
+        if now != "warm-up" and move is not None:   # gauge moves only while sampling
             move(opt)
     return params, step, info
 
@@ -506,7 +522,7 @@ def run(target: Target, params: list[Tensor], step: Callable[[], None], info: di
            "z": z, "est": est, "se": se, "per_chain": per_chain, "sec_per_step": sec_per_step, "loop_s": loop_s,
            "info": info, "argmin_theta": int(ess_theta.argmin()),
            "worst": target.moment_names[int(np.abs(z).argmax())]}
-    if target.exact_law is not None:
+    if target.exact_law is not None and info.get("G_distinct", 1) == 1:   # one chain law for all chains
         G = info.get("G")
         ref_exact = target.exact_law(info["eta"], G)
         out["z_exact"] = (est - ref_exact) / se
@@ -562,6 +578,7 @@ def bench_target(target: Target, *, seed: int, time_steps: int, log=print) -> li
     specs: list[tuple[str, Callable]] = [
         ("ours SGLD", lambda: make_ours_sgd(target, eta, seed)),
         ("ours Adam-precond", lambda: make_ours_adam(target, target.h, H, seed)),
+        ("ours Adam + adapt", lambda: make_ours_adam(target, target.h, H, seed, adapt=True)),
     ]
     if target.lora:
         if GaugeMoves is not None:
@@ -653,7 +670,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         elif args.quick:
             t.chains, t.trace_chains = min(t.chains, 256), min(t.trace_chains, 32)
             t.warm_steps = min(t.warm_steps, 150)
-        t.n_burn = max(t.n_burn, t.warm_steps + 10)
+        t.adapt_steps = min(t.adapt_steps, 50) if args.smoke else t.adapt_steps
+        t.n_burn = max(t.n_burn, t.warm_steps + t.adapt_steps + 10)
         targets.append(t)
     time_steps = 50 if args.smoke else 150 if args.quick else 300
     results: list[dict] = []
@@ -694,7 +712,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "'max |z| vs π': largest |error|/SE over the reference moments of π_β (Gibbs / quadrature / MALA); "
         "'vs exact chain law': against the exact stationary law of the discretised chain (quadratic only).",
         "Same step size: SGLD rows share eta = h/λmax(∇²U at the mode); the preconditioned rows use the same "
-        "h = eta·λmax(G^½ ∇²U G^½) after the Adam warm-up (warm-up gradients counted).",
+        "h = eta·λmax(G^½ ∇²U G^½) after the Adam warm-up (warm-up gradients counted), re-tuned after "
+        "adaptation in the '+ adapt' row (its adaptation steps are burn-in, counted as gradients).",
     ] + [f"Target {t.name}: {t.note}" for t in targets] + conv_lines
     for r in results:
         if "pred_bias" in r:

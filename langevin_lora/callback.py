@@ -34,6 +34,11 @@ is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(tra
   sampling starts, or :math:`G = 1` (SGLD) for optimizers without a second moment or with
   ``precondition=False``. Weight decay is *coupled* (through :math:`G`); the user's own
   (decoupled) weight decay and moments are not applied to LoRA tensors while sampling.
+- *Adaptation* (optional, ``precond_adapt_steps=k``): the first :math:`k` Langevin steps also
+  average :math:`(g + \lambda\theta)^2`, then :math:`G` is re-frozen once from it (at
+  stationarity :math:`\mathbb E[(\partial_i U)^2] = \mathbb E[\partial_{ii}U]/\beta`: a curvature
+  scale, where AdamW's burn-in :math:`v` records the gradients met on the way to the mode), with
+  the same median so the learning rate keeps its meaning. No sample is kept during adaptation.
 - *Heads* (every other trainable tensor, e.g. a classifier in ``modules_to_save``) keep the user's
   optimizer, noise-free. With ``head_temperature > 0`` they join the Langevin step instead, at
   :math:`\beta_0/T_{head}` with ``head_weight_decay`` (default ``weight_decay``).
@@ -58,7 +63,7 @@ heads, restores the gradients, and applies one Langevin step. Hence:
 the checkpoint); gradients are upcast.
 
 **Checkpoints.** :meth:`LangevinLoRA.state_dict` holds the phase, step counters, generator states,
-frozen preconditioners, master copies and the sample bank; a run resumed with
+frozen preconditioners, adaptation sums, master copies and the sample bank; a run resumed with
 ``trainer.fit(..., ckpt_path=...)`` continues bitwise identically, given the same data order
 (Lightning restarts a plain, non-stateful DataLoader at its first batch on resume, so checkpoint at
 epoch boundaries or use a stateful loader).
@@ -97,7 +102,14 @@ from torch import Tensor
 
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice, check_int, check_non_negative, check_positive
-from langevin_lora.functional import adam_inverse_scale, all_finite, check_clamp, langevin_step_, median_scale
+from langevin_lora.functional import (
+    adam_inverse_scale,
+    adapted_preconditioner,
+    all_finite,
+    check_clamp,
+    langevin_step_,
+    median_scale,
+)
 from langevin_lora.gauge import SAMPLING_REFUSAL, BalanceSchedule, GaugeMoves
 from langevin_lora.optim.base import LOW_PRECISION, LangevinOptimizer, NonFiniteGradientWarning
 from langevin_lora.param_groups import lora_modules, lora_param_groups
@@ -151,6 +163,11 @@ class LangevinLoRA(Callback):
         precondition: freeze the user's Adam second moment into :math:`G` (else :math:`G = 1`).
         precond_clamp: ``(c_lo, c_hi)``, :math:`G` clamped to ``[c_lo m, c_hi m]``, :math:`m` the median
             of the unclamped :math:`G` over all Langevin tensors.
+        precond_adapt_steps: after burn-in, take this many Langevin steps with the frozen
+            :math:`G` while averaging :math:`(g + \lambda\theta)^2` per coordinate, then re-freeze
+            :math:`G` once from that average (:func:`~langevin_lora.functional.adapted_preconditioner`:
+            a curvature scale, same median, so the learning rate keeps its meaning). No sample is
+            kept during those steps. 0 (default): keep the burn-in's :math:`G`.
         sample_dir: write samples as PEFT adapter folders here instead of keeping them in memory.
         head_weight_decay: :math:`\lambda` of sampled heads (default ``weight_decay``).
         foreach: use the ``torch._foreach_*`` update path (default: automatic).
@@ -178,7 +195,8 @@ class LangevinLoRA(Callback):
                  precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
                  foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
-                 gauge_moves: GaugeMoves | None = None, diagnostics: Any = True) -> None:
+                 gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
+                 precond_adapt_steps: int = 0) -> None:
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         if num_data is not None:
@@ -197,6 +215,7 @@ class LangevinLoRA(Callback):
             raise ValueError(f"Invalid precondition: {precondition!r} (expected True or False)")
         self.precondition = precondition
         self.precond_clamp = check_clamp(precond_clamp)
+        self.precond_adapt_steps = check_int("precond_adapt_steps", precond_adapt_steps, low=0)
         self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
         if sample_dir is not None and self.num_samples == 0:
             raise ValueError(f"Invalid sample_dir: {sample_dir!r} given with num_samples=0 (expected num_samples >= 1 "
@@ -232,6 +251,8 @@ class LangevinLoRA(Callback):
         self._precond: dict[str, Tensor] = {}
         self._precond_sqrt: dict[str, Tensor] = {}
         self._masters: dict[str, Tensor] = {}
+        self._adapt_sq: dict[str, Tensor] = {}      # running sums of (g + lam theta)^2 while adapting
+        self._precond_reference = 1.0                # median scale of G frozen at the end of burn-in
         self._pending: dict[str, Any] | None = None
         self._trainer: Trainer | None = None
         self._module: LightningModule | None = None
@@ -503,6 +524,7 @@ class LangevinLoRA(Callback):
         # gradient stayed ~0 during burn-in (LoRA A while B = 0) is capped, not left at 1/eps.
         lo, hi = self.precond_clamp
         reference = median_scale([G for _, G in raw]) if raw else 1.0
+        self._precond_reference = reference
         for n, G in raw:
             G = G.clamp_(min=lo * reference, max=hi * reference)
             self._precond[n] = G
@@ -522,6 +544,36 @@ class LangevinLoRA(Callback):
             for n, p in zip(g.names, g.params):
                 if p.dtype in LOW_PRECISION and n not in self._masters:
                     self._masters[n] = p.detach().float()
+
+    @property
+    def adapting(self) -> bool:
+        """``True`` during the ``precond_adapt_steps`` Langevin steps that measure the new ``G``."""
+        return self.sampling and self.langevin_steps < self.precond_adapt_steps
+
+    def _accumulate_adaptation(self, plan: list) -> None:
+        for g, items, works, grads, *_ in plan:
+            d = torch._foreach_add(grads, works, alpha=g.weight_decay) if g.weight_decay else grads
+            for (n, _), di in zip(items, d):
+                sq = self._adapt_sq.get(n)
+                if sq is None:
+                    sq = self._adapt_sq[n] = torch.zeros_like(di)
+                sq.addcmul_(di, di)
+
+    def _refreeze(self) -> None:
+        """End of adaptation: ``G`` from the averaged squared gradients of U, jointly over every
+        Langevin tensor, with the burn-in's median scale."""
+        if not self._adapt_sq:
+            return
+        names = list(self._adapt_sq)
+        G = adapted_preconditioner([self._adapt_sq[n] / self.precond_adapt_steps for n in names],
+                                   self._precond_reference, clamp=self.precond_clamp)
+        for n, Gn in zip(names, G):
+            self._precond[n] = Gn
+            self._precond_sqrt[n] = Gn.sqrt()
+        self._adapt_sq.clear()
+        rank_zero_info(f"LangevinLoRA: preconditioner re-frozen after {self.precond_adapt_steps} adaptation steps "
+                       f"(G in [{min(float(x.min()) for x in G):.3g}, {max(float(x.max()) for x in G):.3g}], "
+                       f"median {self._precond_reference:.3g})")
 
     def _langevin_update(self) -> None:
         trainer, module = self._trainer, self._module
@@ -549,6 +601,9 @@ class LangevinLoRA(Callback):
             has_precond = any(n in self._precond for n, _ in items)
             std = noise_std(g.lr, self._group_beta(g))
             plan.append((g, items, works, grads, pre if has_precond else None, pre_sqrt if has_precond else None, std))
+        adapting = self.adapting
+        if adapting:  # at the pre-step point, like the gradients
+            self._accumulate_adaptation(plan)
         noisy = [w for (_, _, works, _, _, _, std) in plan if std > 0 for w in works]
         draws = iter(draw_standard_normal(noisy, self.generators)) if noisy else iter(())
         for g, items, works, grads, pre, pre_sqrt, std in plan:
@@ -559,13 +614,16 @@ class LangevinLoRA(Callback):
                 if w is not p:
                     p.copy_(w)
         self.langevin_steps += 1
+        if adapting and not self.adapting:
+            self._refreeze()
         if self.gauge_moves is not None:
             stats = self.gauge_moves(lora_modules(module, self.adapter_name), beta=self.beta,
                                      weight_decay=self.weight_decay)
             self.gauge_stats.update(stats)
         for fn in self.post_step_observers:
             fn(trainer, module, self)
-        if self.num_samples > 0 and self.langevin_steps % self.sample_every == 0:
+        kept = self.langevin_steps - self.precond_adapt_steps   # adaptation steps are burn-in
+        if self.num_samples > 0 and kept > 0 and kept % self.sample_every == 0:
             self.sample_bank.add(module, trainer.global_step, write=trainer.is_global_zero)
 
     # -- checkpointing -----------------------------------------------------------------------------
@@ -576,6 +634,8 @@ class LangevinLoRA(Callback):
                 "skipped_steps": self.skipped_steps, "num_data": self.num_data,
                 "generators": self.generators.state_dict(),
                 "precond": {n: t.clone() for n, t in self._precond.items()},
+                "adapt_sq": {n: t.clone() for n, t in self._adapt_sq.items()},
+                "precond_reference": self._precond_reference,
                 "masters": {n: t.clone() for n, t in self._masters.items()},
                 "sample_bank": self.sample_bank.state_dict(),
                 "balance": None if self.balance is None else self.balance.state_dict(),
@@ -593,13 +653,15 @@ class LangevinLoRA(Callback):
             if obj is not None and state_dict.get(key) is not None:
                 obj.load_state_dict(state_dict[key])
         # Tensors are matched to parameters by name once the module is known (on_train_start).
-        self._pending = {"precond": state_dict["precond"], "masters": state_dict["masters"]}
+        self._precond_reference = float(state_dict.get("precond_reference", 1.0))
+        self._pending = {"precond": state_dict["precond"], "masters": state_dict["masters"],
+                         "adapt_sq": state_dict.get("adapt_sq", {})}
 
     def _apply_pending(self, pl_module: LightningModule) -> None:
         if self._pending is None:
             return
         params = dict(pl_module.named_parameters())
-        for key, target in (("precond", self._precond), ("masters", self._masters)):
+        for key, target in (("precond", self._precond), ("masters", self._masters), ("adapt_sq", self._adapt_sq)):
             target.clear()
             for n, t in self._pending[key].items():
                 if n not in params:

@@ -17,7 +17,7 @@ from langevin_lora import LangevinSGD, NonFiniteGradientWarning
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.callback import LangevinLoRA
 from langevin_lora.diagnostics import StepSizeWarning
-from langevin_lora.functional import adam_inverse_scale, frozen_preconditioner, median_scale
+from langevin_lora.functional import adam_inverse_scale, adapted_preconditioner, frozen_preconditioner, median_scale
 from langevin_lora.param_groups import lora_modules
 
 IN, OUT, R, N = 6, 3, 2, 32
@@ -116,6 +116,7 @@ def _quiet():
     (dict(beta=0.0), "beta"),
     (dict(head_temperature=-1.0), "head_temperature"),
     (dict(precond_clamp=(2.0, 3.0)), r"precond_clamp\[0\]"),
+    (dict(precond_adapt_steps=-1), r"Invalid precond_adapt_steps: -1 \(expected an integer >= 0\)"),
     (dict(sample_dir="x", num_samples=0), "sample_dir"),
     (dict(nonfinite="ignore"), "nonfinite"),
     (dict(seed=-3), "seed"),
@@ -268,6 +269,46 @@ def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
     assert cb.num_data == N and cb.beta == N / temp
 
 
+def test_precond_adaptation_refreezes_G_from_mean_squared_gradient_of_U():
+    """precond_adapt_steps=k: the first k Langevin steps use the burn-in G while averaging
+    (g + lam theta)^2 at each pre-step point; then G = adapted_preconditioner(mean, median of the
+    burn-in G) over all Langevin tensors; no sample is kept during adaptation."""
+    burn, k, lam = 3, 4, 0.2
+    cb = LangevinLoRA(weight_decay=lam, burn_in_steps=burn, seed=2, precond_adapt_steps=k, num_samples=10,
+                      diagnostics=False)
+    log = {"sq": None, "steps": 0}
+
+    def before(tr, pl, c):
+        views = c.langevin_groups()
+        params = [p for v in views for p in v.params]
+        if log["sq"] is None:
+            log["G0"] = [G.clone() for v in views for G in v.precond]
+            log["sq"] = [torch.zeros_like(p) for p in params]
+            log["params"] = params
+        if c.langevin_steps < k:
+            assert c.adapting
+            assert all(torch.equal(G, P) for G, P in zip(log["G0"], [P for v in views for P in v.precond]))
+            for acc, p in zip(log["sq"], params):
+                d = p.grad + lam * p.detach()
+                acc.addcmul_(d, d)
+        else:
+            assert not c.adapting
+        log["steps"] += 1
+
+    cb.step_observers.append(before)
+    trainer([cb], burn + k + 3).fit(Tiny(), loader())
+    assert log["steps"] == k + 3 and cb.langevin_steps == k + 3
+    reference = median_scale(log["G0"])   # the clamp (lo <= 1 <= hi) keeps the median of the burn-in G
+    assert reference == pytest.approx(cb._precond_reference, rel=1e-6)
+    expected = adapted_preconditioner([a / k for a in log["sq"]], reference, clamp=cb.precond_clamp)
+    got = [P for v in cb.langevin_groups() for P in v.precond]
+    for G, E in zip(got, expected):
+        torch.testing.assert_close(G, E, rtol=1e-5, atol=0)
+    assert not all(torch.equal(G, G0) for G, G0 in zip(got, log["G0"]))
+    assert float(torch.cat([G.reshape(-1) for G in got]).median()) == pytest.approx(reference, rel=1e-6)
+    assert cb.sample_bank.steps == [burn + k, burn + k + 1, burn + k + 2]   # none during adaptation
+
+
 @pytest.mark.slow
 def test_gibbs_law_gauge_identity_inside_trainer():
     r"""16 chains (16 independent LoRA r=2 modules, in=16, out=2) sampled by one Trainer with AdamW
@@ -396,19 +437,21 @@ def test_nonfinite_gradient_without_scaler_skips_langevin_step():
         trainer([LangevinLoRA(num_data=N, nonfinite="raise")], 4).fit(Tiny(optimizer="sgd", inf_at=1), loader())
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_kill_and_resume_is_bitwise_identical(tmp_path, accumulate):
+@pytest.mark.parametrize("accumulate, adapt", [(1, 0), (2, 0), (1, 7)])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, accumulate, adapt):
     """An uninterrupted run of 2k steps saves a checkpoint at step k (what a run killed after step k
     leaves behind); a fresh process-like setup resumes from it to 2k and must end bitwise equal:
     adapters, head, AdamW and LR schedule, generator state and sample bank. k is an epoch boundary:
-    Lightning restarts a plain (non-stateful) DataLoader from its first batch on resume."""
+    Lightning restarts a plain (non-stateful) DataLoader from its first batch on resume. With
+    ``adapt`` the checkpoint falls inside the preconditioner's adaptation window."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     k, burn = 8, 3  # 4 optimizer steps per epoch
     bs = 8 // accumulate
 
     def make():
-        return LangevinLoRA(num_data=N, burn_in_steps=burn, weight_decay=0.1, seed=4, sample_every=2, num_samples=3)
+        return LangevinLoRA(num_data=N, burn_in_steps=burn, weight_decay=0.1, seed=4, sample_every=2, num_samples=3,
+                            precond_adapt_steps=adapt)
 
     L.seed_everything(0, verbose=False)
     full, cb_full = Tiny(), make()

@@ -38,7 +38,7 @@ from langevin_lora import (
     frozen_preconditioner,
     langevin_step_,
 )
-from langevin_lora.functional import adam_inverse_scale, median_scale
+from langevin_lora.functional import adam_inverse_scale, adapted_preconditioner, median_scale
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.view import LangevinGroupView, LangevinSampler
 
@@ -418,6 +418,7 @@ INVALID_ADAM = [
     (dict(precond_clamp=(0.1, 1.0, 10.0)), r"Invalid precond_clamp: .*expected a pair"),
     (dict(warmup_steps=-1), r"Invalid warmup_steps: -1 \(expected an integer >= 0\)"),
     (dict(warmup_steps=2.5), r"Invalid warmup_steps: 2\.5 \(expected an integer >= 0\)"),
+    (dict(adapt_steps=-3), r"Invalid adapt_steps: -3 \(expected an integer >= 0\)"),
 ]
 
 
@@ -627,13 +628,15 @@ def test_master_copy_survives_state_dict_in_fp32(dtype, opt_name):
     ("sgd", 5, 6),
     ("adam", 3, 6),   # saved during warm-up, resumed across the switch to sampling (warmup 5)
     ("adam", 7, 4),   # saved after sampling started
+    ("adam_adapt", 7, 6),   # saved inside the adaptation window (steps 6-9), resumed across the re-freeze
 ])
 def test_state_dict_round_trip_resumes_bitwise(name, n_before, n_after):
     def make(ps, seed):
         groups = [{"params": ps[:3], "name": "lora"}, {"params": ps[3:], "name": "head", "temperature": 0.5}]
         if name == "sgd":
             return LangevinSGD(groups, lr=1e-2, num_data=100, weight_decay=0.01, seed=seed)
-        return LangevinAdam(groups, lr=1e-2, num_data=100, weight_decay=0.01, warmup_steps=5, seed=seed)
+        return LangevinAdam(groups, lr=1e-2, num_data=100, weight_decay=0.01, warmup_steps=5, seed=seed,
+                            adapt_steps=4 if name == "adam_adapt" else 0)
 
     params = make_params()
     opt = make(params, seed=1)
@@ -653,13 +656,77 @@ def test_state_dict_round_trip_resumes_bitwise(name, n_before, n_after):
         set_grads(resumed, t)
         opt2.step()
     assert_all_equal(params, resumed)
-    if name == "adam":
-        assert opt.sampling and opt2.sampling
+    if name.startswith("adam"):
+        assert opt.sampling and opt2.sampling and not opt2.adapting
 
 
 # ---------------------------------------------------------------------------------------------
 # 9. LangevinAdam: warm-up, switch, frozen preconditioner
 # ---------------------------------------------------------------------------------------------
+def test_adam_adaptation_refreezes_G_from_mean_squared_gradient_of_U():
+    """adapt_steps: after the warm-up freeze, the next k sampling steps use the warm-up G while
+    averaging (g + lam theta)^2 at each pre-step point; then G is re-frozen jointly over the groups
+    frozen together, with the warm-up's median scale (adapted_preconditioner)."""
+    params = make_params()
+    lam, warm, k = 0.03, 6, 5
+    groups = [{"params": params[:2]}, {"params": params[2:], "temperature": 0.5}]
+    opt = LangevinAdam(groups, lr=1e-3, num_data=50, weight_decay=lam, warmup_steps=warm, adapt_steps=k, seed=4)
+    for t in range(warm):
+        set_grads(params, t)
+        opt.step()
+    assert opt.sampling and opt.adapting
+    warm_G = [opt.state[p]["precond"].clone() for p in params]
+    reference = opt.param_groups[0]["precond_reference"]
+    assert reference == opt.param_groups[1]["precond_reference"] == median_scale(
+        [adam_inverse_scale(opt.state[p]["exp_avg_sq"], warm, 0.999, 1e-8) for p in params])
+    acc = [torch.zeros_like(p) for p in params]
+    for t in range(warm, warm + k):
+        assert opt.adapting
+        set_grads(params, t)
+        for a, p in zip(acc, params):
+            a.addcmul_(p.grad + lam * p.detach(), p.grad + lam * p.detach())
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        if t < warm + k - 1:   # the window's steps use the warm-up G
+            for p, G in zip(params, warm_G):
+                assert torch.equal(opt.state[p]["precond"], G)
+        assert not any(torch.equal(b, p) for b, p in zip(before, params))
+    assert not opt.adapting and opt.sampling
+    expected = adapted_preconditioner([a / k for a in acc], reference, 1e-8, (0.01, 100.0))
+    for p, G in zip(params, expected):
+        torch.testing.assert_close(opt.state[p]["precond"], G, rtol=1e-12, atol=0)
+        torch.testing.assert_close(opt.state[p]["precond_sqrt"], G.sqrt(), rtol=1e-12, atol=0)
+        assert "adapt_sq" not in opt.state[p]
+    flat = torch.cat([G.reshape(-1) for G in expected])
+    assert float(flat.median()) == pytest.approx(reference, rel=1e-12)   # the step-size scale is kept
+    assert not any(torch.equal(opt.state[p]["precond"], G) for p, G in zip(params, warm_G))
+    frozen = [opt.state[p]["precond"].clone() for p in params]
+    for t in range(3):   # and G stays frozen from then on
+        set_grads(params, 100 + t)
+        opt.step()
+    for p, G in zip(params, frozen):
+        assert torch.equal(opt.state[p]["precond"], G)
+
+
+def test_adapted_preconditioner_is_a_curvature_scale_at_stationarity():
+    """On a diagonal quadratic U = sum_i h_i theta_i^2 / 2 sampled exactly (theta_i ~ N(0, 1/(beta h_i))),
+    E[(dU/dtheta_i)^2] = h_i / beta, so the adapted G is proportional to h_i^(-1/2) (clamp permitting):
+    checked with the exact SE of the mean square over many draws."""
+    beta, n = 50.0, 20_000
+    h = torch.tensor([0.5, 2.0, 8.0, 32.0], dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(n, 4, generator=gen, dtype=F64) / (beta * h).sqrt()
+    v = (h * theta).square().mean(0)              # mean of (dU)^2 over the window
+    # each (dU_i)^2 = (h_i / beta) * chi^2_1: mean h_i/beta, SE sqrt(2/n) h_i/beta
+    z = (v - h / beta) / (math.sqrt(2 / n) * h / beta)
+    assert z.abs().max() <= Z_MAX
+    (G,) = adapted_preconditioner([v], reference=1.0)
+    ratio = G * h.sqrt()                            # constant up to the estimation error of v
+    half = Z_MAX * math.sqrt(2 / n) / 2            # |relative error| of sqrt(v) at |z| <= Z_MAX
+    assert float(ratio.max() / ratio.min()) < (1 + half) / (1 - half)
+    assert float(G.median()) == pytest.approx(1.0)
+
+
 def test_adam_switches_exactly_after_warmup_steps():
     params = make_params()
     opt = LangevinAdam(params, lr=1e-2, beta=100.0, warmup_steps=4, seed=0)

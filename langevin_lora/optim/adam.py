@@ -8,7 +8,13 @@ from torch import Tensor
 
 from langevin_lora._rng import draw_standard_normal
 from langevin_lora._validation import check_int, check_non_negative, check_real
-from langevin_lora.functional import adam_inverse_scale, check_clamp, langevin_step_, median_scale
+from langevin_lora.functional import (
+    adam_inverse_scale,
+    adapted_preconditioner,
+    check_clamp,
+    langevin_step_,
+    median_scale,
+)
 from langevin_lora.optim.base import LOW_PRECISION, LangevinOptimizer
 from langevin_lora.temperature import noise_std
 
@@ -53,9 +59,17 @@ class LangevinAdam(LangevinOptimizer):
         warmup_steps: Adam steps before sampling starts (``None``: only :meth:`start_sampling`).
         precond_clamp: ``(c_lo, c_hi)`` with ``0 < c_lo <= 1 <= c_hi``, relative to the median
             (caps the preconditioner's condition number at ``c_hi / c_lo``).
+        adapt_steps: after the freeze, take this many Langevin steps with the warm-up's
+            :math:`G` while averaging :math:`v = (g + \lambda\theta)^2`, then re-freeze
+            :math:`G` from :math:`v` with :func:`~langevin_lora.functional.adapted_preconditioner`
+            (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
+            burn-in: discard them. Recommended when the warm-up's path gradients are not a
+            curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``).
 
     Sampling starts right after the ``warmup_steps``-th Adam step (``warmup_steps=0``: the first
-    step already samples, with :math:`G \equiv 1`).
+    step already samples, with :math:`G \equiv 1`). With ``adapt_steps > 0`` the first
+    ``adapt_steps`` sampling steps also measure :math:`v` and :math:`G` is re-frozen once after them
+    (:attr:`adapting` is ``True`` until then).
 
     Stability: keep :math:`\eta\,\lambda_{\max}(G^{1/2}\nabla^2 U\, G^{1/2}) \lesssim 0.1`.
     """
@@ -63,11 +77,11 @@ class LangevinAdam(LangevinOptimizer):
     def __init__(self, params: Iterable, lr: float, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, num_data: int | None = None, temperature: float = 1.0,
                  beta: float | None = None, weight_decay: float = 0.0, warmup_steps: int | None = 100,
-                 precond_clamp: tuple[float, float] = (0.01, 100.0), seed: int | None = None,
-                 foreach: bool | None = None, nonfinite: str = "skip") -> None:
+                 precond_clamp: tuple[float, float] = (0.01, 100.0), adapt_steps: int = 0,
+                 seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, temperature=temperature, weight_decay=weight_decay,
-                        warmup_steps=warmup_steps, precond_clamp=precond_clamp, foreach=foreach,
-                        sampling=False, step=0)
+                        warmup_steps=warmup_steps, precond_clamp=precond_clamp, adapt_steps=adapt_steps,
+                        foreach=foreach, sampling=False, step=0, adapted=0, precond_reference=None)
         super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -80,11 +94,21 @@ class LangevinAdam(LangevinOptimizer):
         check_real("eps", group["eps"], low=0.0, low_open=True)
         check_int("warmup_steps", group["warmup_steps"], low=0, allow_none=True)
         group["precond_clamp"] = check_clamp(group["precond_clamp"])
+        check_int("adapt_steps", group["adapt_steps"], low=0)
 
     @property
     def sampling(self) -> bool:
         """``True`` once every param group has switched to Langevin sampling."""
         return all(g["sampling"] for g in self.param_groups)
+
+    @property
+    def adapting(self) -> bool:
+        """``True`` while a sampling group is still measuring :math:`v` for its re-frozen ``G``."""
+        return any(self._adapting(g) for g in self.param_groups)
+
+    @staticmethod
+    def _adapting(group: dict[str, Any]) -> bool:
+        return group["sampling"] and group["adapted"] < group["adapt_steps"]
 
     @torch.no_grad()
     def start_sampling(self) -> None:
@@ -122,11 +146,14 @@ class LangevinAdam(LangevinOptimizer):
             state.pop("exp_avg", None)  # no longer used: the frozen G replaces the moments
         for group in groups:
             group["sampling"] = True
+            group["adapted"] = 0
+            group["precond_reference"] = reference
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = super().step(closure)
-        self._freeze_due()  # sampling starts right after the warmup_steps-th Adam step
+        self._refreeze_due()  # the adaptation window has just ended
+        self._freeze_due()    # sampling starts right after the warmup_steps-th Adam step
         return loss
 
     def _freeze_due(self) -> None:
@@ -179,9 +206,36 @@ class LangevinAdam(LangevinOptimizer):
             torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
 
     def _sample(self, group, params, work, grads) -> None:
+        adapting = self._adapting(group)
+        if adapting:  # accumulate (dU/dtheta)^2 at the pre-step point
+            d = torch._foreach_add(grads, work, alpha=group["weight_decay"])
+            sq = [self.state[p].setdefault("adapt_sq", torch.zeros_like(w)) for p, w in zip(params, work)]
+            torch._foreach_addcmul_(sq, d, d)
         std = noise_std(group["lr"], self.group_beta(group))
         precond = [self.state[p]["precond"] for p in params]
         precond_sqrt = [self.state[p]["precond_sqrt"] for p in params]
         noise = draw_standard_normal(work, self.generators) if std > 0 else None
         langevin_step_(work, grads, noise, lr=group["lr"], noise_std=std, weight_decay=group["weight_decay"],
                        precond=precond, precond_sqrt=precond_sqrt, foreach=group["foreach"])
+        if adapting:
+            group["adapted"] += 1
+            group["refreeze_due"] = group["adapted"] == group["adapt_steps"]
+
+    def _refreeze_due(self) -> None:
+        """Re-freeze ``G`` from the averaged squared gradients of U of every group whose adaptation
+        window has just ended. Groups frozen together (same reference scale) are re-frozen together,
+        so the relative scale of, e.g., LoRA ``A`` and ``B`` groups comes from the measurement. A
+        tensor that never had a gradient during adaptation keeps its warm-up ``G``."""
+        due: dict[float, list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
+        for group in self.param_groups:
+            if group.pop("refreeze_due", False):
+                for p in group["params"]:
+                    sq = self.state[p].pop("adapt_sq", None)
+                    if sq is not None:
+                        due.setdefault(group["precond_reference"], []).append((group, p, sq.div_(group["adapted"])))
+        for reference, items in due.items():
+            group0 = items[0][0]
+            G = adapted_preconditioner([v for _, _, v in items], reference, group0["eps"], group0["precond_clamp"])
+            for (group, p, _), g in zip(items, G):
+                self.state[p]["precond"] = g
+                self.state[p]["precond_sqrt"] = g.sqrt()
