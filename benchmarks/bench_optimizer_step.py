@@ -8,7 +8,9 @@ machine hits every optimizer alike; the median over repeats after warm-up):
 - LangevinSGD (temperature 0: drift only)                   / torch SGD(foreach=True)
 - LangevinAdam, warm-up phase (Adam with coupled decay)     / torch AdamW(foreach=True)
 - LangevinAdam, sampling phase (frozen G, noise)            / torch AdamW(foreach=True)
-- torch.randn of all adapter coordinates alone (the Gaussian draw), for reference.
+- torch.randn of all adapter coordinates alone (the Gaussian draw), for reference, and this
+  package's draw (``_rng.draw_standard_normal``: on CPU, 8 fixed streams filled on up to
+  ``torch.get_num_threads()`` threads), relative to it.
 
 On ``--device cuda`` the Adam reference is AdamW(fused=True) and the timings synchronise.
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import append_results, machine_markdown  # noqa: E402
 
 from langevin_lora import LangevinAdam, LangevinSGD  # noqa: E402
+from langevin_lora._rng import NoiseGenerators, draw_standard_normal  # noqa: E402
 
 SHAPES = {
     "12x768 (BERT-base-like)": (12, 768),
@@ -93,6 +96,8 @@ def make_contenders(n_layers: int, width: int, device: str) -> dict[str, callabl
     numel = sum(x.numel() for x in p)
     gen = torch.Generator(device=device).manual_seed(0)
     out["torch.randn alone"] = lambda: torch.randn(numel, generator=gen, device=device)
+    gens = NoiseGenerators(0)
+    out["noise draw (ours)"] = lambda: draw_standard_normal(p, gens)   # 8 CPU streams, threaded
     return out
 
 
@@ -121,6 +126,8 @@ RATIOS = [
     ("LangevinAdam warm-up / AdamW", "LangevinAdam warm-up", "AdamW"),
     ("LangevinAdam sampling / AdamW", "LangevinAdam sampling", "AdamW"),
     ("randn alone / torch SGD", "torch.randn alone", "torch SGD"),
+    ("randn alone / AdamW", "torch.randn alone", "AdamW"),
+    ("noise draw (ours) / randn alone", "noise draw (ours)", "torch.randn alone"),
 ]
 
 
