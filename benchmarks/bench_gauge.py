@@ -255,7 +255,7 @@ class _Recorder:
 
 def run_minilm(target: MiniLMRecipe, *, chains: int, warmup: int, steps: int, balance_every: int | None,
                balance_at_start: bool, moves: dict | None, seed: int, record_every: int = 1,
-               stationarity_start: int | None = None) -> dict:
+               stationarity_start: int | None = None, adapt_steps: int = 0) -> dict:
     """One configuration: ``chains`` independent Trainer runs (seeds ``seed + c``) of ``warmup`` AdamW
     burn-in steps then ``steps`` Langevin steps; traces every ``record_every`` Langevin steps. The
     stationarity grid starts at ``stationarity_start`` steps (default ``steps // 16``), so it ends at
@@ -275,7 +275,7 @@ def run_minilm(target: MiniLMRecipe, *, chains: int, warmup: int, steps: int, ba
         cb = LangevinLoRA(num_data=target.num_train, temperature=target.temperature,
                           weight_decay=target.weight_decay, burn_in_steps=warmup, balance=balance, gauge_moves=mv,
                           head_temperature=target.head_temperature, precond_clamp=target.precond_clamp,
-                          diagnostics=False, seed=s)
+                          diagnostics=False, seed=s, precond_adapt_steps=adapt_steps)
         rec = _Recorder(target, record_every)
         cb.post_step_observers.append(rec.observe)
         trainer = L.Trainer(max_steps=warmup + steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
@@ -420,13 +420,22 @@ def _balance(target, params) -> None:
         B.copy_(B_bal)
 
 
+BASE_CONFIGS = ("plain", "balanced warm-up", "gauge moves", "balanced warm-up + moves")
+
+
 def _configs(args) -> dict[str, dict]:
-    return {
+    configs = {
         "plain": dict(balance_every=None, balance_at_start=False, moves=False),
         "balanced warm-up": dict(balance_every=args.balance_every, balance_at_start=True, moves=False),
         "gauge moves": dict(balance_every=None, balance_at_start=False, moves=True),
         "balanced warm-up + moves": dict(balance_every=args.balance_every, balance_at_start=True, moves=True),
     }
+    if getattr(args, "target", None) == "minilm":
+        # the frozen G re-measured after burn-in (precond_adapt_steps): separates the effect of
+        # balancing from that of the larger G its transported second moments give
+        configs["plain + adapt"] = dict(configs["plain"], adapt=True)
+        configs["balanced warm-up + adapt"] = dict(configs["balanced warm-up"], adapt=True)
+    return configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -453,9 +462,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--precond-clamp", type=float, nargs=2, default=(0.3, 3.0), help="G within [lo, hi] x median")
     m.add_argument("--head-temperature", type=float, default=0.0, help="0: head on AdamW, noise-free (recipe default)")
     m.add_argument("--record-every", type=int, default=1, help="trace every k Langevin steps")
-    m.add_argument("--configs", nargs="+", default=None, choices=list(_configs(argparse.Namespace(balance_every=1))),
-                   help="run only these configurations (default: all four; ratios are to the first when "
-                        "'plain' is left out)")
+    m.add_argument("--configs", nargs="+", default=None, choices=list(_configs(argparse.Namespace(balance_every=1, target="minilm"))),
+                   help="run only these configurations (default: the four without '+ adapt'; ratios are to "
+                        "the first when 'plain' is left out)")
+    m.add_argument("--adapt-steps", type=int, default=48,
+                   help="precond_adapt_steps of the '+ adapt' configurations (Langevin steps)")
     args = p.parse_args(argv)
     for k, v in TARGETS[args.target].defaults.items():
         if getattr(args, k) is None:
@@ -520,12 +531,13 @@ def main_minilm(args) -> dict:
                           head_temperature=args.head_temperature, data_seed=args.seed)
     results = {}
     for name, cfg in _configs(args).items():
-        if args.configs and name not in args.configs:
+        if name not in (args.configs or BASE_CONFIGS):
             continue
         moves = dict(every_n_steps=args.move_every, gl_step=args.gl_step) if cfg["moves"] else None
         results[name] = run_minilm(target, chains=args.chains, warmup=args.warmup, steps=args.steps,
                                    balance_every=cfg["balance_every"], balance_at_start=cfg["balance_at_start"],
-                                   moves=moves, seed=args.seed, record_every=args.record_every)
+                                   moves=moves, seed=args.seed, record_every=args.record_every,
+                                   adapt_steps=args.adapt_steps if cfg.get("adapt") else 0)
         print(name, {k: v for k, v in results[name].items() if k != "traces"}, flush=True)
     wall = time.perf_counter() - t_start
     base = results["plain"] if "plain" in results else next(iter(results.values()))
