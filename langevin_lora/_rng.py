@@ -28,7 +28,7 @@ PARALLEL_MIN_NUMEL = 1 << 18
 #: Number of independent generators (streams) per CPU device for large draws.
 CPU_STREAMS = 8
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[ThreadPoolExecutor, int] | None = None   # (pool, its number of workers)
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -123,7 +123,9 @@ def _randn(numel: int, generators: NoiseGenerators, device: torch.device, dtype:
             chunk.normal_(generator=gen)
     else:   # torch releases the GIL inside normal_, and each stream has its own lock
         global _POOL
-        if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="langevin-noise")
-        list(_POOL.map(lambda cg: cg[0].normal_(generator=cg[1]), zip(chunks, gens)))
+        if _POOL is None or _POOL[1] < workers:   # torch.set_num_threads was raised: grow the pool
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
+            _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="langevin-noise"), workers)
+        list(_POOL[0].map(lambda cg: cg[0].normal_(generator=cg[1]), zip(chunks, gens)))
     return flat
