@@ -5,7 +5,7 @@ The temperature convention is stated in :mod:`langevin_lora.temperature`.
 """
 from langevin_lora.callback import LangevinLoRA
 from langevin_lora.gauge import BalanceSchedule, GaugeMoves, balance_factors, balance_lora_
-from langevin_lora.functional import frozen_preconditioner, langevin_step_
+from langevin_lora.functional import adapted_preconditioner, frozen_preconditioner, langevin_step_
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
 from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
 from langevin_lora.samples import SampleBank, bma_predict_proba
@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteGradientWarning",
     "SampleBank",
     "effective_beta",
+    "adapted_preconditioner",
     "frozen_preconditioner",
     "langevin_step_",
     "lora_modules",
