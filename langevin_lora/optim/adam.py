@@ -209,7 +209,11 @@ class LangevinAdam(LangevinOptimizer):
         adapting = self._adapting(group)
         if adapting:  # accumulate (dU/dtheta)^2 at the pre-step point
             d = torch._foreach_add(grads, work, alpha=group["weight_decay"])
-            sq = [self.state[p].setdefault("adapt_sq", torch.zeros_like(w)) for p, w in zip(params, work)]
+            sq = []
+            for p, w in zip(params, work):
+                if "adapt_sq" not in self.state[p]:
+                    self.state[p]["adapt_sq"] = torch.zeros_like(w)
+                sq.append(self.state[p]["adapt_sq"])
             torch._foreach_addcmul_(sq, d, d)
         std = noise_std(group["lr"], self.group_beta(group))
         precond = [self.state[p]["precond"] for p in params]
