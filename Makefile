@@ -50,7 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_optimizer_step.py --append-results
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_train_step.py --steps 10 --repeats 3 --arms off default --append-results
-	$(BIN)/python benchmarks/bench_diagnostics_overhead.py --repeats 2 --append-results
+	$(BIN)/python benchmarks/bench_diagnostics_overhead.py --repeats 2 --steps 6 --append-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
