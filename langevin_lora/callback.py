@@ -103,6 +103,7 @@ from torch import Tensor
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice, check_int, check_non_negative, check_positive
 from langevin_lora.functional import (
+    accumulate_potential_grad_sq_,
     adam_inverse_scale,
     adapted_preconditioner,
     all_finite,
@@ -552,12 +553,10 @@ class LangevinLoRA(Callback):
 
     def _accumulate_adaptation(self, plan: list) -> None:
         for g, items, works, grads, *_ in plan:
-            d = torch._foreach_add(grads, works, alpha=g.weight_decay) if g.weight_decay else grads
-            for (n, _), di in zip(items, d):
-                sq = self._adapt_sq.get(n)
-                if sq is None:
-                    sq = self._adapt_sq[n] = torch.zeros_like(di)
-                sq.addcmul_(di, di)
+            for (n, _), w in zip(items, works):
+                if n not in self._adapt_sq:
+                    self._adapt_sq[n] = torch.zeros_like(w)
+            accumulate_potential_grad_sq_([self._adapt_sq[n] for n, _ in items], grads, works, g.weight_decay)
 
     def _refreeze(self) -> None:
         """End of adaptation: ``G`` from the averaged squared gradients of U, jointly over every

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from langevin_lora._validation import check_real
 
-__all__ = ["langevin_step_", "frozen_preconditioner", "adapted_preconditioner", "adam_inverse_scale", "median_scale",
-           "all_finite"]
+__all__ = ["langevin_step_", "frozen_preconditioner", "adapted_preconditioner", "accumulate_potential_grad_sq_",
+           "adam_inverse_scale", "median_scale", "all_finite"]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -112,6 +112,14 @@ def adapted_preconditioner(grad_sq_means: Sequence[Tensor], reference: float, ep
     raw = [1.0 / (v.sqrt() + eps) for v in grad_sq_means]
     scale = float(reference) / median_scale(raw)
     return [r.mul_(scale).clamp_(min=lo * reference, max=hi * reference) for r in raw]
+
+
+def accumulate_potential_grad_sq_(sums: list[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
+                                  weight_decay: float) -> None:
+    r"""``sums[i] += (g_i + \lambda\theta_i)^2`` in place: the running sums of the squared gradient of
+    :math:`U` that :func:`adapted_preconditioner` turns into :math:`G` (read at the pre-step point)."""
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+    torch._foreach_addcmul_(sums, d, d)
 
 
 def check_clamp(clamp: tuple[float, float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from torch import Tensor
 from langevin_lora._rng import draw_standard_normal
 from langevin_lora._validation import check_int, check_non_negative, check_real
 from langevin_lora.functional import (
+    accumulate_potential_grad_sq_,
     adam_inverse_scale,
     adapted_preconditioner,
     check_clamp,
@@ -207,14 +208,13 @@ class LangevinAdam(LangevinOptimizer):
 
     def _sample(self, group, params, work, grads) -> None:
         adapting = self._adapting(group)
-        if adapting:  # accumulate (dU/dtheta)^2 at the pre-step point
-            d = torch._foreach_add(grads, work, alpha=group["weight_decay"])
+        if adapting:
             sq = []
             for p, w in zip(params, work):
                 if "adapt_sq" not in self.state[p]:
                     self.state[p]["adapt_sq"] = torch.zeros_like(w)
                 sq.append(self.state[p]["adapt_sq"])
-            torch._foreach_addcmul_(sq, d, d)
+            accumulate_potential_grad_sq_(sq, grads, work, group["weight_decay"])
         std = noise_std(group["lr"], self.group_beta(group))
         precond = [self.state[p]["precond"] for p in params]
         precond_sqrt = [self.state[p]["precond_sqrt"] for p in params]
