@@ -6,7 +6,9 @@ library code stays importable (and testable) without Lightning.
 from __future__ import annotations
 
 import math
-from numbers import Real
+import os
+from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 
@@ -45,12 +47,45 @@ def check_non_negative(name: str, value: Any) -> float:
 
 
 def check_int(name: str, value: Any, *, low: int = 0, allow_none: bool = False) -> int | None:
-    """``value`` must be an integer >= ``low`` (or ``None`` when ``allow_none``)."""
+    """``value`` must be an integer >= ``low`` (any :class:`numbers.Integral`, e.g. ``numpy.int64``;
+    not ``bool``), or ``None`` when ``allow_none``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
     return int(value)
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    """``value`` must be ``True`` or ``False`` (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    return value
+
+
+def check_directory(name: str, value: Any, *, allow_none: bool = True, must_write: bool = False) -> Path | None:
+    """``value`` must be a ``str`` / ``os.PathLike`` naming a folder (existing or not) that is not a
+    file. With ``must_write``, the folder (or its nearest existing parent) must be writable.
+    Nothing is created."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a folder path: a non-empty str or os.PathLike)")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Invalid {name}: {str(path)!r} exists and is not a folder")
+    if must_write:
+        probe = path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"Invalid {name}: {str(path)!r} is not writable (checked {str(probe)!r})")
+    return path
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> Any:

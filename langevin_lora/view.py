@@ -8,7 +8,7 @@ whoever performs the Langevin step. Anything that samples implements
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -40,3 +40,22 @@ class LangevinGroupView:
 @runtime_checkable
 class LangevinSampler(Protocol):
     def langevin_groups(self) -> list[LangevinGroupView]: ...
+
+
+# -- default diagnostics: a registration, so samplers never import the diagnostics package -----------
+_DEFAULT_DIAGNOSTICS: list[Callable[[Any], Any]] = []
+
+
+def register_default_diagnostics(factory: Callable[[Any], Any]) -> None:
+    """Register ``factory(trainer) -> lightning Callback``: what ``LangevinLoRA(diagnostics=True)``
+    attaches. :mod:`langevin_lora.diagnostics` registers :class:`GibbsDiagnostics` when imported
+    (``import langevin_lora`` does so), keeping the import graph layered: samplers depend on this
+    module, diagnostics depend on samplers' views, never the reverse. The last registration wins."""
+    if not callable(factory):
+        raise ValueError(f"Invalid factory: {factory!r} (expected a callable trainer -> Callback)")
+    _DEFAULT_DIAGNOSTICS[:] = [factory]
+
+
+def default_diagnostics_factory() -> Callable[[Any], Any] | None:
+    """The registered default-diagnostics factory, or ``None`` when none is registered."""
+    return _DEFAULT_DIAGNOSTICS[0] if _DEFAULT_DIAGNOSTICS else None
