@@ -3,6 +3,7 @@ over PEFT LoRA adapter tensors, as a drop-in optimizer or a Lightning callback.
 
 The temperature convention is stated in :mod:`langevin_lora.temperature`.
 """
+import langevin_lora.diagnostics  # noqa: F401  (registers the default diagnostics of LangevinLoRA)
 from langevin_lora.callback import LangevinLoRA
 from langevin_lora.gauge import BalanceSchedule, GaugeMoves, balance_factors, balance_lora_
 from langevin_lora.functional import adapted_preconditioner, frozen_preconditioner, langevin_step_

@@ -45,6 +45,18 @@ from langevin_lora.diagnostics.metrics import (
     VirialTemperature,
 )
 from langevin_lora.diagnostics.report import Check, StationarityReport, stationarity_report
+from langevin_lora.view import register_default_diagnostics
+
+
+def _default_diagnostics(trainer):
+    """What ``LangevinLoRA(diagnostics=True)`` attaches (registered below; see
+    :func:`langevin_lora.view.register_default_diagnostics`)."""
+    from langevin_lora.diagnostics.callback import GibbsDiagnostics
+
+    return GibbsDiagnostics(report=trainer.logger is not None)
+
+
+register_default_diagnostics(_default_diagnostics)
 
 
 def __getattr__(name: str):
