@@ -253,3 +253,65 @@ def test_power_iteration_in_callback_is_exact_and_warns(tmp_path, method):
     with pytest.warns(StepSizeWarning, match="eta\\*lambda_max"):
         _trainer(tmp_path, [diag], max_steps=2).fit(Regression(lr=lr, weight_decay=lam), loader)
     assert diag.eta_lambda_max == pytest.approx(exact, rel=1e-3)
+
+
+def test_report_arguments_are_checked(tmp_path):
+    """Issue 11 item 10: report/plots/report_dir are checked at construction, naming the argument;
+    numpy integers and reals are accepted."""
+    import numpy as np
+
+    for kwargs, name in (({"report": "yes"}, "report"), ({"plots": 1}, "plots"), ({"report_dir": 3}, "report_dir"),
+                         ({"report_dir": ""}, "report_dir"), ({"seed": -1}, "seed"),
+                         ({"center_mode": "window"}, "center_mode"), ({"loss_fn": "f"}, "loss_fn"),
+                         ({"fd_eps": 2.0}, "fd_eps"), ({"step_size_warning": 0}, "step_size_warning")):
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            GibbsDiagnostics(**kwargs)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="Invalid report_dir: .* is not a folder"):
+        GibbsDiagnostics(report_dir=a_file)
+    diag = GibbsDiagnostics(log_every_n_steps=np.int64(5), hvp_every_n_steps=np.int32(0), fd_eps=np.float32(1e-3),
+                            step_size_warning=np.float64(0.2), seed=np.int64(3), report_dir=tmp_path / "new" / "dir")
+    assert diag.log_every_n_steps == 5 and diag.probes.seed == 3 and diag.report_dir == tmp_path / "new" / "dir"
+
+
+class Counting(Regression):
+    """Logs per step and per epoch, and updates a torchmetrics metric inside training_step."""
+
+    def __init__(self):
+        super().__init__()
+        from torchmetrics import SumMetric
+
+        self.examples = SumMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.examples.update(torch.tensor(float(len(batch[0]))))
+        self.log("examples", self.examples, on_step=False, on_epoch=True)
+        self.log("steps_logged", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        self.log("step_loss", loss)
+        return loss
+
+
+def test_replayed_training_step_leaves_no_trace(tmp_path):
+    """The probes replay training_step (here with finite differences, at theta +- eps v) at every
+    step: nothing it logs reaches callback_metrics, its Metric updates are undone, and the run
+    (parameters, logged values, global RNG) is the one without probes."""
+    def run(**probes):
+        torch.manual_seed(5)
+        module = Counting()
+        diag = GibbsDiagnostics(log_every_n_steps=1, power_iters=3, hvp_method="finite_difference", report=False,
+                                **probes)
+        t = _trainer(tmp_path, [diag], max_steps=8)  # 64 examples, batches of 8: one epoch
+        t.fit(module, _regression_loader())
+        return module, t, torch.rand(3)
+
+    probed, t_probed, rng_after = run(hvp_every_n_steps=1, lambda_max_every_n_steps=2)
+    plain, t_plain, rng_plain = run(hvp_every_n_steps=0, lambda_max_every_n_steps=0)
+    metrics = t_probed.callback_metrics
+    assert float(metrics["steps_logged"]) == 8 and float(metrics["examples"]) == 64
+    assert float(metrics["step_loss"]) == float(t_plain.callback_metrics["step_loss"])
+    for a, b in zip(probed.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_after, rng_plain)
+    assert "langevin/config_temperature" in metrics  # the diagnostics' own values do arrive
