@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -44,64 +43,14 @@ from langevin_lora._validation import check_choice, check_int
 from langevin_lora.curvature import batched_dot
 from langevin_lora.diagnostics import functional as F
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
+from langevin_lora.diagnostics.layout import Layout, LoraModule, build_layout, precond_of, views_key
 
 __all__ = ["GibbsRecorder", "LoraModule"]
 
-# Columns of every row, then per group, per module and the gauge mean. Not traced: the prior (folded
-# into U), the gradient square (a running sum) and the loss (U = loss + prior).
-BASE_COLUMNS = ("virial_temperature", "virial_temperature_raw", "theta_sq", "prior", "grad_sq", "rho", "loss")
+# Not traced: the prior (folded into U), the gradient square (a running sum) and the loss (U = loss + prior).
 UNTRACED = ("prior", "grad_sq", "loss")
 # State adopted at the first record() after load_state_dict (it needs the tensors' device and layout).
 ADOPTED = ("signature", "center", "blocks")
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One LoRA module to watch: its display name and factors ``A`` (r, in) and ``B`` (out, r)."""
-
-    name: str
-    A: Tensor
-    B: Tensor
-
-
-@dataclass
-class _Layout:
-    """The tensors being sampled, in order, and what the row of one step holds."""
-
-    key: tuple
-    signature: tuple
-    params: list[Tensor]
-    group_slices: list[slice]
-    decay: list[float]          # per tensor
-    lr: list[float]             # per tensor, re-read at every step (schedules)
-    precond: list[Tensor | None]
-    beta: Tensor                # per tensor, float64
-    lam: Tensor
-    numel: Tensor
-    group_of: Tensor
-    group_numel: Tensor
-    mod_a: Tensor
-    mod_b: Tensor
-    mod_rank: Tensor
-    mod_in: Tensor
-    mod_out: Tensor
-    columns: list[str]
-
-
-def _views_key(views: Sequence[Any]) -> tuple:
-    return tuple((v.name, v.beta, v.weight_decay, tuple(id(p) for p in v.params),
-                  None if v.precond is None else tuple(id(G) for G in v.precond)) for v in views)
-
-
-def _precond(views: Sequence[Any]) -> list[Tensor | None]:
-    """The frozen preconditioner of every tensor (``None``: identity)."""
-    return [G for v in views for G in (v.precond if v.precond is not None else [None] * len(v.params))]
-
-
-def _signature(views: Sequence[Any]) -> tuple:
-    """What identifies the running state: group names and tensor shapes (not tensor identities,
-    which change in a resumed process)."""
-    return tuple((v.name, tuple(tuple(p.shape) for p in v.params)) for v in views)
 
 
 class GibbsRecorder:
@@ -126,7 +75,7 @@ class GibbsRecorder:
         self.traces: dict[str, list[float]] = {}
         self.laplacians: list[float] = []
         self.eta_lambda_max: float | None = None
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self._signature: tuple | None = None
         self._center = WindowCenter(self.center_window, self.center_mode)
         self._blocks = BlockMeans(self.block_size)
@@ -200,7 +149,7 @@ class GibbsRecorder:
         if not views:
             return
         thetas = [p.detach() for v in views for p in v.params]
-        self._micro.add(thetas, grads, _precond(views), [v.weight_decay for v in views for _ in v.params], nominal)
+        self._micro.add(thetas, grads, precond_of(views), [v.weight_decay for v in views for _ in v.params], nominal)
 
     def discard_micro_batches(self) -> None:
         """Forget the micro-batches observed so far (a new optimizer step begins)."""
@@ -300,45 +249,15 @@ class GibbsRecorder:
     def _ensure_layout(self, views: list[Any], modules: Callable[[], Iterable[LoraModule]] | None) -> dict | None:
         """(Re)build the layout when the sampled tensors or their hyperparameters change; reset the
         running state when the group names or shapes change (or adopt a loaded state that matches)."""
-        key = _views_key(views)
+        key = views_key(views)
         if self._layout is not None and key == self._layout.key:
             return None
-        signature = _signature(views)
-        params = [p for v in views for p in v.params]
-        device = params[0].device
-        index = {id(p): i for i, p in enumerate(params)}
-        mods = []
-        for m in (modules() if modules is not None else ()):
-            ia, ib = index.get(id(m.A)), index.get(id(m.B))
-            if ia is not None and ib is not None:
-                mods.append((m.name, ia, ib, m.A.shape[0], m.A[0].numel(), m.B.shape[0]))
-        groups, slices, start = [v.name for v in views], [], 0
-        for v in views:
-            slices.append(slice(start, start + len(v.params)))
-            start += len(v.params)
-        columns = (list(BASE_COLUMNS) + [f"virial_temperature/{g}" for g in groups]
-                   + [f"virial_temperature/{m[0]}" for m in mods] + [f"gauge_gap/{m[0]}" for m in mods]
-                   + (["gauge_gap"] if mods else []))
-        flushed = self.flush() if self._pending and columns != self._pending_columns else None
-        t64 = dict(device=device, dtype=torch.float64)
-        numel = torch.tensor([float(p.numel()) for p in params], **t64)
-        group_of = torch.tensor([i for i, v in enumerate(views) for _ in v.params], device=device)
-        self._layout = _Layout(
-            key=key, signature=signature, params=params, group_slices=slices,
-            decay=[v.weight_decay for v in views for _ in v.params], lr=[v.lr for v in views for _ in v.params],
-            precond=_precond(views),
-            beta=torch.tensor([v.beta for v in views for _ in v.params], **t64),
-            lam=torch.tensor([v.weight_decay for v in views for _ in v.params], **t64),
-            numel=numel, group_of=group_of,
-            group_numel=torch.zeros(len(views), **t64).index_add_(0, group_of, numel),
-            mod_a=torch.tensor([m[1] for m in mods], dtype=torch.long, device=device),
-            mod_b=torch.tensor([m[2] for m in mods], dtype=torch.long, device=device),
-            mod_rank=torch.tensor([float(m[3]) for m in mods], **t64),
-            mod_in=torch.tensor([float(m[4]) for m in mods], **t64),
-            mod_out=torch.tensor([float(m[5]) for m in mods], **t64), columns=columns)
-        self._pending_columns = columns
-        if signature != self._signature or self._restored is not None:
-            self._adopt_or_reset(signature, device)
+        layout = build_layout(views, modules() if modules is not None else (), key)
+        flushed = self.flush() if self._pending and layout.columns != self._pending_columns else None
+        self._layout = layout
+        self._pending_columns = layout.columns
+        if layout.signature != self._signature or self._restored is not None:
+            self._adopt_or_reset(layout.signature, layout.params[0].device)
         return flushed
 
     def _adopt_or_reset(self, signature: tuple, device: torch.device) -> None:
