@@ -76,6 +76,9 @@ class TimedDiagnostics(GibbsDiagnostics):
         out = fn(*args)
         return out, time.perf_counter() - t
 
+    def on_before_backward(self, *args):
+        self.hook_time += self._timed(super().on_before_backward, *args)[1]
+
     def on_after_backward(self, *args):
         self.hook_time += self._timed(super().on_after_backward, *args)[1]
 
@@ -88,8 +91,8 @@ class TimedDiagnostics(GibbsDiagnostics):
     def on_train_batch_end(self, *args):
         self.hook_time += self._timed(super().on_train_batch_end, *args)[1]
 
-    def _hvp_diagnostics(self, *args):
-        _, dt = self._timed(super()._hvp_diagnostics, *args)
+    def _run_probes(self, *args):
+        _, dt = self._timed(super()._run_probes, *args)
         self.hvp_time += dt
         self.hook_time -= dt  # counted separately
         self.hvp_events += 1

@@ -60,10 +60,18 @@ def check_batch_dims(batch_dims: int, tensors: Sequence[Tensor]) -> int:
     return batch_dims
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _product(x: Tensor, y: Tensor) -> Tensor:
+    """``x * y``, in fp32 when either is fp16/bf16 (a bf16 product keeps 8 bits)."""
+    if x.dtype in LOW_PRECISION or y.dtype in LOW_PRECISION:
+        return x.float() * y.float()
+    return x * y
+
+
 def _reduce(t: Tensor, batch_dims: int) -> Tensor:
-    """Sum over every dimension after the first ``batch_dims`` (accumulating in fp32 or better)."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
+    """Sum over every dimension after the first ``batch_dims``."""
     if t.dim() == batch_dims:
         return t
     return t.sum(dim=tuple(range(batch_dims, t.dim())))
@@ -71,12 +79,18 @@ def _reduce(t: Tensor, batch_dims: int) -> Tensor:
 
 def batched_dot(xs: Sequence[Tensor], ys: Sequence[Tensor], batch_dims: int = 0, *,
                 per_tensor: bool = False) -> Tensor:
-    r""":math:`\sum_k \langle x_k, y_k\rangle`, summed over the non-batch dimensions and over the list;
-    with ``per_tensor`` the list is not summed: the result is stacked, shape ``(len(xs), *batch)``."""
+    r""":math:`\sum_k \langle x_k, y_k\rangle`, summed over the non-batch dimensions and over the list
+    (fp16/bf16 inputs are multiplied and summed in fp32); with ``per_tensor`` the list is not summed:
+    the result is stacked, shape ``(len(xs), *batch)``."""
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"Invalid xs/ys: expected two non-empty lists of equal length, got {len(xs)} and {len(ys)}")
     batch_dims = check_batch_dims(batch_dims, xs)
-    terms = [_reduce(x * y, batch_dims) for x, y in zip(xs, ys)]
+    if batch_dims == 0 and all(x is y for x, y in zip(xs, ys)) and all(x.dtype == xs[0].dtype for x in xs):
+        # Squared norms: one fused kernel for the whole list (fp16/bf16 widened first).
+        wide = [x.float() for x in xs] if xs[0].dtype in LOW_PRECISION else list(xs)
+        norms = torch.stack(torch._foreach_norm(wide)).square()
+        return norms if per_tensor else norms.sum()
+    terms = [_reduce(_product(x, y), batch_dims) for x, y in zip(xs, ys)]
     if per_tensor:
         return torch.stack(terms)
     total = terms[0]

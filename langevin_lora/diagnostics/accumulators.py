@@ -16,12 +16,11 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_choice, check_int
-from langevin_lora.curvature import batched_dot
+from langevin_lora.curvature import LOW_PRECISION, batched_dot
 from langevin_lora.diagnostics import functional as F
 
 __all__ = ["WindowCenter", "BlockMeans", "MicroBatchMoments"]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _tensors(xs: Sequence[Tensor] | None, device: torch.device | str | None = None) -> list[Tensor] | None:
@@ -122,7 +121,7 @@ class BlockMeans:
                 self._block = [torch.zeros_like(f, dtype=torch.float64) for f in forces]
                 self._sum_means = [torch.zeros_like(b) for b in self._block]
                 self._sum_sq = [torch.zeros_like(b) for b in self._block]
-            torch._foreach_add_(self._block, [f.detach().double() for f in forces])
+            torch._foreach_add_(self._block, [f.detach() for f in forces])  # accumulates in float64
             self.length += 1
             if self.length == self.block_size:
                 F.close_block_(self._block, self.length, self._sum_means, self._sum_sq)

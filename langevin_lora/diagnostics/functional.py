@@ -73,9 +73,10 @@ __all__ = [
 
 
 def _force(params: Sequence[Tensor], grads: Sequence[Tensor], weight_decay: float) -> list[Tensor]:
+    """:math:`g + \lambda\theta` per tensor (one fused pass)."""
     if weight_decay == 0:
         return list(grads)
-    return [g + weight_decay * p for p, g in zip(params, grads)]
+    return list(torch._foreach_add(list(grads), list(params), alpha=weight_decay))
 
 
 def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], name: str = "grads") -> None:
@@ -96,7 +97,7 @@ def virial_sum(params: Sequence[Tensor], grads: Sequence[Tensor], centers: Seque
     force = _force(params, grads, check_non_negative("weight_decay", weight_decay))
     if centers is not None:
         _check_lists(params, centers, "centers")
-        params = [p - c for p, c in zip(params, centers)]
+        params = torch._foreach_sub(list(params), list(centers))
     return batched_dot(params, force, batch_dims, per_tensor=per_tensor)
 
 
@@ -332,7 +333,7 @@ def gradient_square(params: Sequence[Tensor], micro_grads: Sequence[Sequence[Ten
     weight_decay = check_non_negative("weight_decay", weight_decay)
     k = _check_micro(micro_grads, 1)
     forces = [_force(params, g, weight_decay) for g in micro_grads]
-    total = [sum(f[i] for f in forces) for i in range(len(params))]
+    total = forces[0] if k == 1 else [sum(f[i] for f in forces) for i in range(len(params))]
     total_sq = batched_dot(total, total, batch_dims, per_tensor=per_tensor)
     sum_sq = sum(batched_dot(f, f, batch_dims, per_tensor=per_tensor) for f in forces) if k > 1 else None
     return gradient_square_from_moments(total_sq, sum_sq, k)

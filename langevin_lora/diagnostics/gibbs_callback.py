@@ -53,7 +53,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
-from langevin_lora.curvature import RngSnapshot
+from langevin_lora.curvature import LOW_PRECISION, RngSnapshot
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.recorder import GibbsRecorder, LoraModule
 from langevin_lora.diagnostics.checks import stationarity_report
@@ -256,7 +256,7 @@ class GibbsDiagnostics(Callback):
         params = [p for v in views for p in v.params]
         with torch.no_grad():
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-            wide = [g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads]
+            wide = [g.float() if g.dtype in LOW_PRECISION else g for g in grads]
             prev = self._prev_grads or [torch.zeros_like(g) for g in wide]
             scale = k * self._inv_scale(trainer)
             # This micro-batch's own gradient: the growth of the accumulated .grad, undoing 1/k.
