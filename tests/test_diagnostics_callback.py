@@ -315,3 +315,15 @@ def test_replayed_training_step_leaves_no_trace(tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(rng_after, rng_plain)
     assert "langevin/config_temperature" in metrics  # the diagnostics' own values do arrive
+
+
+def test_a_second_fit_starts_clean_diagnostics(tmp_path):
+    """A fit that does not resume a checkpoint starts a new chain: the diagnostics start clean
+    (a resumed fit continues them: test_diagnostics_resume.py)."""
+    diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=2, lambda_max_every_n_steps=0, report=False)
+    _trainer(tmp_path, [diag], max_steps=5).fit(Regression(), _regression_loader())
+    first = {k: list(v) for k, v in diag.traces.items()}
+    _trainer(tmp_path, [diag], max_steps=3).fit(Regression(), _regression_loader())
+    assert diag.sampling_steps == 3 and len(diag.traces["virial_temperature"]) == 3
+    assert diag.traces["virial_temperature"] == first["virial_temperature"][:3]  # same seed, same start
+    assert len(diag.recorder.laplacians) == 2

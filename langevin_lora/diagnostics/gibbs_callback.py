@@ -144,9 +144,13 @@ class GibbsDiagnostics(Callback):
                                       hvp_method=hvp_method, fd_eps=fd_eps, seed=seed)
         self.sampler: Any = None
         self._mode: str | None = None
+        self._restored = False
         self.last_report: StationarityReport | None = None
         self.last_logged: dict[str, float] = {}
         self.report_paths: dict[str, Path] = {}
+        self._reset_step_state()
+
+    def _reset_step_state(self) -> None:
         self._batch: tuple[Any, int] | None = None
         self._batch_step = -1       # trainer.global_step when the current batch started
         self._observed_step = -1    # global step whose pre-step point was observed
@@ -180,6 +184,7 @@ class GibbsDiagnostics(Callback):
         return {"version": 2, "recorder": self.recorder.state_dict(), "probes": self.probes.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         if "recorder" not in state_dict:  # version 1 (counters, traces and a few sums only)
             self.recorder.load_state_dict(state_dict)
             return
@@ -200,6 +205,13 @@ class GibbsDiagnostics(Callback):
             "configure_optimizers (anything with a langevin_groups() method).")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._restored and (self.recorder.sampling_steps or self.recorder.burn_in_steps):
+            # A new fit that does not resume a checkpoint starts a new chain: start clean too.
+            self.recorder.reset()
+            self.probes.reset()
+            self.last_report, self.last_logged, self.report_paths = None, {}, {}
+        self._restored = False
+        self._reset_step_state()
         self.sampler = self._find_sampler(trainer)
         observers = getattr(self.sampler, "step_observers", None)
         if isinstance(observers, list):

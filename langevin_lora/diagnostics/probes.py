@@ -43,6 +43,10 @@ class CurvatureProbes:
         self.hvp_method = check_choice("hvp_method", hvp_method, HessianVectorProduct.METHODS)
         self.fd_eps = check_real("fd_eps", fd_eps, low=0.0, high=1.0, low_open=True)
         self.seed = check_int("seed", seed, low=0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the probe state: the generator restarts from ``seed``."""
         self.fallback = False
         self.power_vector: list[Tensor] | None = None
         self.evaluations = 0
