@@ -1,6 +1,6 @@
 """Diagnostics survive kill-and-resume: a run resumed from a checkpoint ends with the same traces and
 statistics as the uninterrupted run (issue 11 item 7), under the sampler callback (observer mode)
-and under a Langevin optimizer (hook mode), and the Trainer-free recorder does the same."""
+and under a Langevin optimizer (hook mode). The Trainer-free recorder: test_diagnostics_recorder.py."""
 from __future__ import annotations
 
 import warnings
@@ -8,13 +8,11 @@ import warnings
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_callback import Tiny, loader, trainer
 
-from langevin_lora import LangevinLoRA, LangevinSGD
-from langevin_lora.diagnostics import GibbsDiagnostics, GibbsRecorder, mean_force_chi2
-from tests.diag_helpers import Quadratic
+from langevin_lora import LangevinLoRA
+from langevin_lora.diagnostics import GibbsDiagnostics
 from tests.test_diagnostics_callback import Regression, _regression_loader
 
 
@@ -87,57 +85,3 @@ def test_kill_and_resume_under_a_langevin_optimizer(tmp_path):
                                                                ckpt_path=tmp_path / f"step={k}.ckpt")
     assert diag_full.sampling_steps == 2 * k
     _assert_same(diag_full, diag_res)
-
-
-def _quadratic_run(recorder, q, theta, opt, steps, split_at=None):
-    """Record ``steps`` SGLD steps on the quadratic; returns the recorder in use at the end (a fresh
-    one loaded from the state dict at ``split_at``, as a resumed process would)."""
-    for t in range(steps):
-        if t == split_at:
-            state = recorder.state_dict()
-            recorder = GibbsRecorder(center_window=5, center_mode="previous", block_size=4)
-            recorder.load_state_dict(state)
-        opt.zero_grad()
-        loss = q.loss(theta)
-        loss.backward()
-        recorder.record(opt.langevin_groups(), loss=loss)
-        opt.step()
-        if recorder.pending >= 7:
-            recorder.flush()
-    recorder.flush()
-    return recorder
-
-
-def test_recorder_without_trainer_matches_the_functional_forms_and_resumes():
-    from langevin_lora.diagnostics import WindowCenter, virial_temperature
-
-    q = Quadratic.make()
-    runs = []
-    for split in (None, 23):
-        theta = torch.nn.Parameter(q.stationary_draw(1, 0.02, seed=0)[0].clone())
-        opt = LangevinSGD([theta], lr=0.02, beta=q.beta, weight_decay=q.lam, seed=1)
-        runs.append((_quadratic_run(GibbsRecorder(center_window=5, center_mode="previous", block_size=4),
-                                    q, theta, opt, 40, split_at=split), theta))
-    (rec, _), (rec_resumed, _) = runs
-    for name in rec.traces:
-        np.testing.assert_array_equal(rec_resumed.traces[name], rec.traces[name], err_msg=name)
-    assert rec_resumed.mean_force_chi2() == rec.mean_force_chi2()
-
-    # The same chain recomputed with the functional estimators.
-    theta = torch.nn.Parameter(q.stationary_draw(1, 0.02, seed=0)[0].clone())
-    opt = LangevinSGD([theta], lr=0.02, beta=q.beta, weight_decay=q.lam, seed=1)
-    center = WindowCenter(5, "previous")
-    virial, U, forces = [], [], []
-    for _ in range(40):
-        with torch.no_grad():
-            g = q.grad(theta)
-            virial.append(float(virial_temperature([theta], [g], center([theta]), weight_decay=q.lam, beta=q.beta)))
-            U.append(float(q.loss(theta) + q.lam / 2 * theta.square().sum()))
-            forces.append(g + q.lam * theta)
-        theta.grad = g.clone()
-        opt.step()
-    np.testing.assert_allclose(rec.traces["virial_temperature"], virial, rtol=1e-10)
-    np.testing.assert_allclose(rec.traces["U"], U, rtol=1e-10)
-    blocks = torch.stack(forces).reshape(10, 4, 3).mean(1)
-    chi2, expected = mean_force_chi2(blocks)
-    assert rec.mean_force_chi2() == (pytest.approx(float(chi2), rel=1e-9), pytest.approx(expected))

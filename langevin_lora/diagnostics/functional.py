@@ -64,6 +64,7 @@ __all__ = [
     "minibatch_noise_trace",
     "noise_trace_from_moments",
     "noise_ratio",
+    "noise_ratio_from_traces",
     "gradient_square",
     "gradient_square_from_moments",
     "HessianVectorProduct",
@@ -309,7 +310,14 @@ def noise_ratio(micro_grads: Sequence[Sequence[Tensor]], *, lr: float, beta: flo
     lr = check_positive("lr", lr)
     beta = check_positive("beta", beta)
     tr = minibatch_noise_trace(micro_grads, precond=precond, batch_dims=batch_dims)
-    return tr * (lr * beta / (2.0 * num_coordinates(micro_grads[0], batch_dims)))
+    return noise_ratio_from_traces(tr, lr=lr, beta=beta, num_coordinates=num_coordinates(micro_grads[0], batch_dims))
+
+
+def noise_ratio_from_traces(traces: Tensor, *, lr: Tensor | float, beta: Tensor | float,
+                            num_coordinates: Tensor | float) -> Tensor:
+    r"""Each tensor's (or group's) share :math:`\eta_k\beta_k\operatorname{tr}(G\Sigma_B)_k/(2d)` of
+    :math:`\rho`, elementwise: sum it over the tensors of a chain of :math:`d` coordinates."""
+    return lr * beta * traces / (2.0 * num_coordinates)
 
 
 def gradient_square_from_moments(total_sq: Tensor, sum_sq: Tensor, k: int) -> Tensor:

@@ -233,8 +233,9 @@ class GibbsDiagnostics(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch = (batch, batch_idx)
         self._batch_step = trainer.global_step
-        if self._probe_due(self.recorder.sampling_steps) or self.split_batch is not None:
-            self._rng = RngSnapshot(self._cuda_devices(pl_module))  # replay this step's dropout exactly
+        due = self._probe_due(self.recorder.sampling_steps) or self.split_batch is not None
+        # A replay at this step draws this step's dropout masks: snapshot the global RNG before the forward.
+        self._rng = RngSnapshot(self._cuda_devices(pl_module)) if due else None
 
     @staticmethod
     def _cuda_devices(pl_module: LightningModule) -> list[int]:

@@ -205,7 +205,7 @@ class GibbsRecorder:
         rho = torch.full((), math.nan, dtype=torch.float64, device=dots.device)
         if trace is not None:
             lr = torch.tensor(lay.lr, dtype=torch.float64, device=dots.device)
-            rho = (lr * beta * trace).sum() / (2 * total)
+            rho = F.noise_ratio_from_traces(trace, lr=lr, beta=beta, num_coordinates=total).sum()
         grad_sq = (beta * grad_sq).sum()
         self._grad_sq_sum = grad_sq if self._grad_sq_sum is None else self._grad_sq_sum + grad_sq
         self._grad_sq_count += 1
