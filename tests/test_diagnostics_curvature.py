@@ -35,7 +35,7 @@ def _two_tensor_quadratic(seed=0):
 def test_power_iteration_with_preconditioner_and_per_tensor_decay_is_exact():
     H, params, loss = _two_tensor_quadratic()
     g = torch.Generator().manual_seed(1)
-    G = [torch.rand(2, 3, generator=g, dtype=torch.float64) + 0.5, torch.rand(4, generator=g, dtype=torch.float64) + 0.5]
+    G = [torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 for shape in ((2, 3), (4,))]
     lam, lr = [0.3, 0.05], 0.01
     d = torch.cat([torch.full((6,), lam[0]), torch.full((4,), lam[1])]).double()
     s = torch.cat([G[0].reshape(-1), G[1]]).sqrt()

@@ -76,7 +76,7 @@ def test_micro_batch_moments_equal_the_functional_forms():
     g = torch.Generator().manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
     b = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
-    G = [torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.5, torch.rand(5, generator=g, dtype=torch.float64) + 0.5]
+    G = [torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 for shape in ((3, 4), (5,))]
     lr, beta, lam = 0.01, 50.0, 0.2
     views = [LangevinGroupView("all", [a, b], lr, beta, lam, G, True)]
     micro = [[torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]

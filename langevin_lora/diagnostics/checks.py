@@ -136,7 +136,8 @@ class Evidence:
         out = []
         if _finite(self.noise_ratio) and self.noise_ratio > self.noise_ratio_max:
             out.append((f"minibatch noise ratio {self.noise_ratio:.2f} > {self.noise_ratio_max:g} "
-                        f"(predicts {1 + self.noise_ratio:.2f}/beta)", "lower the learning rate or raise the batch size"))
+                        f"(predicts {1 + self.noise_ratio:.2f}/beta)",
+                        "lower the learning rate or raise the batch size"))
         if _finite(self.eta_lambda_max) and self.eta_lambda_max > self.step_size_max:
             out.append((f"step size eta*lambda_max = {self.eta_lambda_max:.2g} > {self.step_size_max:g}",
                         "lower the learning rate"))
@@ -157,7 +158,8 @@ def check_effective_sample_size(ev: Evidence) -> list[Check]:
     ev.summary["tau_int"] = {ev.main_trace: tau * ev.thin}
     ok = ess >= ev.ess_min
     return [Check("effective_sample_size", "pass" if ok else "fail", ess, f">= {ev.ess_min:g}",
-                  f"{ev.main_trace}: {x.size} recorded steps, integrated autocorrelation time {tau * ev.thin:.3g} steps",
+                  f"{ev.main_trace}: {x.size} recorded steps, integrated autocorrelation time "
+                  f"{tau * ev.thin:.3g} steps",
                   "" if ok else f"run about {math.ceil(ev.ess_min / max(ess, 1e-9) * x.size * ev.thin)} steps in total "
                                 "before judging the other checks")]
 
@@ -167,7 +169,8 @@ def check_geweke(ev: Evidence) -> list[Check]:
     for name, z in ev.geweke.items():
         ok = abs(z) < ev.geweke_max
         out.append(Check(f"geweke/{name}", "pass" if ok else "fail", z, f"|z| < {ev.geweke_max:g}",
-                         f"first 10% vs last 50% of the {name} trace" + ("" if ok else ": it drifts, the chain is still relaxing"),
+                         f"first 10% vs last 50% of the {name} trace"
+                         + ("" if ok else ": it drifts, the chain is still relaxing"),
                          "" if ok else "discard the drifting start as burn-in (start sampling later) or run longer"))
     return out
 
@@ -252,7 +255,8 @@ def check_step_size(ev: Evidence) -> list[Check]:
                       "not measured (needs Hessian-vector products of the loss)")]
     status = "pass" if e <= cap else ("warn" if e <= 1.0 else "fail")
     return [Check("eta_lambda_max", status, e, f"<= {cap:g}",
-                  "largest curvature times step size" + ("" if e <= 1 else ": the discretisation is unstable or heavily biased"),
+                  "largest curvature times step size"
+                  + ("" if e <= 1 else ": the discretisation is unstable or heavily biased"),
                   "" if status == "pass" else f"lower the learning rate by a factor of about {e / cap:.2g}")]
 
 
@@ -295,7 +299,8 @@ def check_gauge(ev: Evidence) -> list[Check]:
                 reason += f" but only {ev.steps} sampling steps were taken"
                 status = "warn" if ok else status
         out.append(Check(f"gauge/{module}", status, z, f"|z| <= {z_max:g}", reason,
-                         "" if ok else "the LoRA gauge has not relaxed (rate 2*lambda): run longer or raise weight_decay"))
+                         "" if ok else "the LoRA gauge has not relaxed (rate 2*lambda): run longer or raise "
+                                       "weight_decay"))
     return out
 
 

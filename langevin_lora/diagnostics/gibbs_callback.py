@@ -240,7 +240,9 @@ class GibbsDiagnostics(Callback):
     @staticmethod
     def _cuda_devices(pl_module: LightningModule) -> list[int]:
         device = pl_module.device
-        return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        if device.type != "cuda":
+            return []
+        return [device.index if device.index is not None else torch.cuda.current_device()]
 
     @staticmethod
     def _inv_scale(trainer: Trainer) -> float:
@@ -278,7 +280,8 @@ class GibbsDiagnostics(Callback):
         self.recorder.observe_micro_batch(views, micro, nominal=k)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self._mode == "hook" and (optimizer is self.sampler or getattr(optimizer, "optimizer", None) is self.sampler):
+        ours = optimizer is self.sampler or getattr(optimizer, "optimizer", None) is self.sampler
+        if self._mode == "hook" and ours:
             self._observe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -386,7 +389,8 @@ class GibbsDiagnostics(Callback):
                     category=StepSizeWarning)
 
     # -- logging and report ---------------------------------------------------------------------------
-    def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], *, can_log: bool) -> None:
+    def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], *,
+                 can_log: bool) -> None:
         metrics = {f"{PREFIX}/{k}": float(v) for k, v in metrics.items() if math.isfinite(v)}
         self.last_logged = metrics
         if can_log and not trainer.barebones:

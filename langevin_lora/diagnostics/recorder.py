@@ -62,7 +62,8 @@ class GibbsRecorder:
         block_size: steps per block of the mean-force :math:`\chi^2` (default ``center_window``).
     """
 
-    def __init__(self, *, center_window: int = 200, center_mode: str = "expanding", block_size: int | None = None) -> None:
+    def __init__(self, *, center_window: int = 200, center_mode: str = "expanding",
+                 block_size: int | None = None) -> None:
         self.center_window = check_int("center_window", center_window, low=1)
         self.center_mode = check_choice("center_mode", center_mode, WindowCenter.MODES)
         self.block_size = check_int("block_size", center_window if block_size is None else block_size, low=1)
