@@ -55,7 +55,8 @@ from torch import Tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
 from langevin_lora.curvature import LOW_PRECISION, RngSnapshot
 from langevin_lora.diagnostics.probes import CurvatureProbes
-from langevin_lora.diagnostics.recorder import GibbsRecorder, LoraModule
+from langevin_lora.diagnostics.layout import lora_modules_of
+from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
 from langevin_lora.diagnostics.replay import isolated_training_step
@@ -69,13 +70,6 @@ CONFIG_TEMPERATURE_NOTE = ("its numerator |g + lambda theta|^2 includes the mini
 
 class StepSizeWarning(UserWarning):
     r""":math:`\eta\lambda_{\max}` exceeds the stability/bias gate (0.1 by default)."""
-
-
-def _short(name: str) -> str:
-    """Module name without the LightningModule attribute and PEFT wrapper prefixes."""
-    import re
-
-    return re.sub(r"^(.*?\.)?(base_model\.model\.)+", "", name)
 
 
 class GibbsDiagnostics(Callback):
@@ -311,16 +305,6 @@ class GibbsDiagnostics(Callback):
             self.report_paths = self.last_report.save(directory, plots=self.plots)
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def _lora_modules(self, pl_module: LightningModule) -> list[LoraModule]:
-        from langevin_lora.param_groups import lora_modules
-
-        try:
-            found = lora_modules(pl_module)
-        except ValueError:
-            return []
-        return [LoraModule(_short(m.name) + ("" if m.adapter == "default" else f".{m.adapter}"), m.A, m.B)
-                for m in found]
-
     @torch.no_grad()
     def _observe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._observed_step = trainer.global_step
@@ -332,7 +316,7 @@ class GibbsDiagnostics(Callback):
                 and step % self.noise_every_n_steps == 0 and self._batch is not None):
             micro_grads = self._half_batch_gradients(trainer, pl_module, [p for v in sampled for p in v.params])
         loss = self._loss_acc if self._loss_step == trainer.global_step else None
-        flushed = self.recorder.record(views, loss=loss, modules=lambda: self._lora_modules(pl_module),
+        flushed = self.recorder.record(views, loss=loss, modules=lambda: lora_modules_of(pl_module),
                                        micro_grads=micro_grads)
         if flushed:
             self._publish(trainer, pl_module, flushed, can_log=True)

@@ -8,13 +8,14 @@ the recorder's running state follows the :attr:`Layout.signature` (group names a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "LoraModule", "build_layout", "views_key", "precond_of", "BASE_COLUMNS"]
+__all__ = ["Layout", "LoraModule", "build_layout", "lora_modules_of", "views_key", "precond_of", "BASE_COLUMNS"]
 
 # Columns of every row; then the virial temperature per group and per module, the gauge gap per
 # module and their mean.
@@ -52,6 +53,21 @@ class Layout:
     mod_in: Tensor
     mod_out: Tensor
     columns: list[str]
+
+
+def lora_modules_of(model: torch.nn.Module) -> list[LoraModule]:
+    """The PEFT LoRA modules of ``model`` (none when it has no LoRA layer), named without the
+    LightningModule attribute and PEFT wrapper prefixes (``bert.encoder.layer.0.attention.self.query``),
+    suffixed ``.<adapter>`` for adapters other than ``default``."""
+    from langevin_lora.param_groups import lora_modules
+
+    try:
+        found = lora_modules(model)
+    except ValueError:
+        return []
+    short = [re.sub(r"^(.*?\.)?(base_model\.model\.)+", "", m.name) for m in found]
+    return [LoraModule(name + ("" if m.adapter == "default" else f".{m.adapter}"), m.A, m.B)
+            for name, m in zip(short, found)]
 
 
 def views_key(views: Sequence[Any]) -> tuple:
