@@ -18,6 +18,10 @@ next to the machine it ran on. On a shared machine differences of step times are
 time spent inside the diagnostics (its hooks, its HVP events) is also timed directly, and the
 overhead is printed both ways. Usage: ``python benchmarks/bench_diagnostics_overhead.py
 [--repeats 4] [--steps 12] [--batch-size 32] [--max-length 64] [--device cpu|cuda]``.
+
+``--every-step`` instead times :meth:`GibbsRecorder.record <langevin_lora.diagnostics.GibbsRecorder.record>`
+alone (the every-step estimators, one flush per 10 steps) on PEFT LoRA adapters of two sizes with
+synthetic gradients: no forward pass, so it is quick and little disturbed by a loaded machine.
 """
 from __future__ import annotations
 
@@ -76,6 +80,9 @@ class TimedDiagnostics(GibbsDiagnostics):
         out = fn(*args)
         return out, time.perf_counter() - t
 
+    def on_before_backward(self, *args):
+        self.hook_time += self._timed(super().on_before_backward, *args)[1]
+
     def on_after_backward(self, *args):
         self.hook_time += self._timed(super().on_after_backward, *args)[1]
 
@@ -88,8 +95,8 @@ class TimedDiagnostics(GibbsDiagnostics):
     def on_train_batch_end(self, *args):
         self.hook_time += self._timed(super().on_train_batch_end, *args)[1]
 
-    def _hvp_diagnostics(self, *args):
-        _, dt = self._timed(super()._hvp_diagnostics, *args)
+    def _run_probes(self, *args):
+        _, dt = self._timed(super()._run_probes, *args)
         self.hvp_time += dt
         self.hook_time -= dt  # counted separately
         self.hvp_events += 1
@@ -128,8 +135,66 @@ def build(batch_size, max_length, n_batches):
     return model, loader, len(df)
 
 
+def every_step_cost(layers: int, width: int, r: int, steps: int, device: torch.device) -> tuple[int, float]:
+    """(LoRA parameters, median seconds of one ``record`` + amortised flush) on a PEFT model of
+    ``layers`` x (query, value) linear layers of ``width``, adapters of rank ``r``."""
+    from peft import LoraConfig, get_peft_model
+
+    from langevin_lora.diagnostics import GibbsRecorder, LoraModule
+    from langevin_lora.param_groups import lora_modules
+    from langevin_lora.view import LangevinGroupView
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"query": torch.nn.Linear(width, width),
+                                                                   "value": torch.nn.Linear(width, width)})
+                                              for _ in range(layers))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Base(), LoraConfig(r=r, lora_alpha=r, target_modules=["query", "value"])).to(device)
+    tensors = {role: [p for n, p in model.named_parameters() if f"lora_{role}" in n] for role in "AB"}
+    for p in tensors["A"] + tensors["B"]:
+        p.data.normal_(0.0, 0.1)
+        p.grad = torch.randn_like(p)
+    views = [LangevinGroupView(f"lora_{role}/default", ps, 1e-4, 1e3, 1e-2, None, True) for role, ps in tensors.items()]
+    modules = [LoraModule(m.name, m.A, m.B) for m in lora_modules(model)]
+    rec, times = GibbsRecorder(center_window=200), []
+    for t in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rec.record(views, loss=torch.tensor(1.0), modules=lambda: modules)
+        if rec.pending >= 10:
+            rec.flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sum(p.numel() for p in tensors["A"] + tensors["B"]), statistics.median(times[10:])
+
+
+def main_every_step(args, device):
+    rows = []
+    for layers, width, r in ((6, 384, 8), (32, 4096, 16)):
+        n, sec = every_step_cost(layers, width, r, args.steps_every, device)
+        rows.append([f"{layers} x (query, value), width {width}, r {r}", f"{n:,}", f"{1000 * sec:.2f}"])
+        print(f"{rows[-1][0]}: {n} LoRA parameters, {1000 * sec:.2f} ms per step (median of {args.steps_every - 10})")
+    if args.append_results:
+        import shlex
+
+        from _common import append_results, markdown_table
+
+        append_results("Every-step cost of GibbsRecorder.record (bench_diagnostics_overhead.py --every-step)",
+                       markdown_table(["adapters", "LoRA parameters", "ms per step"], rows),
+                       "python benchmarks/bench_diagnostics_overhead.py " + shlex.join(sys.argv[1:]),
+                       notes=f"device {device}; synthetic gradients, no forward pass; flush every 10 steps "
+                             "amortised in the median.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--every-step", action="store_true", help="time GibbsRecorder.record alone (no forward pass)")
+    ap.add_argument("--steps-every", type=int, default=110, help="record calls per size with --every-step")
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12, help="steps per arm per repeat (the first is warm-up)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -144,6 +209,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.every_step:
+        return main_every_step(args, device)
     model, loader, n = build(args.batch_size, args.max_length, args.steps)
     module = Classifier(model, n)
     arms = {

@@ -46,3 +46,24 @@ def test_diagnostics_off_or_user_supplied():
     assert mine.sampling_steps == 3
     with pytest.raises(ValueError, match="diagnostics"):
         LangevinLoRA(diagnostics="yes")
+
+
+def test_first_recorded_U_is_the_loss_at_that_step(tmp_path):
+    """Issue 11 item 5: the U trace starts at the loss of the first sampling step plus the prior,
+    not at the sum of every burn-in loss (the burn-in steps are not shown to the observers)."""
+    from lightning.pytorch import Callback
+
+    losses = {}
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses[trainer.global_step - 1] = float(outputs["loss"])
+
+    burn, lam = 4, 0.1
+    cb = LangevinLoRA(weight_decay=lam, burn_in_steps=burn, seed=0, diagnostics=False)
+    diag = GibbsDiagnostics(log_every_n_steps=2, hvp_every_n_steps=0, lambda_max_every_n_steps=0, report=False)
+    trainer([cb, diag, Losses()], max_steps=10).fit(Tiny(), loader())
+    U, theta_sq = diag.traces["U"], diag.traces["theta_sq"]
+    assert len(U) == 10 - burn and diag.burn_in_steps == burn and diag.sampling_steps == 10 - burn
+    for i, u in enumerate(U):  # U = L + (lambda/2)|theta|^2 over the sampled LoRA tensors
+        assert u == pytest.approx(losses[burn + i] + lam / 2 * theta_sq[i], rel=1e-6), i

@@ -32,17 +32,15 @@ class SmsClassifier(LightningModule):
         super().__init__()
         self.model = model
         self.lr, self.num_data, self.weight_decay = lr, num_data, weight_decay
-        self.step_calls = self.log_calls = 0
-
-    def log(self, *args, **kwargs):
-        self.log_calls += 1
-        super().log(*args, **kwargs)
+        self.step_calls = 0
 
     def training_step(self, batch, batch_idx):
         self.step_calls += 1
         input_ids, attention_mask, labels = batch
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         self.log("train_loss", out.loss)
+        # Summed over the epoch by Lightning: how many training_step calls reached the user's logs.
+        self.log("logged_steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
         return out.loss
 
     def configure_optimizers(self):
@@ -88,8 +86,9 @@ def test_minilm_keys_reach_csv_logger_and_report_is_written(tmp_path, minilm_lor
     assert len(vals) == 4 and all(math.isfinite(v) for v in vals)
     rhos = [float(r["langevin/noise_ratio"]) for r in rows if r["langevin/noise_ratio"]]
     assert rhos and all(v > 0 for v in rhos)
-    # The Hessian-vector-product replays re-ran training_step, but its self.log calls were silenced.
-    assert module.step_calls > 16 and module.log_calls == 16
+    # The Hessian-vector-product replays re-ran training_step, but what it logged there was discarded:
+    # the user's epoch sum counts the 16 real training steps only.
+    assert module.step_calls > 16 and float(trainer.callback_metrics["logged_steps"]) == 16
 
     # The report: printed, and saved as JSON, Markdown and PNGs.
     rep = json.loads((tmp_path / "report" / "stationarity_report.json").read_text())
@@ -173,7 +172,7 @@ def test_noise_ratio_unavailable_without_accumulation(tmp_path):
     assert "biased upward" in diag.last_report.by_name("config_temperature").reason
     assert (tmp_path / "rep" / "stationarity_report.json").exists()
     # The power iteration on a linear model is exact: eta * lambda_max of the MSE Hessian + lambda.
-    assert diag._eta_lambda_max is not None and diag._eta_lambda_max > 0
+    assert diag.eta_lambda_max is not None and diag.eta_lambda_max > 0
 
 
 class FakeSamplerCallback:
@@ -253,4 +252,78 @@ def test_power_iteration_in_callback_is_exact_and_warns(tmp_path, method):
                             hvp_method=method, report=False)
     with pytest.warns(StepSizeWarning, match="eta\\*lambda_max"):
         _trainer(tmp_path, [diag], max_steps=2).fit(Regression(lr=lr, weight_decay=lam), loader)
-    assert diag._eta_lambda_max == pytest.approx(exact, rel=1e-3)
+    assert diag.eta_lambda_max == pytest.approx(exact, rel=1e-3)
+
+
+def test_report_arguments_are_checked(tmp_path):
+    """Issue 11 item 10: report/plots/report_dir are checked at construction, naming the argument;
+    numpy integers and reals are accepted."""
+    import numpy as np
+
+    for kwargs, name in (({"report": "yes"}, "report"), ({"plots": 1}, "plots"), ({"report_dir": 3}, "report_dir"),
+                         ({"report_dir": ""}, "report_dir"), ({"seed": -1}, "seed"),
+                         ({"center_mode": "window"}, "center_mode"), ({"loss_fn": "f"}, "loss_fn"),
+                         ({"fd_eps": 2.0}, "fd_eps"), ({"step_size_warning": 0}, "step_size_warning")):
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            GibbsDiagnostics(**kwargs)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="Invalid report_dir: .* is not a folder"):
+        GibbsDiagnostics(report_dir=a_file)
+    diag = GibbsDiagnostics(log_every_n_steps=np.int64(5), hvp_every_n_steps=np.int32(0), fd_eps=np.float32(1e-3),
+                            step_size_warning=np.float64(0.2), seed=np.int64(3), report_dir=tmp_path / "new" / "dir")
+    assert diag.log_every_n_steps == 5 and diag.probes.seed == 3 and diag.report_dir == tmp_path / "new" / "dir"
+
+
+class Counting(Regression):
+    """Logs per step and per epoch, and updates a torchmetrics metric inside training_step."""
+
+    def __init__(self):
+        super().__init__()
+        from torchmetrics import SumMetric
+
+        self.examples = SumMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.examples.update(torch.tensor(float(len(batch[0]))))
+        self.log("examples", self.examples, on_step=False, on_epoch=True)
+        self.log("steps_logged", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        self.log("step_loss", loss)
+        return loss
+
+
+def test_replayed_training_step_leaves_no_trace(tmp_path):
+    """The probes replay training_step (here with finite differences, at theta +- eps v) at every
+    step: nothing it logs reaches callback_metrics, its Metric updates are undone, and the run
+    (parameters, logged values, global RNG) is the one without probes."""
+    def run(**probes):
+        torch.manual_seed(5)
+        module = Counting()
+        diag = GibbsDiagnostics(log_every_n_steps=1, power_iters=3, hvp_method="finite_difference", report=False,
+                                **probes)
+        t = _trainer(tmp_path, [diag], max_steps=8)  # 64 examples, batches of 8: one epoch
+        t.fit(module, _regression_loader())
+        return module, t, torch.rand(3)
+
+    probed, t_probed, rng_after = run(hvp_every_n_steps=1, lambda_max_every_n_steps=2)
+    plain, t_plain, rng_plain = run(hvp_every_n_steps=0, lambda_max_every_n_steps=0)
+    metrics = t_probed.callback_metrics
+    assert float(metrics["steps_logged"]) == 8 and float(metrics["examples"]) == 64
+    assert float(metrics["step_loss"]) == float(t_plain.callback_metrics["step_loss"])
+    for a, b in zip(probed.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_after, rng_plain)
+    assert "langevin/config_temperature" in metrics  # the diagnostics' own values do arrive
+
+
+def test_a_second_fit_starts_clean_diagnostics(tmp_path):
+    """A fit that does not resume a checkpoint starts a new chain: the diagnostics start clean
+    (a resumed fit continues them: test_diagnostics_resume.py)."""
+    diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=2, lambda_max_every_n_steps=0, report=False)
+    _trainer(tmp_path, [diag], max_steps=5).fit(Regression(), _regression_loader())
+    first = {k: list(v) for k, v in diag.traces.items()}
+    _trainer(tmp_path, [diag], max_steps=3).fit(Regression(), _regression_loader())
+    assert diag.sampling_steps == 3 and len(diag.traces["virial_temperature"]) == 3
+    assert diag.traces["virial_temperature"] == first["virial_temperature"][:3]  # same seed, same start
+    assert len(diag.recorder.laplacians) == 2

@@ -17,6 +17,7 @@ from langevin_lora.diagnostics import (
     NoiseRatio,
     VirialTemperature,
     gauge_gap,
+    mean_force_chi2,
     gradient_square,
     noise_ratio,
     stationarity_report,
@@ -133,3 +134,70 @@ def test_metrics_agree_with_functional_forms():
     assert float(ct.compute()) == pytest.approx(float(gradient_square([x], [gx])) / 4.0)
     with pytest.raises(ValueError, match="num_coordinates"):
         MeanForceChi2(num_coordinates=0)
+
+
+def test_hottest_and_coldest_groups_are_named_for_what_they_are():
+    """Issue 11 item 9: 'hottest_group' was the group farthest from 1 (the coldest one here)."""
+    rng = np.random.default_rng(3)
+    tr = {"virial_temperature/lora_A": 0.5 + 0.01 * rng.standard_normal(100),
+          "virial_temperature/lora_B": 1.2 + 0.01 * rng.standard_normal(100),
+          "virial_temperature/head": 1.0 + 0.01 * rng.standard_normal(100)}
+    rep = stationarity_report(tr)
+    assert rep.summary["hottest_group"]["name"] == "lora_B" and rep.summary["hottest_group"]["beta_T"] > 1.1
+    assert rep.summary["coldest_group"]["name"] == "lora_A" and rep.summary["coldest_group"]["beta_T"] < 0.6
+
+
+def test_mean_force_expectation_is_student_t():
+    """E[t^2] over m blocks is (m-1)/(m-3) (Student t, m-1 degrees of freedom): 2 at m = 5, -> 1;
+    the report says so and judges against it (it said "~2 (<= 3)" while the README said ~1)."""
+    rng = np.random.default_rng(0)
+    for m in (5, 12):
+        blocks = torch.from_numpy(rng.standard_normal((4000, m, 50))).transpose(0, 1)  # 4000 tests of 50 coords
+        chi2, expected = mean_force_chi2(blocks)
+        assert expected == pytest.approx((m - 1) / (m - 3))
+        se = chi2.std().item() / np.sqrt(chi2.numel())
+        assert abs(chi2.mean().item() - expected) <= 4.5 * se
+    check = stationarity_report(mean_force_chi2=(2.1, 2.0)).by_name("mean_force_chi2")
+    assert check.status == "pass" and check.expected.startswith("(m-1)/(m-3) = 2 for m = 5 blocks")
+    assert stationarity_report(mean_force_chi2=(3.1, 2.0)).by_name("mean_force_chi2").status == "fail"
+    assert "m >= 4" in stationarity_report().by_name("mean_force_chi2").expected
+
+
+def _texts(fig):
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
+
+
+def test_figures_are_readable_at_their_saved_size():
+    """Every text of every figure is at least MIN_FONT points (at DPI, the saved size), module names
+    are tick labels (not a tiny legend), and each trace has its own autocorrelation panel, so
+    virial_temperature and virial_temperature_raw (equal up to beta) no longer hide each other."""
+    from langevin_lora.diagnostics.plots import (
+        MIN_FONT,
+        autocorrelation_figure,
+        gauge_figure,
+        temperature_figure,
+        trace_figure,
+    )
+
+    tr = _stationary_traces(n=400)
+    tr["virial_temperature_raw"] = tr["virial_temperature"] / 100.0
+    modules = [f"bert.encoder.layer.{i}.attention.self.{w}" for i in range(6) for w in ("query", "value")]
+    for m in modules:
+        tr[f"gauge_gap/{m}"] = tr["gauge_gap/layer0.query"]
+    temps = {m: 1.0 for m in modules} | {"lora_A/default": 1.1, "lora_B/default": 0.9}
+    figs = {"traces": trace_figure(tr), "acf": autocorrelation_figure(tr), "temps": temperature_figure(temps),
+            "gauge": gauge_figure(tr)}
+    for name, fig in figs.items():
+        sizes = [t.get_fontsize() for t in _texts(fig)]
+        assert sizes and min(sizes) >= MIN_FONT, name
+    acf_titles = [ax.get_title(loc="left") for ax in figs["acf"].axes]
+    assert "virial_temperature" in acf_titles and "virial_temperature_raw" in acf_titles
+    assert all(len(ax.lines) == 2 for ax in figs["acf"].axes)  # the curve and the zero line
+    labels = {t.get_text() for ax in figs["temps"].axes for t in ax.get_yticklabels()}
+    assert set(temps) <= labels
+    gauge_labels = {t.get_text() for ax in figs["gauge"].axes for t in ax.get_yticklabels()}
+    assert set(modules) <= gauge_labels
+    # Figures grow with the number of names: a row of about 0.3 inch per module.
+    assert figs["temps"].get_size_inches()[1] >= 0.3 * len(temps)

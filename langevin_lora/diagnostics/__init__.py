@@ -1,11 +1,27 @@
 r"""Gibbs-stationarity diagnostics: is the chain sampling :math:`\pi_\beta \propto e^{-\beta U}`?
 
-Live estimators (:mod:`~langevin_lora.diagnostics.functional`, torchmetrics wrappers in
-:mod:`~langevin_lora.diagnostics.metrics`), offline chain analysis
-(:mod:`~langevin_lora.diagnostics.chains`), the :func:`stationarity_report` and the Lightning
-callback :class:`GibbsDiagnostics`. All follow THEORY §3: for any vector field :math:`\varphi`,
+All follow THEORY §3: for any vector field :math:`\varphi`,
 :math:`\mathbb E_\pi[\varphi\cdot\nabla U] = \beta^{-1}\mathbb E_\pi[\nabla\cdot\varphi]`.
+
+Layers, each usable alone (dependencies point down):
+
+- :mod:`~langevin_lora.diagnostics.functional`: pure estimators, one implementation per identity
+  (virial, mean-force :math:`\chi^2`, gauge gap, noise ratio, gradient square); torchmetrics
+  wrappers in :mod:`~langevin_lora.diagnostics.metrics`; running sums with ``state_dict`` in
+  :mod:`~langevin_lora.diagnostics.accumulators`;
+- :class:`GibbsRecorder` (:mod:`~langevin_lora.diagnostics.recorder`): the live estimators of one
+  chain, fed ``(group views, gradients, loss)`` per step, no Trainer needed;
+- :class:`~langevin_lora.diagnostics.probes.CurvatureProbes`: Hutchinson :math:`\Delta U` and
+  :math:`\eta\lambda_{\max}` on a loss closure (the products themselves are in
+  :mod:`langevin_lora.curvature`);
+- offline chain analysis (:mod:`~langevin_lora.diagnostics.chains`) and the report: small check
+  functions (:mod:`~langevin_lora.diagnostics.checks`) giving :class:`Check` verdicts in a
+  :class:`StationarityReport` (:mod:`~langevin_lora.diagnostics.report`, figures in
+  :mod:`~langevin_lora.diagnostics.plots`);
+- :class:`GibbsDiagnostics` (:mod:`~langevin_lora.diagnostics.gibbs_callback`): the Lightning
+  callback over all of them (imports Lightning, loaded on first use).
 """
+from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
 from langevin_lora.diagnostics.chains import (
     autocorrelation,
     batch_means_se,
@@ -19,11 +35,9 @@ from langevin_lora.diagnostics.chains import (
     poincare_rayleigh,
     split_rhat,
 )
+from langevin_lora.diagnostics.checks import CHECKS, Evidence, stationarity_report
 from langevin_lora.diagnostics.functional import (
     HessianVectorProduct,
-    WindowCenter,
-    configurational_temperature,
-    effective_temperature_factor,
     gauge_gap,
     gauge_matrix,
     gauge_target,
@@ -44,14 +58,16 @@ from langevin_lora.diagnostics.metrics import (
     NoiseRatio,
     VirialTemperature,
 )
-from langevin_lora.diagnostics.report import Check, StationarityReport, stationarity_report
+from langevin_lora.diagnostics.probes import CurvatureProbes
+from langevin_lora.diagnostics.recorder import GibbsRecorder, LoraModule
+from langevin_lora.diagnostics.report import Check, StationarityReport
 from langevin_lora.view import register_default_diagnostics
 
 
 def _default_diagnostics(trainer):
     """What ``LangevinLoRA(diagnostics=True)`` attaches (registered below; see
     :func:`langevin_lora.view.register_default_diagnostics`)."""
-    from langevin_lora.diagnostics.callback import GibbsDiagnostics
+    from langevin_lora.diagnostics.gibbs_callback import GibbsDiagnostics
 
     return GibbsDiagnostics(report=trainer.logger is not None)
 
@@ -63,19 +79,26 @@ def __getattr__(name: str):
     # The callback imports Lightning: load it only when asked for, so the estimators stay
     # importable (and cheap) without a Trainer.
     if name in ("GibbsDiagnostics", "StepSizeWarning"):
-        from langevin_lora.diagnostics import callback
+        from langevin_lora.diagnostics import gibbs_callback
 
-        return getattr(callback, name)
+        return getattr(gibbs_callback, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "BlockMeans",
+    "CHECKS",
     "Check",
     "ConfigurationalTemperature",
+    "CurvatureProbes",
+    "Evidence",
     "GaugeGap",
     "GibbsDiagnostics",
+    "GibbsRecorder",
     "HessianVectorProduct",
+    "LoraModule",
     "MeanForceChi2",
+    "MicroBatchMoments",
     "NoiseRatio",
     "StationarityReport",
     "StepSizeWarning",
@@ -83,10 +106,8 @@ __all__ = [
     "WindowCenter",
     "autocorrelation",
     "batch_means_se",
-    "configurational_temperature",
     "effective_dimension",
     "effective_sample_size",
-    "effective_temperature_factor",
     "gauge_gap",
     "gauge_matrix",
     "gauge_target",

@@ -95,11 +95,8 @@ class MeanForceChi2(Metric):
         self.current += force
         self.current_len += 1
         if int(self.current_len) >= self.block_size:
-            block = self.current / self.current_len
-            self.sum_means += block
-            self.sum_sq_means += block * block
+            F.close_block_([self.current], int(self.current_len), [self.sum_means], [self.sum_sq_means])
             self.num_blocks += 1
-            self.current.zero_()
             self.current_len.zero_()
 
     @property
@@ -108,12 +105,10 @@ class MeanForceChi2(Metric):
         return (m - 1) / (m - 3) if m > 3 else float("nan")
 
     def compute(self) -> Tensor:
-        m = self.num_blocks
-        if float(m) < 4:
+        m = int(self.num_blocks)
+        if m < 4:
             return torch.tensor(float("nan"), dtype=torch.float64)
-        mean = self.sum_means / m
-        var = ((self.sum_sq_means - m * mean * mean) / (m - 1)).clamp_min(torch.finfo(torch.float64).tiny)
-        return (mean * mean * m / var).mean()
+        return F.mean_force_chi2_from_sums(self.sum_means, self.sum_sq_means, m)[0]
 
 
 class GaugeGap(Metric):

@@ -1,0 +1,351 @@
+r"""The checks of the stationarity report: small functions ``Evidence -> list[Check]``.
+
+Order of judgement (THEORY §3): effective sample size first (nothing else is meaningful below
+about 100), then stationarity of the traces (Geweke, split-:math:`\hat R`), then the Gibbs
+identities (virial and configurational temperatures at :math:`1/\beta`, mean force 0, gauge
+identity), whose deviations are explained by the known biases where they apply (minibatch noise
+:math:`1+\rho`, step size :math:`\eta\lambda_{\max}`), then information (Poincaré lower bounds,
+effective dimension). :func:`stationarity_report` runs :data:`CHECKS` in that order; pass
+``checks=`` to run others (any ``Evidence -> list[Check]``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from langevin_lora._validation import check_positive, check_real
+from langevin_lora.diagnostics.chains import (
+    batch_means_se,
+    effective_dimension,
+    effective_sample_size,
+    geweke_z,
+    integrated_autocorr_time,
+    poincare_lower_bounds,
+    split_rhat,
+)
+from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
+
+__all__ = ["Evidence", "CHECKS", "stationarity_report", "STATIONARITY_TRACES"]
+
+# Scalar traces whose drift (Geweke) means non-stationarity, in order of preference for the ESS.
+STATIONARITY_TRACES = ("virial_temperature", "U", "theta_sq", "gauge_gap")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+def _trace_stats(x: np.ndarray) -> tuple[float, float | None]:
+    mean = float(x.mean())
+    if x.size < 16:
+        return mean, None
+    return mean, batch_means_se(x)
+
+
+@dataclass
+class Evidence:
+    r"""What the checks judge. Every field but ``traces`` is optional.
+
+    Attributes:
+        traces: per-step scalar traces (1-d arrays, non-finite entries dropped), recorded while
+            sampling. Recognised names: ``virial_temperature`` (:math:`\beta T_{\mathrm{vir}}` per
+            step), ``U`` (potential), ``theta_sq`` (:math:`\lVert\theta\rVert^2`), ``gauge_gap`` and
+            ``gauge_gap/<module>`` (:func:`~langevin_lora.diagnostics.gauge_gap`),
+            ``virial_temperature/<name>`` per group or module. Others are plotted and Geweke-tested too.
+        chains: name -> ``(chains, draws)`` arrays from independent seeds, for split-:math:`\hat R`.
+        beta, lr, weight_decay: the (LoRA) group's :math:`\beta`, :math:`\eta`, :math:`\lambda`,
+            for the Poincaré bounds and the effective dimension.
+        virial_temperature, virial_temperature_se: :math:`\beta T_{\mathrm{vir}}` and its standard
+            error (default: from the ``virial_temperature`` trace, batch means).
+        group_temperatures: :math:`\beta T_{\mathrm{vir}}` per group/module (default: trace means).
+        noise_ratio: :math:`\rho`, or ``None`` when unavailable (``noise_ratio_note`` says why).
+        config_temperature, config_temperature_se, config_temperature_note: :math:`\beta T_{\mathrm{conf}}`.
+        eta_lambda_max: :math:`\eta\lambda_{\max}` of the (preconditioned) Hessian of :math:`U`.
+        mean_force_chi2: ``(chi2_per_dof, expected)`` from
+            :func:`~langevin_lora.diagnostics.mean_force_chi2` (expected :math:`(m-1)/(m-3)`).
+        gauge_relaxation_steps: module -> :math:`1/(2\lambda\eta)`, the data-free gauge relaxation
+            time in steps (with ``steps``, the number of sampling steps taken).
+        thin: steps between recorded trace entries.
+        temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
+        noise_ratio_max, step_size_max: gates on :math:`\rho` and :math:`\eta\lambda_{\max}` (0.1).
+        ess_min, geweke_max, z_max: ESS needed before judging; Geweke :math:`|z|` bound; z bound of
+            the identities tested against their standard errors.
+        summary: numbers the checks add for the report (filled while checking).
+    """
+
+    traces: dict[str, np.ndarray] = field(default_factory=dict)
+    chains: Mapping[str, Any] | None = None
+    beta: float | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    virial_temperature: float | None = None
+    virial_temperature_se: float | None = None
+    group_temperatures: Mapping[str, float] | None = None
+    noise_ratio: float | None = None
+    noise_ratio_note: str | None = None
+    config_temperature: float | None = None
+    config_temperature_se: float | None = None
+    config_temperature_note: str | None = None
+    eta_lambda_max: float | None = None
+    mean_force_chi2: tuple[float, float] | None = None
+    gauge_relaxation_steps: Mapping[str, float] | None = None
+    steps: int | None = None
+    thin: int = 1
+    temperature_tol: float = 0.1
+    noise_ratio_max: float = 0.1
+    step_size_max: float = 0.1
+    ess_min: float = 100.0
+    geweke_max: float = 3.0
+    z_max: float = 4.5
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.temperature_tol = check_real("temperature_tol", self.temperature_tol, low=0.0, low_open=True)
+        for name in ("noise_ratio_max", "step_size_max", "ess_min", "geweke_max", "z_max"):
+            setattr(self, name, check_positive(name, getattr(self, name)))
+        tr = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in (self.traces or {}).items()}
+        self.traces = {k: v[np.isfinite(v)] for k, v in tr.items()}
+        if self.steps is not None:
+            self.summary["sampling_steps"] = int(self.steps)
+
+    @cached_property
+    def main_trace(self) -> str | None:
+        """The trace the effective sample size is measured on."""
+        return next((k for k in STATIONARITY_TRACES if k in self.traces and self.traces[k].size >= 8), None)
+
+    @cached_property
+    def ess(self) -> float | None:
+        if self.main_trace is None:
+            return None
+        x = self.traces[self.main_trace]
+        return x.size / (integrated_autocorr_time(x) if x.std() > 0 else 1.0)
+
+    @cached_property
+    def geweke(self) -> dict[str, float]:
+        """Geweke z of every scalar trace long enough (40 steps) and not constant."""
+        return {name: geweke_z(x) for name, x in self.traces.items()
+                if "/" not in name and x.size >= 40 and x.std() > 0}
+
+    @cached_property
+    def explanations(self) -> list[tuple[str, str]]:
+        """Known causes of a temperature off 1, as ``(reason, remedy)``."""
+        out = []
+        if _finite(self.noise_ratio) and self.noise_ratio > self.noise_ratio_max:
+            out.append((f"minibatch noise ratio {self.noise_ratio:.2f} > {self.noise_ratio_max:g} "
+                        f"(predicts {1 + self.noise_ratio:.2f}/beta)",
+                        "lower the learning rate or raise the batch size"))
+        if _finite(self.eta_lambda_max) and self.eta_lambda_max > self.step_size_max:
+            out.append((f"step size eta*lambda_max = {self.eta_lambda_max:.2g} > {self.step_size_max:g}",
+                        "lower the learning rate"))
+        drifting = any(abs(z) >= self.geweke_max for z in self.geweke.values())
+        if drifting or self.ess is None or self.ess < self.ess_min:
+            out.append(("the traces are not stationary yet" if drifting else "too few effective samples",
+                        "run longer / discard more burn-in"))
+        return out
+
+
+# -- the checks --------------------------------------------------------------------------------------
+def check_effective_sample_size(ev: Evidence) -> list[Check]:
+    if ev.main_trace is None:
+        return [Check("effective_sample_size", "unavailable", None, f">= {ev.ess_min:g}",
+                      "no trace of at least 8 recorded steps", "record more sampling steps")]
+    x, ess = ev.traces[ev.main_trace], ev.ess
+    tau = x.size / ess
+    ev.summary["tau_int"] = {ev.main_trace: tau * ev.thin}
+    ok = ess >= ev.ess_min
+    return [Check("effective_sample_size", "pass" if ok else "fail", ess, f">= {ev.ess_min:g}",
+                  f"{ev.main_trace}: {x.size} recorded steps, integrated autocorrelation time "
+                  f"{tau * ev.thin:.3g} steps",
+                  "" if ok else f"run about {math.ceil(ev.ess_min / max(ess, 1e-9) * x.size * ev.thin)} steps in total "
+                                "before judging the other checks")]
+
+
+def check_geweke(ev: Evidence) -> list[Check]:
+    out = []
+    for name, z in ev.geweke.items():
+        ok = abs(z) < ev.geweke_max
+        out.append(Check(f"geweke/{name}", "pass" if ok else "fail", z, f"|z| < {ev.geweke_max:g}",
+                         f"first 10% vs last 50% of the {name} trace"
+                         + ("" if ok else ": it drifts, the chain is still relaxing"),
+                         "" if ok else "discard the drifting start as burn-in (start sampling later) or run longer"))
+    return out
+
+
+def check_split_rhat(ev: Evidence) -> list[Check]:
+    out = []
+    for name, arr in (ev.chains or {}).items():
+        a = np.asarray(arr, dtype=np.float64)
+        m = a.shape[0] if a.ndim == 2 else 1
+        rh = split_rhat(a)
+        bound = 1.01 if m > 4 else 1.05
+        ok = rh < bound
+        status, reason = "pass" if ok else "fail", f"{m} chains x {a.shape[-1]} draws"
+        if m < 4:
+            status = "warn" if ok else "fail"
+            reason += " (fewer than 4 chains: weak test)"
+        out.append(Check(f"split_rhat/{name}", status, rh, f"< {bound}", reason,
+                         "" if ok else "chains disagree: run longer or start them closer to the bulk of pi"))
+        ev.summary.setdefault("ess_multi_chain", {})[name] = effective_sample_size(a)
+    return out
+
+
+def _temperature(ev: Evidence, name: str, x: float | None, se: float | None, note: str | None = None) -> Check:
+    """A temperature in units of :math:`1/\\beta` against 1, explained by the known biases."""
+    tol = ev.temperature_tol
+    if not _finite(x):
+        return Check(name, "unavailable", None, "1 (units of 1/beta)", note or "not measured", "")
+    dev, label = abs(x - 1.0), name.replace("_", " ")
+    if dev <= tol:
+        return Check(name, "pass", x, f"1 +- {tol:g}", f"{label} {x:.3g}/beta"
+                     + (f" (+- {se:.2g})" if _finite(se) else "") + (f"; {note}" if note else ""))
+    if _finite(se) and dev <= tol + ev.z_max * se:
+        return Check(name, "warn", x, f"1 +- {tol:g}",
+                     f"{label} {x:.3g}/beta, within {ev.z_max:g} standard errors ({se:.2g}) of the tolerance",
+                     "run longer to decide")
+    if ev.explanations:
+        reason = f"{label} {x:.3g}/beta; " + "; ".join(e for e, _ in ev.explanations)
+        remedy = "; ".join(dict.fromkeys(r for _, r in ev.explanations))
+    else:
+        reason = f"{label} {x:.3g}/beta, not explained by minibatch noise or step size"
+        remedy = ("check that the loss is the mean over the batch and that num_data/beta match the data "
+                  "(beta = N/T); run longer")
+    return Check(name, "fail", x, f"1 +- {tol:g}", reason + (f"; {note}" if note else ""), remedy)
+
+
+def check_virial_temperature(ev: Evidence) -> list[Check]:
+    x, se = ev.virial_temperature, ev.virial_temperature_se
+    if x is None and ev.traces.get("virial_temperature", np.zeros(0)).size:
+        x, se = _trace_stats(ev.traces["virial_temperature"])
+    temps = dict(ev.group_temperatures or {})
+    for k, v in ev.traces.items():
+        if k.startswith("virial_temperature/") and v.size:
+            temps.setdefault(k.split("/", 1)[1], float(v.mean()))
+    if temps:
+        hottest, coldest = max(temps, key=temps.__getitem__), min(temps, key=temps.__getitem__)
+        ev.summary["group_temperatures"] = temps
+        ev.summary["hottest_group"] = {"name": hottest, "beta_T": temps[hottest]}
+        ev.summary["coldest_group"] = {"name": coldest, "beta_T": temps[coldest]}
+    return [_temperature(ev, "virial_temperature", x, se)]
+
+
+def check_noise_ratio(ev: Evidence) -> list[Check]:
+    rho, cap = ev.noise_ratio, ev.noise_ratio_max
+    if rho is None:
+        return [Check("noise_ratio", "unavailable", None, f"<= {cap:g}", ev.noise_ratio_note or NOISE_HOW_TO)]
+    ok = rho <= cap
+    ev.summary["noise_temperature"] = 1.0 + rho
+    return [Check("noise_ratio", "pass" if ok else "fail", rho, f"<= {cap:g}",
+                  f"gradient noise adds {rho:.2g} x the Langevin noise: effective temperature {1 + rho:.3g}/beta",
+                  "" if ok else "lower the learning rate or raise the batch size")]
+
+
+def check_config_temperature(ev: Evidence) -> list[Check]:
+    return [_temperature(ev, "config_temperature", ev.config_temperature, ev.config_temperature_se,
+                         ev.config_temperature_note)]
+
+
+def check_step_size(ev: Evidence) -> list[Check]:
+    e, cap = ev.eta_lambda_max, ev.step_size_max
+    if not _finite(e):
+        return [Check("eta_lambda_max", "unavailable", None, f"<= {cap:g}",
+                      "not measured (needs Hessian-vector products of the loss)")]
+    status = "pass" if e <= cap else ("warn" if e <= 1.0 else "fail")
+    return [Check("eta_lambda_max", status, e, f"<= {cap:g}",
+                  "largest curvature times step size"
+                  + ("" if e <= 1 else ": the discretisation is unstable or heavily biased"),
+                  "" if status == "pass" else f"lower the learning rate by a factor of about {e / cap:.2g}")]
+
+
+def check_mean_force(ev: Evidence) -> list[Check]:
+    r"""Each coordinate's :math:`t^2` over :math:`m` blocks is :math:`t^2_{m-1}` at stationarity:
+    the average has expectation :math:`(m-1)/(m-3)` (3 at :math:`m=4`, 2 at 5, tending to 1)."""
+    if ev.mean_force_chi2 is None:
+        return [Check("mean_force_chi2", "unavailable", None, "(m-1)/(m-3) for m >= 4 blocks (-> 1)",
+                      "needs at least 4 complete blocks")]
+    chi2, expected = ev.mean_force_chi2
+    m = round((3 * expected - 1) / (expected - 1)) if expected > 1 else None
+    ok = _finite(chi2) and chi2 <= 1.5 * expected
+    blocks = f"(m-1)/(m-3) = {expected:.3g} for m = {m} blocks" if m else f"{expected:.3g}"
+    return [Check("mean_force_chi2", "pass" if ok else "fail", chi2, f"{blocks} (fail above {1.5 * expected:.3g})",
+                  "per-coordinate batch-means t^2 of E[grad U] = 0 (Student t, m-1 degrees of freedom)"
+                  + ("" if ok else ": the mean force is not zero, the chain drifts (or blocks are shorter than the "
+                                   "autocorrelation time)"),
+                  "" if ok else "run longer / discard more burn-in")]
+
+
+def check_gauge(ev: Evidence) -> list[Check]:
+    out, relax, z_max = [], dict(ev.gauge_relaxation_steps or {}), ev.z_max
+    for name, x in ev.traces.items():
+        if not name.startswith("gauge_gap/"):
+            continue
+        module = name.split("/", 1)[1]
+        if x.size < 16:
+            out.append(Check(f"gauge/{module}", "unavailable", None, f"|z| <= {z_max:g}",
+                             f"only {x.size} recorded steps (need 16 for a standard error)", "run longer"))
+            continue
+        mean, se = _trace_stats(x)
+        z = mean / se if se and se > 0 else (0.0 if mean == 0 else math.inf)
+        ok = abs(z) <= z_max
+        status = "pass" if ok else "fail"
+        reason = f"tr(D_beta)/r - (in - out) = {mean:.3g} +- {se:.2g}" if se else f"mean gap {mean:.3g}"
+        rs = relax.get(module)
+        if rs is not None and _finite(rs):
+            reason += f"; data-free relaxation time 1/(2 lambda eta) = {rs:.0f} steps"
+            if ev.steps is not None and ev.steps < 3 * rs:
+                reason += f" but only {ev.steps} sampling steps were taken"
+                status = "warn" if ok else status
+        out.append(Check(f"gauge/{module}", status, z, f"|z| <= {z_max:g}", reason,
+                         "" if ok else "the LoRA gauge has not relaxed (rate 2*lambda): run longer or raise "
+                                       "weight_decay"))
+    return out
+
+
+def info_poincare(ev: Evidence) -> list[Check]:
+    if ev.beta is None or not math.isfinite(ev.beta):
+        return []
+    tr = ev.traces
+    pt = {k: tr[k] for k in STATIONARITY_TRACES if k in tr and tr[k].size >= 8 and tr[k].std() > 0}
+    pb = poincare_lower_bounds(beta=ev.beta, lr=ev.lr, traces=pt, weight_decay=ev.weight_decay, thin=ev.thin)
+    ev.summary["poincare"] = pb
+    if not pb["bounds"]:
+        return []
+    msg = ", ".join(f"{k} {v:.4g}" for k, v in pb["bounds"].items())
+    if "mixing_steps_lower_bound" in pb:
+        msg += f"; mixing needs >= {pb['mixing_steps_lower_bound']:.3g} steps"
+    return [Check("poincare_lower_bound", "info", pb["max"], "-", msg)]
+
+
+def info_effective_dimension(ev: Evidence) -> list[Check]:
+    if ev.beta is None or not math.isfinite(ev.beta) or ev.traces.get("U", np.zeros(0)).size < 8:
+        return []
+    d_eff, d_se = effective_dimension(ev.traces["U"], ev.beta)
+    ev.summary["effective_dimension"] = {"value": d_eff, "se": d_se}
+    return [Check("effective_dimension", "info", d_eff, "-", f"2 beta^2 Var(U), +- {d_se:.2g}")]
+
+
+CHECKS: tuple[Callable[[Evidence], list[Check]], ...] = (
+    check_effective_sample_size, check_geweke, check_split_rhat, check_virial_temperature, check_noise_ratio,
+    check_config_temperature, check_step_size, check_mean_force, check_gauge, info_poincare,
+    info_effective_dimension,
+)
+
+
+def stationarity_report(traces: Mapping[str, Any] | None = None, *,
+                        checks: Sequence[Callable[[Evidence], list[Check]]] = CHECKS,
+                        **evidence: Any) -> StationarityReport:
+    r"""Judge whether a chain samples :math:`\pi_\beta`, check by check, with reasons and remedies.
+
+    ``traces`` and the keyword arguments are the fields of :class:`Evidence` (traces, live
+    estimates, thresholds); ``checks`` the functions run, in order (default :data:`CHECKS`).
+    """
+    unknown = sorted(set(evidence) - set(Evidence.__dataclass_fields__) - {"summary"})
+    if unknown:
+        raise ValueError(f"Invalid argument {unknown[0]!r} of stationarity_report (expected one of "
+                         f"{', '.join(f for f in Evidence.__dataclass_fields__ if f != 'summary')})")
+    ev = Evidence(traces=dict(traces or {}), **evidence)
+    return StationarityReport(checks=[c for check in checks for c in check(ev)], summary=ev.summary,
+                              traces=ev.traces)

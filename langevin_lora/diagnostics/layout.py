@@ -1,0 +1,125 @@
+"""Which tensors a :class:`~langevin_lora.diagnostics.GibbsRecorder` watches, and what one row holds.
+
+A :class:`Layout` is built from the sampler's group views (and the LoRA modules whose two factors
+are both sampled): the tensors in order, per-tensor hyperparameters as float64 vectors, the index
+maps tensor -> group and module -> (A, B), and the names of the row's columns. It is rebuilt when
+the views change (a group starts sampling, a preconditioner is re-frozen, a temperature changes);
+the recorder's running state follows the :attr:`Layout.signature` (group names and tensor shapes).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layout", "LoraModule", "build_layout", "lora_modules_of", "views_key", "precond_of", "BASE_COLUMNS"]
+
+# Columns of every row; then the virial temperature per group and per module, the gauge gap per
+# module and their mean.
+BASE_COLUMNS = ("virial_temperature", "virial_temperature_raw", "theta_sq", "prior", "grad_sq", "rho", "loss")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA module to watch: its display name and factors ``A`` (r, in) and ``B`` (out, r)."""
+
+    name: str
+    A: Tensor
+    B: Tensor
+
+
+@dataclass
+class Layout:
+    """The tensors being sampled, in order, and what the row of one step holds."""
+
+    key: tuple
+    signature: tuple
+    params: list[Tensor]
+    group_slices: list[slice]
+    decay: list[float]          # per tensor
+    lr: list[float]             # per tensor, re-read at every step (schedules)
+    precond: list[Tensor | None]
+    beta: Tensor                # per tensor, float64
+    lam: Tensor
+    numel: Tensor
+    group_of: Tensor
+    group_numel: Tensor
+    mod_a: Tensor               # per module: index of A, of B, rank, fan-in, fan-out
+    mod_b: Tensor
+    mod_rank: Tensor
+    mod_in: Tensor
+    mod_out: Tensor
+    columns: list[str]
+
+
+def lora_modules_of(model: torch.nn.Module) -> list[LoraModule]:
+    """The PEFT LoRA modules of ``model`` (none when it has no LoRA layer), named without the
+    LightningModule attribute and PEFT wrapper prefixes (``bert.encoder.layer.0.attention.self.query``),
+    suffixed ``.<adapter>`` for adapters other than ``default``."""
+    from langevin_lora.param_groups import lora_modules
+
+    try:
+        found = lora_modules(model)
+    except ValueError:
+        return []
+    short = [re.sub(r"^(.*?\.)?(base_model\.model\.)+", "", m.name) for m in found]
+    return [LoraModule(name + ("" if m.adapter == "default" else f".{m.adapter}"), m.A, m.B)
+            for name, m in zip(short, found)]
+
+
+def views_key(views: Sequence[Any]) -> tuple:
+    """Changes whenever the layout must be rebuilt (tensors, hyperparameters, preconditioners)."""
+    return tuple((v.name, v.beta, v.weight_decay, tuple(id(p) for p in v.params),
+                  None if v.precond is None else tuple(id(G) for G in v.precond)) for v in views)
+
+
+def precond_of(views: Sequence[Any]) -> list[Tensor | None]:
+    """The frozen preconditioner of every tensor (``None``: identity)."""
+    return [G for v in views for G in (v.precond if v.precond is not None else [None] * len(v.params))]
+
+
+def signature_of(views: Sequence[Any]) -> tuple:
+    """What identifies the running state: group names and tensor shapes (not tensor identities,
+    which change in a resumed process)."""
+    return tuple((v.name, tuple(tuple(p.shape) for p in v.params)) for v in views)
+
+
+def build_layout(views: Sequence[Any], modules: Iterable[LoraModule], key: tuple | None = None) -> Layout:
+    """The :class:`Layout` of the sampled ``views``; ``modules`` whose factors are not both sampled
+    are left out."""
+    params = [p for v in views for p in v.params]
+    device = params[0].device
+    index = {id(p): i for i, p in enumerate(params)}
+    mods = []
+    for m in modules:
+        ia, ib = index.get(id(m.A)), index.get(id(m.B))
+        if ia is not None and ib is not None:
+            mods.append((m.name, ia, ib, m.A.shape[0], m.A[0].numel(), m.B.shape[0]))
+    slices, start = [], 0
+    for v in views:
+        slices.append(slice(start, start + len(v.params)))
+        start += len(v.params)
+    columns = (list(BASE_COLUMNS) + [f"virial_temperature/{v.name}" for v in views]
+               + [f"virial_temperature/{m[0]}" for m in mods] + [f"gauge_gap/{m[0]}" for m in mods]
+               + (["gauge_gap"] if mods else []))
+    t64 = dict(device=device, dtype=torch.float64)
+
+    def per_tensor(attr: str) -> list[float]:
+        return [getattr(v, attr) for v in views for _ in v.params]
+
+    def per_module(j: int) -> Tensor:
+        return torch.tensor([float(m[j]) for m in mods], **t64)
+
+    numel = torch.tensor([float(p.numel()) for p in params], **t64)
+    group_of = torch.tensor([i for i, v in enumerate(views) for _ in v.params], device=device)
+    return Layout(
+        key=views_key(views) if key is None else key, signature=signature_of(views), params=params,
+        group_slices=slices, decay=per_tensor("weight_decay"), lr=per_tensor("lr"), precond=precond_of(views),
+        beta=torch.tensor(per_tensor("beta"), **t64), lam=torch.tensor(per_tensor("weight_decay"), **t64),
+        numel=numel, group_of=group_of, group_numel=torch.zeros(len(views), **t64).index_add_(0, group_of, numel),
+        mod_a=torch.tensor([m[1] for m in mods], dtype=torch.long, device=device),
+        mod_b=torch.tensor([m[2] for m in mods], dtype=torch.long, device=device),
+        mod_rank=per_module(3), mod_in=per_module(4), mod_out=per_module(5), columns=columns)
