@@ -405,3 +405,31 @@ def test_bma_raises_on_a_sample_with_non_finite_probabilities():
         with bank.averaging(model) as bma:
             bma.predict_proba(x)
     assert torch.isfinite(lora_modules(model)[0].A).all()  # the model's own tensors are restored
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_banks_of_a_cuda_model_agree_on_every_storage(tmp_path):
+    """A model on the GPU banked in GPU memory, CPU memory and on disk: the samples keep their
+    values wherever they are stored, BMA of the CUDA model gives the same probabilities from all
+    three, and a checkpoint restored into a GPU bank puts its samples on the GPU."""
+    model = peft_model().cuda()
+    banks = {"cuda": SampleBank(num_samples=2, device="cuda:0"), "cpu": SampleBank(num_samples=2),
+             "disk": SampleBank(num_samples=2, directory=tmp_path)}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, device="cuda", generator=g))
+        for bank in banks.values():
+            bank.add(model, step)
+    name = next(iter(banks["cuda"][0]))
+    assert banks["cuda"][0][name].device.type == "cuda" and banks["cpu"][0][name].device.type == "cpu"
+    x = torch.randn(9, IN, device="cuda", generator=g)
+    probs = {k: bma_predict_proba(model, b, [x], forward_fn=lambda m, b: m(b)) for k, b in banks.items()}
+    for k in ("cpu", "disk"):
+        torch.testing.assert_close(probs[k], probs["cuda"], rtol=0, atol=0)
+    restored = SampleBank(num_samples=2, device="cuda")
+    restored.load_state_dict(banks["cpu"].state_dict())
+    assert restored[1][name].device.type == "cuda" and torch.equal(restored[1][name].cpu(), banks["cpu"][1][name])
