@@ -17,6 +17,10 @@ by the last two ``state_dict()`` calls refers to it (the newest checkpoint may n
 writing), so resuming from the latest checkpoint (or the one before it) always finds every sample
 it lists. Disk use stays below about ``3 * num_samples`` folders. The checkpoint a run was
 resumed from counts as saved. Folders the bank did not write itself are never deleted.
+
+(Over 400 lines on purpose: one class whose storage, eviction and checkpoint state must stay
+together, since the deletion rule reads the saved states; folder I/O is in
+:mod:`langevin_lora.adapter_folders`, averaging in :mod:`langevin_lora.bma`.)
 """
 from __future__ import annotations
 
