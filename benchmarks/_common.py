@@ -7,14 +7,14 @@
   exclusive ``flock``, and each section is written in one call.
 * :func:`time_per_call` / :func:`median_chunk_time`: wall time as the median of repeats after a
   warm-up (robust to other processes sharing the machine). Report *ratios* measured in one run.
-* :func:`effective_sample_size`: multi-chain ESS with Geyer's initial-sequence truncation. It
-  calls :func:`langevin_lora.diagnostics.effective_sample_size` when that module exists and falls
-  back to a small local implementation otherwise (:data:`ESS_BACKEND` says which).
+* :func:`effective_sample_size` / :func:`integrated_autocorr_time`: the package's own chain
+  statistics (:mod:`langevin_lora.diagnostics`, Geyer's initial monotone sequence, chains combined
+  as in Stan) applied column by column to a ``(chains, n, k)`` trace. There is one implementation,
+  the package's: a benchmark measures ESS exactly as the diagnostics report does.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import importlib.metadata as _md
 import os
 import platform
@@ -26,12 +26,16 @@ from typing import Callable
 
 import numpy as np
 
+from langevin_lora.diagnostics import effective_sample_size as _ess
+from langevin_lora.diagnostics import integrated_autocorr_time as _tau
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
 
 __all__ = ["BENCH_DIR", "RESULTS_PATH", "ESS_BACKEND", "machine_record", "machine_markdown",
            "append_results", "time_per_call", "median_chunk_time", "effective_sample_size",
-           "markdown_table"]
+           "integrated_autocorr_time", "markdown_table"]
+ESS_BACKEND = "langevin_lora.diagnostics.effective_sample_size"
 
 
 # -- machine and versions -------------------------------------------------------------------------
@@ -151,53 +155,25 @@ def median_chunk_time(chunk_seconds: list[float], chunk_steps: list[int], skip_f
 
 
 # -- effective sample size ------------------------------------------------------------------------
-try:  # the package's own estimator when it exists (langevin_lora/diagnostics/)
-    _diag = importlib.import_module("langevin_lora.diagnostics")
-    _pkg_ess = getattr(_diag, "effective_sample_size")
-    ESS_BACKEND = "langevin_lora.diagnostics.effective_sample_size"
-except (ImportError, AttributeError):
-    _pkg_ess = None
-    ESS_BACKEND = "benchmarks._common (local Geyer fallback)"
-
-
-def _geyer_ess(x: np.ndarray) -> np.ndarray:
-    """Local fallback. ``x``: (chains, n, k). Multi-chain ESS per column (split-free, Stan form):
-    rho_t = 1 - (W - mean_c gamma_c(t)) / var+, Geyer's initial positive then monotone sequence
-    on pair sums, tau = -1 + 2 sum P_k, ESS = chains * n / tau."""
-    c, n, k = x.shape
-    xc = x - x.mean(axis=1, keepdims=True)
-    m = 1 << (2 * n - 1).bit_length()
-    f = np.fft.rfft(xc, n=m, axis=1)
-    acov = np.fft.irfft(f * np.conj(f), n=m, axis=1)[:, :n] / n           # (c, n, k), biased
-    w = acov[:, 0].mean(0) * n / (n - 1)                                    # within-chain variance
-    b_over_n = x.mean(1).var(0, ddof=1) if c > 1 else np.zeros(k)
-    var_plus = (n - 1) / n * w + b_over_n
-    ess = np.empty(k)
-    for j in range(k):
-        if not var_plus[j] > 0:
-            ess[j] = np.nan
-            continue
-        rho = 1.0 - (w[j] - acov[:, :, j].mean(0)) / var_plus[j]
-        pairs = rho[: (n // 2) * 2].reshape(-1, 2).sum(1)
-        neg = np.nonzero(pairs <= 0)[0]
-        pairs = pairs[: neg[0]] if neg.size else pairs
-        pairs = np.minimum.accumulate(pairs)
-        tau = max(-1.0 + 2.0 * pairs.sum(), 1.0 / np.log10(max(c * n, 10)))
-        ess[j] = c * n / tau
-    return ess
-
-
-def effective_sample_size(x) -> np.ndarray:
-    """Multi-chain ESS of each column of a trace ``x`` of shape (chains, n) or (chains, n, k).
-
-    Uses :func:`langevin_lora.diagnostics.effective_sample_size` when available (one call per
-    column on a ``(chains, n)`` array), else the local Geyer fallback. Returns an array (k,) of
-    total ESS over all chains."""
+def _columns(x) -> np.ndarray:
+    """A trace as ``(chains, n, k)`` float64."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 2:
         x = x[:, :, None]
     if x.ndim != 3:
         raise ValueError(f"Invalid trace shape {x.shape}: expected (chains, n) or (chains, n, k)")
-    if _pkg_ess is not None:  # total ESS over chains of one (chains, draws) trace
-        return np.array([float(_pkg_ess(np.ascontiguousarray(x[:, :, j]))) for j in range(x.shape[2])])
-    return _geyer_ess(x)
+    return x
+
+
+def effective_sample_size(x) -> np.ndarray:
+    """Total ESS over all chains of each column of a trace ``x`` shaped (chains, n) or (chains, n, k):
+    :func:`langevin_lora.diagnostics.effective_sample_size` of every ``(chains, n)`` column. Returns (k,)."""
+    x = _columns(x)
+    return np.array([float(_ess(np.ascontiguousarray(x[:, :, j]))) for j in range(x.shape[2])])
+
+
+def integrated_autocorr_time(x) -> np.ndarray:
+    """:math:`\\tau_{int}` in draws of each column of a trace shaped (chains, n) or (chains, n, k):
+    :func:`langevin_lora.diagnostics.integrated_autocorr_time` of every column. Returns (k,)."""
+    x = _columns(x)
+    return np.array([float(_tau(np.ascontiguousarray(x[:, :, j]))) for j in range(x.shape[2])])

@@ -38,10 +38,21 @@ def verdicts(summary: list[dict]) -> dict[str, tuple[bool, str]]:
             "NLL lower": (dnll < 0, f"{dnll:+.4f}")}
 
 
+def prior_lines(rows: list[dict]) -> list[str]:
+    """The Gaussian prior the Langevin runs sampled, in both conventions (σ_p and λ = 1/(Nσ_p²))."""
+    from langevin_lora.temperature import prior_std_from_weight_decay
+
+    priors = dict.fromkeys((r["plan_weight_decay"], r["num_data"], r["plan_beta"]) for r in rows
+                           if r["method"] == "langevin" and r.get("plan_weight_decay"))
+    return [f"- prior: N(0, σ_p²) with σ_p = {prior_std_from_weight_decay(lam, n):.3g}, i.e. λ = 1/(N σ_p²) = "
+            f"{lam:.3g} for N = {n}; β = N/T = {beta:.0f}" for lam, n, beta in priors]
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     from recipes.compare import load_config, run_comparison
+    from recipes.config_check import ConfigError, exit_on_config_error
     from recipes.report import format_table, machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,14 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     out_root = Path(args.output_dir)
     for name in args.configs:
         path = CONFIGS / (name if name.endswith(".yaml") else name + ".yaml")
-        cfg = load_config(path, [f"threads={args.threads}", *args.overrides])
         t0 = time.perf_counter()
-        res = run_comparison(cfg, seeds=args.seeds, output_dir=str(out_root / path.stem), command=command)
+        try:
+            cfg = load_config(path, [f"threads={args.threads}", *args.overrides])
+            res = run_comparison(cfg, seeds=args.seeds, output_dir=str(out_root / path.stem), command=command)
+        except ConfigError as exc:  # one line, exit status 2, no traceback
+            exit_on_config_error(p.prog, exc)
         wall = time.perf_counter() - t0
         checks = verdicts(res["summary"])
         lines += [f"### {path.stem} ({cfg['data']['dataset']}, seeds {args.seeds}, {wall:.0f} s)", "",
                   format_table(res["summary"]), ""]
         lines += [f"- {k}: **{'met' if ok else 'missed'}** ({v})" for k, (ok, v) in checks.items()]
+        lines += prior_lines(res["rows"])
         lines.append("")
         print("\n".join(lines[-5:]), flush=True)
     out_root.mkdir(parents=True, exist_ok=True)

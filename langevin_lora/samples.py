@@ -1,44 +1,46 @@
-r"""Posterior sample bank and Bayesian model averaging (BMA).
+r"""Posterior sample bank: at most ``num_samples`` copies of a model's trainable (adapter) tensors.
 
 A *sample* is a copy of the trainable tensors of a model at one Langevin step: the LoRA factors
 :math:`(A, B)` of every adapted module plus the other trainable tensors (classification heads,
 PEFT ``modules_to_save``). The frozen base model is never copied, so a sample of MiniLM with LoRA
-r=8 is about 1 MB instead of 90 MB.
-
-Bayesian model averaging approximates the posterior predictive by the sample average
-
-.. math::
-    p(y \mid x, \mathcal D) = \int p(y \mid x, \theta)\, \pi(\mathrm d\theta)
-    \approx \frac1S \sum_{s=1}^{S} \operatorname{softmax}\big(f_{\theta_s}(x)\big)_y ,
-
-with :math:`\theta_1, \dots, \theta_S` the banked samples. :func:`bma_predict_proba` loads each
-sample into the model *in place* (``Tensor.copy_`` into the live parameters, no deep copy of the
-model), runs the forward pass, averages the probabilities and restores the model's own tensors.
+r=8 is about 1 MB instead of 90 MB. Averaging predictions over the samples (Bayesian model
+averaging) lives in :mod:`langevin_lora.bma`; :func:`bma_predict_proba` is re-exported here.
 
 Storage: CPU memory by default, or one PEFT adapter folder per sample under ``directory``
 (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``PeftModel.from_pretrained(base_model, folder)``). Folders are written under a temporary name
 and renamed into place, so a crash never leaves a half-written sample.
+
+Checkpoints and eviction: a checkpoint stores the bank's :meth:`SampleBank.state_dict`, i.e. the
+*paths* of the folders. An evicted folder is deleted only once neither of the path lists returned
+by the last two ``state_dict()`` calls refers to it (the newest checkpoint may not have finished
+writing), so resuming from the latest checkpoint (or the one before it) always finds every sample
+it lists. Disk use stays below about ``3 * num_samples`` folders. The checkpoint a run was
+resumed from counts as saved. Folders the bank did not write itself are never deleted.
+
+(Over 400 lines on purpose: one class whose storage, eviction and checkpoint state must stay
+together, since the deletion rule reads the saved states; folder I/O is in
+:mod:`langevin_lora.adapter_folders`, averaging in :mod:`langevin_lora.bma`.)
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from langevin_lora._validation import check_int
+from langevin_lora._validation import check_directory, check_int
+from langevin_lora.adapter_folders import read_adapter_folder, write_adapter_folder
+from langevin_lora.bma import Averager, bma_predict_proba, default_forward
 
 __all__ = ["SampleBank", "bma_predict_proba", "default_forward"]
 
-EXTRA_FILE = "langevin_extra.safetensors"
 SAMPLE_PREFIX = "sample-"
 
 
@@ -58,34 +60,43 @@ def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _fsync_dir(path: Path) -> None:
+def _check_device(device: Any) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists on this machine, or ``ValueError``."""
+    expected = "expected a torch.device or a device string such as 'cpu' or 'cuda:0'"
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"Invalid device: {device!r} ({expected})")
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"Invalid device: {device!r} ({expected}; torch says: {exc})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(f"Invalid device: {device!r} (this machine has {count} CUDA devices)")
+    elif dev.type == "meta":
+        raise ValueError(f"Invalid device: {device!r} (a meta tensor holds no values; {expected})")
+    return dev
 
 
-def _atomic_publish(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` to ``target``; an existing ``target`` is replaced only
-    after the new folder is complete, so readers see the old or the new sample, never a mix."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if target.exists():
-        trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    _fsync_dir(target.parent)
+def _dot_prefixes(name: str) -> list[str]:
+    """``""`` and every prefix of ``name`` that ends with a dot, shortest first."""
+    return [""] + [name[:i + 1] for i, c in enumerate(name) if c == "."]
+
+
+def _rename_by_prefix(names: list[str], model: nn.Module) -> dict[str, nn.Parameter] | None:
+    """Map banked names to ``model``'s parameters by replacing a leading prefix: the samples of a
+    LightningModule (``model.base_model.…``) into its PEFT model (``base_model.…``), or back."""
+    params = dict(model.named_parameters())
+    found = _find_peft_model(model)
+    targets = [""] + ([found[0]] if found is not None and found[0] else [])
+    for src in _dot_prefixes(names[0]):
+        if not all(n.startswith(src) for n in names):
+            continue
+        for dst in targets:
+            mapped = {n: params.get(dst + n[len(src):]) for n in names}
+            if src != dst and all(p is not None for p in mapped.values()):
+                return mapped
+    return None
 
 
 class SampleBank:
@@ -96,13 +107,19 @@ class SampleBank:
 
     Args:
         num_samples: capacity, an integer >= 0 (0: the bank keeps nothing).
-        directory: ``None`` keeps samples in CPU memory; a folder writes each sample as a PEFT
-            adapter folder ``directory/sample-<step>`` (atomically) and keeps only the index.
-        device: where in-memory samples live (default ``"cpu"``).
+        directory: ``None`` keeps samples in CPU memory; a folder (``str`` or ``os.PathLike``,
+            writable) writes each sample as a PEFT adapter folder ``directory/sample-<step>``
+            (atomically) and keeps only the index. Evicted folders are deleted once no saved
+            checkpoint state may refer to them (see the module docstring).
+        device: where in-memory samples live (default ``"cpu"``): a ``torch.device`` or a device
+            string of a device this machine has.
 
     The bank is bound to a root module (the LightningModule or the PEFT model) on the first
-    :meth:`add` or by :meth:`bind`; sample keys are that module's parameter names.
-    Indexing returns ``{name: tensor}`` dicts; ``bank.steps[i]`` is the optimizer step of sample ``i``.
+    :meth:`add` or by :meth:`bind`; sample keys are that module's parameter names. Every sample
+    must hold the same tensors with the same shapes: :meth:`add` and :meth:`bind` refuse a model
+    whose trainable tensors differ; :meth:`clear` forgets the samples *and* the binding, so the
+    bank can then sample another model. Indexing returns ``{name: tensor}`` dicts;
+    ``bank.steps[i]`` is the optimizer step of sample ``i``.
 
     Example:
         >>> bank = SampleBank(num_samples=2)
@@ -118,35 +135,55 @@ class SampleBank:
     def __init__(self, num_samples: int = 0, directory: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.num_samples = check_int("num_samples", num_samples, low=0)
-        self.directory = Path(directory) if directory is not None else None
-        self.device = torch.device(device)
+        self.directory = check_directory("directory", directory, must_write=True)
+        self.device = _check_device(device)
         self.adapter_name: str | None = None
         self._memory: list[dict[str, Tensor]] = []
         self._paths: list[str] = []
         self.steps: list[int] = []
         self._names: list[str] | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._root_ref: nn.Module | None = None
-        self._peft_keys: dict[str, str] | None = None  # PEFT file key -> root name (trainable only)
+        self._saved: deque[list[str]] = deque(maxlen=2)  # path lists of the last two state_dict() calls
+        self._evicted: list[str] = []  # evicted folders waiting until no saved list refers to them
 
     # -- binding -----------------------------------------------------------------------------------
     def bind(self, root: nn.Module, adapter_name: str | None = None) -> None:
         """Fix the set of tensors a sample holds (the trainable parameters of ``root``) and, for
-        PEFT models, the mapping to PEFT adapter-file keys used by :meth:`save_peft`."""
-        self._root_ref = root
-        names = list(_trainable(root))
-        if not names:
+        PEFT models, the mapping to PEFT adapter-file keys used by :meth:`save_peft`. A bank that
+        already holds samples (or was bound) refuses a ``root`` with other tensor names or shapes."""
+        params = _trainable(root)
+        if not params:
             raise ValueError(f"SampleBank.bind: {type(root).__name__} has no trainable parameters to sample")
-        if self._names is not None and self._names != names:
-            raise ValueError("SampleBank.bind: the model's trainable parameters differ from those of the "
-                             f"banked samples ({len(names)} vs {len(self._names)} tensors)")
-        self._names = names
+        self._check_layout(params, "SampleBank.bind")
         found = _find_peft_model(root)
-        if found is not None:
-            prefix, peft_model = found
-            self.adapter_name = adapter_name or getattr(peft_model, "active_adapter", "default")
         if self.directory is not None and found is None:
             raise ValueError("SampleBank: directory (sample_dir) needs a peft.PeftModel inside the module to write "
                              f"PEFT adapter folders; none found in {type(root).__name__}")
+        self._root_ref = root
+        self._names = list(params)
+        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        if found is not None:
+            self.adapter_name = adapter_name or getattr(found[1], "active_adapter", "default")
+
+    def _check_layout(self, params: Mapping[str, Tensor], where: str) -> None:
+        """Same tensor names and shapes as the banked samples, or ``ValueError`` saying what differs."""
+        if self._names is None:
+            return
+        remedy = ("; the bank holds samples of another model: call bank.clear() before sampling a different model "
+                  "(a second, non-resumed Trainer.fit does that)")
+        if set(params) != set(self._names):
+            missing = [n for n in self._names if n not in params]
+            new = [n for n in params if n not in set(self._names)]
+            detail = ", ".join(x for x in (f"missing {missing[0]!r}" if missing else "",
+                                           f"new {new[0]!r}" if new else "") if x)
+            raise ValueError(f"{where}: the model's trainable tensors differ from those of the banked samples "
+                             f"({len(params)} vs {len(self._names)} tensors; {detail}){remedy}")
+        for n, p in params.items():
+            want = (self._shapes or {}).get(n)
+            if want is not None and tuple(p.shape) != want:
+                raise ValueError(f"{where}: tensor {n!r} has shape {tuple(p.shape)} but the banked samples hold "
+                                 f"shape {want}{remedy}")
 
     def _peft(self) -> tuple[str, nn.Module]:
         root = self._require_root()
@@ -206,12 +243,14 @@ class SampleBank:
 
         With a ``directory``, the sample is written as a PEFT adapter folder; ``write=False``
         records it without writing (data-parallel ranks other than 0 share rank 0's folder).
+        Raises ``ValueError`` when the tensors' names or shapes differ from the banked samples'.
         """
         if self.num_samples == 0:
             return
         if self._root_ref is not root:
             self.bind(root, self.adapter_name)
         params = _trainable(root)
+        self._check_layout(params, "SampleBank.add")
         if self.directory is None:
             self._memory.append({n: p.detach().to(self.device, copy=True) for n, p in params.items()})
         else:
@@ -219,67 +258,54 @@ class SampleBank:
             if write:
                 self._write_folder(path, {n: p.detach() for n, p in params.items()})
             self._paths.append(str(path))
+            self._evicted = [e for e in self._evicted if e != str(path)]
         self.steps.append(int(step))
         while len(self) > self.num_samples:
             self._drop_oldest(write)
+        self._delete_unreferenced()
 
     def _drop_oldest(self, write: bool) -> None:
         self.steps.pop(0)
         if self.directory is None:
             self._memory.pop(0)
         else:
-            path = Path(self._paths.pop(0))
-            if write and path.exists():
+            path = self._paths.pop(0)
+            if write:
+                self._evicted.append(path)
+
+    def _delete_unreferenced(self) -> None:
+        """Delete the evicted folders that neither the bank nor a saved state refers to any more."""
+        if not self._evicted:
+            return
+        referenced = set(self._paths).union(*self._saved)
+        waiting = []
+        for path in self._evicted:
+            if path in referenced:
+                waiting.append(path)
+            else:
                 shutil.rmtree(path, ignore_errors=True)
+        self._evicted = waiting
 
     def clear(self) -> None:
-        """Forget every sample (folders on disk are left alone)."""
+        """Forget every sample and the binding (tensor names, shapes, root module, adapter name), so
+        the bank can sample another model. Folders on disk are left alone (a checkpoint of the
+        earlier run may still list them)."""
         self._memory.clear()
         self._paths.clear()
         self.steps.clear()
+        self._saved.clear()
+        self._evicted.clear()
+        self._names = self._shapes = self._root_ref = None
+        self.adapter_name = None
 
     # -- disk --------------------------------------------------------------------------------------
     def _write_folder(self, target: Path, sample: Mapping[str, Tensor]) -> None:
-        from safetensors.torch import save_file
-
         peft_model, keys = self._peft_state()
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        try:
-            used = set()
-            tensors = {}
-            for key, (name, live) in keys.items():
-                value = sample[name] if name is not None and name in sample else live.detach()
-                used.add(name)
-                tensors[key] = value.detach().to("cpu").contiguous().clone()
-            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            extra = {n: t.detach().to("cpu").contiguous().clone() for n, t in sample.items() if n not in used}
-            if extra:  # trainable tensors outside the PEFT adapter (e.g. a head of the LightningModule)
-                save_file(extra, str(tmp / EXTRA_FILE), metadata={"format": "pt"})
-            config = copy.deepcopy(peft_model.peft_config[self.adapter_name])
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(peft_model.get_base_model(), "name_or_path", None) or None
-            config.inference_mode = True
-            config.save_pretrained(str(tmp))
-            _atomic_publish(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_adapter_folder(target, sample, peft_model, keys, self.adapter_name)
 
     def _read_folder(self, folder: Path) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
         _, keys = self._peft_state()
-        loaded = load_file(str(folder / "adapter_model.safetensors"))
-        out = {name: loaded[key] for key, (name, _) in keys.items() if name is not None and key in loaded}
-        if (folder / EXTRA_FILE).exists():
-            out.update(load_file(str(folder / EXTRA_FILE)))
-        missing = [n for n in self._names or [] if n not in out]
-        if missing:
-            raise ValueError(f"sample folder {folder} lacks {len(missing)} tensors of the model, e.g. {missing[0]!r}")
-        return out
+        return read_adapter_folder(folder, keys, self._names or [])
 
     def save_peft(self, i: int, path: str | os.PathLike) -> Path:
         """Write sample ``i`` as a PEFT adapter folder at ``path`` (atomically: written under a
@@ -290,32 +316,61 @@ class SampleBank:
         return Path(path)
 
     # -- loading into a model ------------------------------------------------------------------------
+    def _targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameter of ``model`` that receives each banked tensor, keyed by the bank's names.
+
+        Matched by name; else by identity with the bound root's parameters (``model`` is the root
+        or a module inside it); else by replacing the PEFT prefix (the samples of a LightningModule
+        into the PEFT model inside it, or the reverse)."""
+        names = self._names or (list(self._memory[0]) if self._memory else [])
+        if not names:
+            raise ValueError("SampleBank is not bound to a model yet: call bank.bind(model) or bank.add(model, step)")
+        params = dict(model.named_parameters())
+        if all(n in params for n in names):
+            return {n: params[n] for n in names}
+        root = self._root_ref
+        if root is not None and root is not model:
+            own = {id(p) for p in model.parameters()}
+            by_name = dict(root.named_parameters())
+            if all(n in by_name and id(by_name[n]) in own for n in names):
+                return {n: by_name[n] for n in names}
+        mapped = _rename_by_prefix(names, model)
+        if mapped is not None:
+            return mapped
+        missing = next(n for n in names if n not in params)
+        source = f"{type(root).__name__}" if root is not None else "the module they were taken from"
+        raise ValueError(
+            f"SampleBank: {type(model).__name__} has no parameter for the banked tensor {missing!r}, not even after "
+            f"removing or adding the PEFT model's prefix. The samples hold the trainable tensors of {source} "
+            f"({len(names)} tensors, e.g. {names[0]!r}): pass that module, or the PEFT model inside it when every "
+            "sampled tensor belongs to the PEFT model (a trainable head outside it needs the outer module).")
+
     @torch.no_grad()
     def load_into(self, model: nn.Module, i: int) -> None:
         """Copy sample ``i`` into ``model``'s parameters in place (``Tensor.copy_``: the parameter
-        objects, and so the optimizer's references to them, are unchanged)."""
+        objects, and so the optimizer's references to them, are unchanged). ``model`` is the module
+        the samples were taken from or the PEFT model inside it (see :meth:`_targets`)."""
+        targets = self._targets(model)
         sample = self[i]
-        params = dict(model.named_parameters())
-        for name, value in sample.items():
-            p = params.get(name)
-            if p is None:
-                raise KeyError(f"SampleBank.load_into: {type(model).__name__} has no parameter {name!r}; "
-                               "pass the module the samples were taken from")
-            p.copy_(value)
+        for name, p in targets.items():
+            p.copy_(sample[name])
 
     def snapshot(self, model: nn.Module) -> dict[str, Tensor]:
-        """Copies of ``model``'s tensors that a sample would overwrite (to restore them later)."""
-        names = self._names or list(_trainable(model))
-        params = dict(model.named_parameters())
-        return {n: params[n].detach().clone() for n in names}
+        """Copies of ``model``'s tensors that a sample would overwrite (to restore them later),
+        keyed by the bank's names."""
+        if self._names is None and not self._memory:
+            return {n: p.detach().clone() for n, p in _trainable(model).items()}
+        return {n: p.detach().clone() for n, p in self._targets(model).items()}
 
     @contextlib.contextmanager
-    def averaging(self, model: nn.Module) -> Iterator["_Averager"]:
+    def averaging(self, model: nn.Module) -> Iterator[Averager]:
         """Context manager for BMA inside a Lightning ``test_step`` / ``predict_step`` or a loop.
 
         Puts the model in eval mode under ``torch.no_grad()``, yields an object whose
         ``predict_proba(batch, forward_fn=None)`` returns the sample-averaged probabilities of
-        one batch, and restores the model's own tensors and training mode on exit.
+        one batch (``FloatingPointError`` naming the sample if one gives non-finite values) and
+        ``load(i)`` copies sample ``i`` in, and restores the model's own tensors and training
+        mode on exit.
 
         Example (inside a LightningModule)::
 
@@ -325,28 +380,37 @@ class SampleBank:
         """
         if len(self) == 0:
             raise ValueError("SampleBank is empty: nothing to average (did sampling start? is num_samples > 0?)")
-        saved = self.snapshot(model)
+        targets = self._targets(model)
+        saved = {n: p.detach().clone() for n, p in targets.items()}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                yield _Averager(self, model)
+                yield Averager(self, model, targets)
         finally:
             with torch.no_grad():
-                params = dict(model.named_parameters())
                 for n, v in saved.items():
-                    params[n].copy_(v)
+                    targets[n].copy_(v)
             model.train(was_training)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Samples (in memory) or folder paths (on disk), steps and settings; tensors and builtins only."""
+        """Samples (in memory) or folder paths (on disk), steps, tensor names and shapes, settings;
+        tensors and builtins only. A checkpoint stores this: the path list is remembered, and the
+        folders it lists are kept on disk until two later ``state_dict()`` calls no longer list them."""
+        if self.directory is not None:
+            if not self._saved or self._saved[-1] != self._paths:
+                self._saved.append(list(self._paths))
+            self._delete_unreferenced()
         return {"num_samples": self.num_samples, "directory": None if self.directory is None else str(self.directory),
                 "steps": list(self.steps), "paths": list(self._paths), "names": self._names,
+                "shapes": None if self._shapes is None else {n: list(s) for n, s in self._shapes.items()},
                 "adapter_name": self.adapter_name,
                 "memory": [{n: t.clone() for n, t in s.items()} for s in self._memory]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The restored path list counts as saved: its folders are kept
+        while the next two checkpoints are written."""
         if state["num_samples"] != self.num_samples:
             raise ValueError(f"SampleBank.load_state_dict: checkpoint has num_samples={state['num_samples']}, "
                              f"this bank {self.num_samples}")
@@ -359,72 +423,12 @@ class SampleBank:
         self._names = state["names"]
         self.adapter_name = state["adapter_name"]
         self._memory = [{n: t.to(self.device) for n, t in s.items()} for s in state["memory"]]
-
-
-class _Averager:
-    def __init__(self, bank: SampleBank, model: nn.Module) -> None:
-        self.bank, self.model = bank, model
-
-    def predict_proba(self, batch: Any, forward_fn: Callable[[nn.Module, Any], Tensor] | None = None) -> Tensor:
-        """Average over the bank of ``softmax(forward_fn(model, batch))`` for one batch."""
-        forward = forward_fn or default_forward
-        total = None
-        for i in range(len(self.bank)):
-            self.bank.load_into(self.model, i)
-            p = torch.softmax(forward(self.model, batch).float(), dim=-1)
-            total = p if total is None else total.add_(p)
-        return total.div_(len(self.bank))
-
-
-def default_forward(model: nn.Module, batch: Any) -> Tensor:
-    """Logits of a batch: ``model(**inputs)`` for a dict (``labels``/``label`` removed),
-    ``model(batch[0])`` for a tuple/list ``(x, y)``, else ``model(batch)``; ``.logits`` is taken
-    from model outputs that have it (Hugging Face models)."""
-    if isinstance(batch, Mapping):
-        out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
-    elif isinstance(batch, (tuple, list)):
-        out = model(batch[0])
-    else:
-        out = model(batch)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def bma_predict_proba(model: nn.Module, bank: SampleBank, dataloader_or_batches: Iterable[Any],
-                      forward_fn: Callable[[nn.Module, Any], Tensor] | None = None) -> Tensor:
-    r"""Bayesian-model-averaged class probabilities, one row per example.
-
-    .. math::
-        \bar p(y \mid x_n) = \frac1S \sum_{s=1}^S \operatorname{softmax}\big(f_{\theta_s}(x_n)\big)_y
-
-    Args:
-        model: the module the samples were taken from (LightningModule or PEFT model); each sample
-            is copied into it in place, and its own tensors and train/eval mode are restored after.
-        bank: a non-empty :class:`SampleBank`.
-        dataloader_or_batches: a DataLoader without shuffling, a list of batches, or any iterable
-            of batches (a one-shot iterator is read once into a list).
-        forward_fn: ``forward_fn(model, batch) -> logits`` of shape ``(batch, n_classes)``;
-            default :func:`default_forward`.
-
-    Returns:
-        ``(n_examples, n_classes)`` float32 tensor of averaged probabilities, in data order.
-    """
-    from torch.utils.data import DataLoader, RandomSampler
-
-    if isinstance(dataloader_or_batches, DataLoader) and isinstance(dataloader_or_batches.sampler, RandomSampler):
-        raise ValueError("bma_predict_proba: the DataLoader shuffles (RandomSampler); each sample makes one pass, "
-                         "so the example order must be fixed: use shuffle=False")
-    batches = dataloader_or_batches
-    if iter(batches) is batches:  # one-shot iterator: read it once
-        batches = list(batches)
-    forward = forward_fn or default_forward
-    total: Tensor | None = None
-    with bank.averaging(model):
-        for i in range(len(bank)):
-            bank.load_into(model, i)
-            probs = torch.cat([torch.softmax(forward(model, b).float(), dim=-1) for b in batches])
-            if total is not None and total.shape != probs.shape:
-                raise ValueError(f"bma_predict_proba: pass {i} gave {tuple(probs.shape)} probabilities, the first "
-                                 f"{tuple(total.shape)}; the batches must be the same on every pass")
-            total = probs if total is None else total.add_(probs)
-    assert total is not None
-    return total.div_(len(bank))
+        shapes = state.get("shapes")
+        if shapes is not None:
+            self._shapes = {n: tuple(s) for n, s in shapes.items()}
+        else:  # checkpoints written before shapes were stored
+            self._shapes = {n: tuple(t.shape) for n, t in self._memory[0].items()} if self._memory else None
+        self._saved.clear()
+        self._evicted = []
+        if self.directory is not None:
+            self._saved.append(list(self._paths))

@@ -7,7 +7,8 @@ Langevin LoRA samples the Gibbs measure
     U(\theta) = \hat L(\theta) + \tfrac{\lambda}{2}\lVert\theta\rVert^2,
 
 where :math:`\hat L` is the **mean** training loss and :math:`\lambda` the weight decay, read as a
-Gaussian prior :math:`N(0, \sigma_p^2 I)` with :math:`\lambda = 1/(N\sigma_p^2)`.
+Gaussian prior :math:`N(0, \sigma_p^2 I)` with :math:`\lambda = 1/(N\sigma_p^2)`
+(:func:`weight_decay_from_prior_std`, :func:`prior_std_from_weight_decay`).
 
 The inverse temperature of a parameter group is
 
@@ -20,12 +21,27 @@ so ``num_data=N, temperature=1`` is the Bayesian posterior of a mean-NLL loss
 paper's form; its SGD-mimicking SDE with learning rate :math:`s` has :math:`\beta = 2/s`).
 ``temperature=0`` means :math:`\beta=\infty`: no noise, plain (preconditioned) gradient descent on
 :math:`U`. For a token-averaged language-model loss, :math:`N` is the number of supervised tokens.
+
+The prior. With the sum log-likelihood :math:`N\hat L` and a prior :math:`N(0,\sigma_p^2 I)`,
+the log posterior is :math:`-N\hat L - \lVert\theta\rVert^2/(2\sigma_p^2) = -N\,U` exactly when
+
+.. math::
+    \lambda = \frac{1}{N\sigma_p^2}, \qquad \sigma_p = \frac{1}{\sqrt{N\lambda}} ,
+
+so :math:`\lambda` depends on :math:`N` (the same prior is a smaller decay on more data). At
+temperature :math:`T` the Gibbs measure tempers the prior too: its Gaussian factor
+:math:`\exp(-\beta\tfrac{\lambda}{2}\lVert\theta\rVert^2)` has variance :math:`(\beta\lambda)^{-1}
+= T\sigma_p^2` per coordinate. With ``beta`` given directly, pass :math:`\beta_0` as ``num_data``
+to read :math:`\sigma_p` as the prior of :math:`\exp(-\beta_0 U)`.
 """
 from __future__ import annotations
 
 import math
 
 from langevin_lora._validation import check_int, check_non_negative, check_positive
+
+__all__ = ["effective_beta", "noise_std", "prior_std_from_weight_decay", "resolve_base_beta",
+           "weight_decay_from_prior_std"]
 
 
 def resolve_base_beta(num_data: int | None, beta: float | None) -> float:
@@ -49,3 +65,28 @@ def effective_beta(base_beta: float, temperature: float) -> float:
 def noise_std(lr: float, beta: float) -> float:
     r"""Standard deviation :math:`\sqrt{2\eta/\beta}` of the Langevin noise for one step of size ``lr``."""
     return 0.0 if math.isinf(beta) else math.sqrt(2.0 * lr / beta)
+
+
+def weight_decay_from_prior_std(prior_std: float, num_data: float) -> float:
+    r"""The coupled weight decay :math:`\lambda = 1/(N\sigma_p^2)` of a Gaussian prior
+    :math:`N(0, \sigma_p^2 I)` for a mean loss over :math:`N` = ``num_data`` examples.
+
+    Example:
+        >>> weight_decay_from_prior_std(0.1, 1000)
+        0.1
+    """
+    sigma = check_positive("prior_std", prior_std)
+    return 1.0 / (check_positive("num_data", num_data) * sigma * sigma)
+
+
+def prior_std_from_weight_decay(weight_decay: float, num_data: float) -> float:
+    r"""The prior standard deviation :math:`\sigma_p = 1/\sqrt{N\lambda}` that a coupled weight
+    decay :math:`\lambda` > 0 encodes for a mean loss over :math:`N` = ``num_data`` examples
+    (the inverse of :func:`weight_decay_from_prior_std`).
+
+    Example:
+        >>> prior_std_from_weight_decay(0.1, 1000)
+        0.1
+    """
+    lam = check_positive("weight_decay", weight_decay)
+    return 1.0 / math.sqrt(check_positive("num_data", num_data) * lam)

@@ -339,9 +339,10 @@ def forward_choice_logits(module: torch.nn.Module, batch: dict[str, Tensor]) -> 
 
 def main(args: list[str] | None = None, run: bool = True):
     """LightningCLI entry point: ``python -m recipes.causal_lm fit --config recipes/configs/causal_lm_smollm2.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
+    from recipes.cli import RecipeCLI
 
-    return LightningCLI(LoRAChoiceLM, ChoiceData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return RecipeCLI(LoRAChoiceLM, ChoiceData, args=args, run=run, save_config_kwargs={"overwrite": True},
+                     prog="python -m recipes.causal_lm")
 
 
 if __name__ == "__main__":

@@ -19,133 +19,47 @@ output folder and prints the table. The config (YAML) has the sections
 ``data`` (data-module arguments), ``model`` (module arguments), ``trainer`` (Lightning Trainer
 arguments: ``accelerator``, ``devices``, ``precision``, ``strategy``,
 ``accumulate_grad_batches``, ``max_epochs``/``max_steps`` ... passed unchanged), and
-``langevin`` (see :class:`LangevinSettings`).
+``langevin`` (see :class:`~recipes.compare_config.LangevinSettings`).
+
+Configuration mistakes (an unknown key, a value of the wrong type, a value a constructor refuses)
+end in one line ``python -m recipes.compare: error: ...`` that names the key, and exit status 2
+(:mod:`recipes.compare_config`, :mod:`recipes.config_check`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import shlex
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-__all__ = ["LangevinSettings", "run_comparison", "load_config", "main", "TASKS"]
+from recipes.compare_config import TASKS, LangevinSettings, load_config, validate_config
+from recipes.config_check import ConfigError, exit_on_config_error
 
-
-@dataclasses.dataclass
-class LangevinSettings:
-    r"""Hyperparameters of the Langevin run (the AdamW run ignores them).
-
-    Attributes:
-        temperature: :math:`T`; :math:`\beta = N/T` (1 = the Bayesian posterior of the mean-NLL
-            loss with the Gaussian prior below; < 1 "cold").
-        prior_std: :math:`\sigma_p` of the Gaussian prior on every LoRA coordinate; the coupled
-            decay is :math:`\lambda = 1/(N\sigma_p^2)` unless ``weight_decay`` is given.
-        weight_decay: :math:`\lambda` directly (overrides ``prior_std``).
-        burn_in: AdamW steps before sampling, as a fraction of the total steps (< 1) or a count.
-        num_samples: posterior samples kept; ``sample_every`` is chosen so they span the
-            sampling phase, unless given.
-        sample_every: optimizer steps between kept samples (``None``: automatic).
-        precond_clamp: clamp of the frozen preconditioner relative to its median.
-        head_temperature: temperature of the non-LoRA trainable tensors (0: noise-free).
-    """
-
-    temperature: float = 1.0
-    prior_std: float = 0.1
-    weight_decay: float | None = None
-    burn_in: float = 0.5
-    num_samples: int = 16
-    sample_every: int | None = None
-    precond_clamp: tuple[float, float] = (0.01, 100.0)
-    head_temperature: float = 0.0
-    lr_scale: float = 0.01
-    diagnostics: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "prior_std", "head_temperature"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (name == "prior_std" and v == 0):
-                raise ValueError(f"Invalid langevin.{name}: {v!r} (expected a real number "
-                                 f"{'> 0' if name == 'prior_std' else '>= 0'})")
-        if self.weight_decay is not None and (not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0):
-            raise ValueError(f"Invalid langevin.weight_decay: {self.weight_decay!r} (expected a real number >= 0)")
-        if not isinstance(self.diagnostics, dict):
-            raise ValueError(f"Invalid langevin.diagnostics: {self.diagnostics!r} (expected a mapping of "
-                             "GibbsDiagnostics arguments)")
-        if not isinstance(self.burn_in, (int, float)) or self.burn_in < 0:
-            raise ValueError(f"Invalid langevin.burn_in: {self.burn_in!r} (expected a fraction in [0, 1) "
-                             "or a step count >= 1)")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"Invalid langevin.num_samples: {self.num_samples!r} (expected an integer >= 1)")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 1):
-            raise ValueError(f"Invalid langevin.sample_every: {self.sample_every!r} (expected an integer >= 1)")
-        if not isinstance(self.lr_scale, (int, float)) or not 0 < self.lr_scale <= 1:
-            raise ValueError(f"Invalid langevin.lr_scale: {self.lr_scale!r} (expected a real number in (0, 1])")
-        self.precond_clamp = tuple(self.precond_clamp)
-
-    def plan(self, total_steps: int, num_data: int) -> dict[str, Any]:
-        """Burn-in, sampling interval and decay for a run of ``total_steps`` optimizer steps."""
-        if total_steps < 2:
-            raise ValueError(f"Invalid budget: {total_steps} optimizer steps; need at least 2")
-        burn = int(round(self.burn_in * total_steps)) if self.burn_in < 1 else int(self.burn_in)
-        if burn >= total_steps:
-            raise ValueError(f"Invalid langevin.burn_in: {self.burn_in!r} leaves no sampling step out of {total_steps}")
-        sampling = total_steps - burn
-        every = self.sample_every or max(1, sampling // self.num_samples)
-        lam = self.weight_decay if self.weight_decay is not None else 1.0 / (num_data * self.prior_std ** 2)
-        return {"burn_in_steps": burn, "sampling_steps": sampling, "sample_every": every,
-                "num_samples": min(self.num_samples, sampling // every), "weight_decay": float(lam),
-                "beta": math.inf if self.temperature == 0 else num_data / self.temperature}
+__all__ = ["LangevinSettings", "run_comparison", "load_config", "validate_config", "main", "TASKS"]
 
 
-# -- tasks ------------------------------------------------------------------------------------------
-def _text_task():
-    from recipes.data import TextClassificationData
-    from recipes.models import LoRAClassifier, forward_logits
-    return TextClassificationData, LoRAClassifier, forward_logits
-
-
-def _choice_task():
-    from recipes.causal_lm import ChoiceData, LoRAChoiceLM, forward_choice_logits
-    return ChoiceData, LoRAChoiceLM, forward_choice_logits
-
-
-TASKS = {"text": _text_task, "choice": _choice_task}
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    cfg: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"Invalid config: {str(p)!r} does not exist")
-        cfg = yaml.safe_load(p.read_text()) or {}
-    cfg = copy.deepcopy(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"Invalid override: {item!r} (expected section.key=value)")
-        key, value = item.split("=", 1)
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    known = {"seeds", "output_dir", "task", "data", "model", "trainer", "langevin", "methods", "threads"}
-    unknown = set(cfg) - known
-    if unknown:
-        raise ValueError(f"Invalid config: unknown sections {sorted(unknown)} (expected {sorted(known)})")
-    return cfg
+@contextlib.contextmanager
+def _building(section: str) -> Iterator[None]:
+    """Turn a constructor's refusal of a config value (``ValueError``/``TypeError``) into a
+    :class:`~recipes.config_check.ConfigError` that names the section."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        raise ConfigError(f"{section}: {kind}{exc}") from exc
 
 
 class _PeakMemory:
@@ -214,7 +128,10 @@ def _total_steps(trainer_cfg: dict[str, Any], n_train: int, batch_size: int) -> 
     max_steps = trainer_cfg.get("max_steps", -1)
     if max_steps is not None and max_steps > 0:
         return int(max_steps)
-    return per_epoch * int(trainer_cfg.get("max_epochs", 1))
+    if trainer_cfg.get("max_epochs") is None:
+        raise ConfigError("Invalid trainer: set trainer.max_epochs or trainer.max_steps (the comparison plans "
+                          "burn-in and sampling from a known budget)")
+    return per_epoch * int(trainer_cfg["max_epochs"])
 
 
 def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSettings, out_dir: Path,
@@ -234,7 +151,8 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
     pl.seed_everything(seed, workers=True, verbose=False)
     if settings.lr_scale != 1.0:  # same schedule for both methods: same budget
         model_cfg.update(lr_drop_step=plan["burn_in_steps"], lr_drop_factor=settings.lr_scale)
-    module = Module(**model_cfg)
+    with _building("model"):
+        module = Module(**model_cfg)
     callbacks: list[Any] = []
     loss_trace = _LossTrace()
     callbacks.append(loss_trace)
@@ -244,18 +162,21 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
         from langevin_lora.callback import LangevinLoRA
         from langevin_lora.diagnostics import GibbsDiagnostics
 
-        lcb = LangevinLoRA(num_data=n, temperature=settings.temperature, weight_decay=plan["weight_decay"],
-                           burn_in_steps=plan["burn_in_steps"], sample_every=plan["sample_every"],
-                           num_samples=plan["num_samples"], seed=seed,
-                           head_temperature=settings.head_temperature, precond_clamp=settings.precond_clamp)
-        diag = GibbsDiagnostics(log_every_n_steps=10, center_window=max(5, plan["sampling_steps"] // 10),
-                                report_dir=str(run_dir), plots=True, seed=seed, **settings.diagnostics)
+        with _building("langevin"):
+            lcb = LangevinLoRA(num_data=n, temperature=settings.temperature, weight_decay=plan["weight_decay"],
+                               burn_in_steps=plan["burn_in_steps"], sample_every=plan["sample_every"],
+                               num_samples=plan["num_samples"], seed=seed,
+                               head_temperature=settings.head_temperature, precond_clamp=settings.precond_clamp)
+        with _building("langevin.diagnostics"):
+            diag = GibbsDiagnostics(log_every_n_steps=10, center_window=max(5, plan["sampling_steps"] // 10),
+                                    report_dir=str(run_dir), plots=True, seed=seed, **settings.diagnostics)
         callbacks += [lcb, diag]
     tcfg = {"logger": False, "enable_model_summary": False, "enable_checkpointing": True,
             "default_root_dir": str(run_dir)} | trainer_cfg
     if tcfg.get("logger") is True or tcfg.get("logger") == "csv":
         tcfg["logger"] = pl.loggers.CSVLogger(str(run_dir), name="logs")
-    trainer = pl.Trainer(callbacks=callbacks, **tcfg)
+    with _building("trainer"):
+        trainer = pl.Trainer(callbacks=callbacks, **tcfg)
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
     t0, c0 = time.perf_counter(), time.process_time()
     with _PeakMemory(cuda) as mem:
@@ -280,7 +201,7 @@ def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSett
                            "beta_virial": None, "stationarity": "n/a", "optimizer_steps": trainer.global_step}
     traces = {"train_loss": loss_trace.values}
     if method == "langevin":
-        row.update({f"plan_{k}": v for k, v in plan.items()}, temperature=settings.temperature)
+        row.update({f"plan_{k}": v for k, v in plan.items()}, temperature=settings.temperature, num_data=n)
         vt = list(diag.traces.get("virial_temperature", []))
         traces["virial"] = [v / plan["beta"] for v in vt]
         report = diag.last_report
@@ -298,23 +219,20 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int] | None = None, outpu
     from recipes.report import format_table, summarize, write_report
 
     cfg = copy.deepcopy(cfg)
+    if seeds is not None:
+        cfg["seeds"] = list(seeds)
+    if methods:
+        cfg["methods"] = list(methods)
+    settings = validate_config(cfg)
     task = cfg.get("task", "text")
-    if task not in TASKS:
-        raise ValueError(f"Invalid task: {task!r} (expected one of {', '.join(TASKS)})")
-    seeds = list(seeds if seeds is not None else cfg.get("seeds", [0]))
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ValueError(f"Invalid seeds: {seeds!r} (expected a non-empty list of integers >= 0)")
-    methods = list(methods or cfg.get("methods", ["adamw", "langevin"]))
-    bad = [m for m in methods if m not in ("adamw", "langevin")]
-    if bad:
-        raise ValueError(f"Invalid methods: {bad} (expected adamw and/or langevin)")
-    settings = LangevinSettings(**(cfg.get("langevin") or {}))
+    seeds, methods = list(cfg.get("seeds", [0])), list(cfg.get("methods", ["adamw", "langevin"]))
     out_dir = Path(output_dir or cfg.get("output_dir", "outputs/compare"))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     Data, _, _ = TASKS[task]()
-    datamodule = Data(**(cfg.get("data") or {}))
-    datamodule.setup("fit")
+    with _building("data"):
+        datamodule = Data(**(cfg.get("data") or {}))
+        datamodule.setup("fit")
     rows, predictions, traces, betas = [], {}, {}, {}
     for seed in seeds:
         for method in methods:
@@ -357,9 +275,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML-parsed), e.g. --set trainer.precision=bf16-mixed")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
     command = "python -m recipes.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return run_comparison(cfg, seeds=args.seeds, output_dir=args.output_dir, methods=args.methods, command=command)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run_comparison(cfg, seeds=args.seeds, output_dir=args.output_dir, methods=args.methods,
+                              command=command)
+    except ConfigError as exc:  # one line, exit status 2, no traceback
+        exit_on_config_error(parser.prog, exc)
 
 
 if __name__ == "__main__":

@@ -309,8 +309,11 @@ class GibbsChains(LightningModule):
         half = U.shape[1] // 2
         s: dict[str, Any] = {"task": self.hparams.task, "num_chains": U.shape[0], "steps": U.shape[1],
                              "beta": self.beta, "lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}
-        s["split_rhat_U"] = split_rhat(U[:, half:])
-        s["split_rhat_obs"] = split_rhat(obs[:, half:])
+        enough = U.shape[1] - half >= 4  # split-R-hat needs 4 draws per chain in the second half
+        s["split_rhat_U"] = split_rhat(U[:, half:]) if enough else math.nan
+        s["split_rhat_obs"] = split_rhat(obs[:, half:]) if enough else math.nan
+        if not enough:
+            s["note"] = f"{U.shape[1]} steps are too few to judge stationarity (split-R-hat needs >= 8)"
         s["geweke_z_mean_U"] = geweke_z(U.mean(0)[half // 2:]) if U.shape[1] >= 80 else math.nan
         if self._vir is not None and self._vir["n"] > 1:
             per_chain = self.virial_per_chain()
@@ -368,9 +371,10 @@ class GibbsChains(LightningModule):
 
 
 def main(args: list[str] | None = None, run: bool = True):
-    from lightning.pytorch.cli import LightningCLI
+    from recipes.cli import RecipeCLI
 
-    return LightningCLI(GibbsChains, GibbsData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return RecipeCLI(GibbsChains, GibbsData, args=args, run=run, save_config_kwargs={"overwrite": True},
+                     prog="python -m recipes.gibbs")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from recipes.models import LoRAClassifier
 
 
 def main(args: list[str] | None = None, run: bool = True):
-    from lightning.pytorch.cli import LightningCLI
+    from recipes.cli import RecipeCLI
 
-    return LightningCLI(LoRAClassifier, TextClassificationData, args=args, run=run,
-                        save_config_kwargs={"overwrite": True})
+    return RecipeCLI(LoRAClassifier, TextClassificationData, args=args, run=run, save_config_kwargs={"overwrite": True},
+                     prog="python -m recipes.seq_cls")
 
 
 if __name__ == "__main__":

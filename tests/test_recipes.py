@@ -258,3 +258,140 @@ def test_causal_lm_recipe_smoke(tmp_path):
     with torch.no_grad():
         logits = cli.model(batch)
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+# -- configuration mistakes: one line, exit status 2, no traceback (issue 11 item 11) ---------------
+def _one_error_line(capsys, prog):
+    import re
+
+    err = capsys.readouterr().err
+    # Lightning's log handler may hold a stream an earlier test's capture closed: its report is not ours
+    err = re.sub(r"--- Logging error ---.*?\nArguments:[^\n]*\n", "", err, flags=re.S)
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key, first", [
+    ("langevin.num_sampls=3", "'langevin.num_sampls'", "num_samples"),
+    ("model.lora_rnak=3", "'model.lora_rnak'", "lora_r"),
+    ("trainer.max_step=3", "'trainer.max_step'", "max_steps"),
+    ("langevin.diagnostics={lambda_max_every_n_step: 0}", "'langevin.diagnostics.lambda_max_every_n_step'",
+     "lambda_max_every_n_steps"),
+])
+def test_compare_misspelled_key_is_one_line_listing_valid_keys(capsys, override, key, first):
+    from recipes.compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIGS / "compare_sms_spam.yaml"), "--set", override])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys, "python -m recipes.compare")
+    assert f"unknown key {key}" in line and f"closest first: {first}, " in line
+
+
+@pytest.mark.parametrize("override, match", [
+    ("trainer.max_steps=3=4", "Invalid trainer.max_steps: '3=4' (expected an integer)"),
+    ("data.batch_size=abc", "Invalid data.batch_size: 'abc' (expected an integer)"),
+    ("langevin.precond_clamp=[1, 2, 3]", "Invalid langevin.precond_clamp: [1, 2, 3] (expected a list)"),
+    ("trainer.callbacks=[]", "Invalid key trainer.callbacks: the comparison sets the Trainer's callbacks itself"),
+    ("langevin.temperature.x=1", "langevin.temperature is 1.0, not a section with keys"),
+    ("dataa.x=1", "unknown section 'dataa'; valid sections, closest first: data, "),
+    ("langevin.burn_in=[1", "is not valid YAML"),
+])
+def test_compare_bad_values_are_one_line(capsys, override, match):
+    from recipes.compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIGS / "compare_sms_spam.yaml"), "--set", override])
+    assert exit_info.value.code == 2
+    assert match in _one_error_line(capsys, "python -m recipes.compare")
+
+
+def test_compare_misspelled_key_in_config_file_and_demo(capsys, tmp_path):
+    import yaml
+
+    from recipes import demo
+    from recipes.compare import main
+
+    cfg = yaml.safe_load((CONFIGS / "compare_sms_spam.yaml").read_text())
+    cfg["model"]["lora_rnak"] = cfg["model"].pop("lora_r")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "unknown key 'model.lora_rnak'" in _one_error_line(capsys, "python -m recipes.compare")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--set", "langevin.num_sampls=3", "--output_dir", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2
+    assert "closest first: num_samples," in _one_error_line(capsys, "python -m recipes.demo")
+
+
+def test_compare_cli_subprocess_exit_code_and_no_traceback():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "recipes.compare", "--config", str(CONFIGS / "compare_sms_spam.yaml"),
+                          "--set", "trainer.max_steps=3=4"], capture_output=True, text=True, timeout=300,
+                         cwd=CONFIGS.parents[1])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("python -m recipes.compare: error: Invalid trainer.max_steps")
+
+
+def _misspelled_callback_config(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "seq_cls_sms_spam.yaml").read_text())
+    init = cfg["trainer"]["callbacks"][0]["init_args"]
+    init["num_sampls"] = init.pop("num_samples")
+    path = tmp_path / "bad_callback.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("module, extra, match", [
+    ("recipes.gibbs", ["--trainer.max_step", "3"], "unknown key 'trainer.max_step' (option --trainer.max_step); "
+                                                   "valid keys of trainer, closest first: max_steps, "),
+    ("recipes.gibbs", ["--model.lora_rnak=3"], "unknown key 'model.lora_rnak'"),
+    ("recipes.gibbs", ["--trainer.max_steps", "3=4"], 'trainer.max_steps'),
+    ("recipes.gibbs", ["--model.num_chains", "1"], "Invalid num_chains: 1 (expected an integer >= 2)"),
+    ("recipes.seq_cls", "callback", "unknown key 'trainer.callbacks[0].init_args.num_sampls' (in "),
+])
+def test_lightning_cli_recipes_one_line_errors(capsys, tmp_path, module, extra, match):
+    import importlib
+
+    mod = importlib.import_module(module)
+    if extra == "callback":
+        args = ["fit", "--config", _misspelled_callback_config(tmp_path)]
+    else:
+        args = ["fit", "--config", str(CONFIGS / "gibbs_attention.yaml"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main([*args, "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys, f"python -m {module}")
+    assert match in line
+    if extra == "callback":
+        assert "valid keys of LangevinLoRA, closest first: num_samples, " in line
+
+
+def test_misspelled_key_in_lightning_cli_config_file(capsys, tmp_path):
+    from recipes.seq_cls import main
+
+    text = (CONFIGS / "seq_cls_sms_spam.yaml").read_text().replace("  lora_r: 8", "  lora_rnak: 8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "unknown key 'model.lora_rnak'" in _one_error_line(capsys, "python -m recipes.seq_cls")
+
+
+def test_gibbs_recipe_survives_a_run_too_short_to_judge(tmp_path):
+    from recipes.gibbs import main
+
+    cli = main(["fit", "--config", str(CONFIGS / "gibbs_attention.yaml"), "--trainer.max_steps", "3",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                "--model.num_chains", "4"])
+    s = cli.model.summary
+    assert s["steps"] == 3 and math.isnan(s["split_rhat_U"]) and s["verdict"] == "fail" and "too few" in s["note"]

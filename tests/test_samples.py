@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -225,3 +226,210 @@ def test_bma_in_lightning_predict_step():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         out = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").predict(pred, dl)
     torch.testing.assert_close(torch.cat(out), bma_predict_proba(mod, cb.sample_bank, dl), rtol=1e-6, atol=1e-6)
+
+
+# -- regression tests of issue 11 (items 2, 3, 6, 10) and issue 13 (non-finite BMA) -------------------
+class _Kill(RuntimeError):
+    pass
+
+
+def _disk_run(cb, steps, callbacks=(), ckpt_path=None, module=None):
+    mod = module or Clf()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        L.Trainer(max_steps=steps, callbacks=[cb, *callbacks], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=True, accelerator="cpu", max_epochs=-1).fit(
+            mod, DataLoader(dataset(), batch_size=6), ckpt_path=ckpt_path)
+    return mod
+
+
+def test_disk_samples_survive_a_kill_between_checkpoints_and_resume(tmp_path):
+    """Checkpoints every 8 steps, 3 samples kept (one per step), killed at step 12: the step-8
+    checkpoint lists samples 5, 6, 7 that later steps evicted. Resuming from it must find every one
+    of them (their deletion waits until no saved state lists them), and so must every later read."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    bank_dir, cap = tmp_path / "bank", 3
+
+    def make():
+        return LangevinLoRA(num_data=N, burn_in_steps=2, sample_every=1, num_samples=cap, seed=0, sample_dir=bank_dir)
+
+    at_checkpoint = {}
+
+    class Killer(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 8:  # what the step-8 checkpoint holds, read while it is written
+                at_checkpoint.update(steps=list(first.sample_bank.steps),
+                                     samples=[{n: t.clone() for n, t in s.items()} for s in first.sample_bank])
+            if trainer.global_step == 12:
+                raise _Kill("killed between checkpoints")
+
+    first = make()
+    with pytest.raises(_Kill):
+        _disk_run(first, 16, [Killer(), ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=8, save_top_k=-1,
+                                                         filename="{step}")])
+    assert at_checkpoint["steps"] == [5, 6, 7] and first.sample_bank.steps == [9, 10, 11]
+
+    read_on_resume = {}
+
+    class Reader(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after LangevinLoRA restored and bound the bank
+            read_on_resume.update(steps=list(resumed.sample_bank.steps), samples=list(resumed.sample_bank))
+
+    resumed = make()
+    _disk_run(resumed, 16, [Reader(), ModelCheckpoint(dirpath=tmp_path / "ck2", every_n_train_steps=8, save_top_k=-1,
+                                                       filename="{step}")],
+              ckpt_path=tmp_path / "ck" / "step=8.ckpt")
+    assert read_on_resume["steps"] == at_checkpoint["steps"]
+    for got, want in zip(read_on_resume["samples"], at_checkpoint["samples"]):
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    bank = resumed.sample_bank
+    assert bank.steps == [13, 14, 15]
+    assert all(len(sample) == len(want) for sample in bank)  # every sample of the finished run reads back
+    # the newest checkpoint's samples are on disk, and eviction keeps disk use bounded
+    state = torch.load(tmp_path / "ck2" / "step=16.ckpt", weights_only=False)["callbacks"]
+    paths = next(v["sample_bank"]["paths"] for v in state.values() if "sample_bank" in v)
+    assert paths and all((Path(p) / "adapter_model.safetensors").is_file() for p in paths)
+    assert len([p for p in bank_dir.iterdir() if p.name.startswith("sample-")]) <= 3 * cap
+
+
+def test_eviction_waits_for_the_last_two_saved_states(tmp_path):
+    """Unit form of the rule: a folder evicted while a saved state lists it stays until two later
+    state_dict() calls no longer list it; without any saved state it goes at once."""
+    model = peft_model()
+    bank = SampleBank(num_samples=1, directory=tmp_path)
+    names = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    bank.add(model, 0)
+    bank.add(model, 1)
+    assert names() == ["sample-00000001"]  # nothing saved: evicted at once
+    bank.state_dict()  # a checkpoint lists sample 1
+    bank.add(model, 2)
+    bank.add(model, 3)
+    assert names() == ["sample-00000001", "sample-00000003"]  # 1 kept for the checkpoint, 2 was never saved
+    bank.state_dict()  # lists 3; the earlier state (1) may be the last complete checkpoint
+    bank.add(model, 4)
+    assert names() == ["sample-00000001", "sample-00000003", "sample-00000004"]
+    bank.state_dict()  # lists 4: no saved state of the last two lists 1 any more
+    assert names() == ["sample-00000003", "sample-00000004"]
+    restored = SampleBank(num_samples=1, directory=tmp_path)
+    restored.load_state_dict(bank.state_dict())
+    restored.add(model, 5)  # the checkpoint it was restored from lists 4: kept
+    assert "sample-00000004" in names() and torch.equal(restored[0][next(iter(restored[0]))],
+                                                        bank[0][next(iter(bank[0]))])
+
+
+def test_add_checks_names_and_shapes_and_clear_forgets_the_binding():
+    bank = SampleBank(num_samples=3)
+    small = nn.Linear(3, 2)
+    bank.add(small, 0)
+    with torch.no_grad():
+        small.weight.data = torch.zeros(4, 3)  # same names, another shape
+    with pytest.raises(ValueError, match=r"'weight' has shape \(4, 3\) but the banked samples hold shape \(2, 3\)"):
+        bank.add(small, 1)
+    other = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"trainable tensors differ.*missing 'weight'.*bank.clear\(\)"):
+        bank.add(other, 1)
+    assert bank.steps == [0]
+    bank.clear()
+    assert len(bank) == 0
+    bank.add(other, 7)  # a clean bank: names, shapes and root are those of the new model
+    assert bank.steps == [7] and set(bank[0]) == {"0.weight", "0.bias"}
+    # the binding survives a checkpoint round trip, so a resumed bank refuses another model too
+    restored = SampleBank(num_samples=3)
+    restored.load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="has shape"):
+        restored.add(nn.Sequential(nn.Linear(3, 5)), 8)
+
+
+def test_bma_accepts_the_peft_model_inside_the_lightning_module(tmp_path):
+    mod = Clf()
+    g = torch.Generator().manual_seed(5)
+    for bank in (SampleBank(num_samples=2), SampleBank(num_samples=2, directory=tmp_path)):
+        for step in range(2):
+            with torch.no_grad():
+                for p in mod.parameters():
+                    if p.requires_grad:
+                        p.add_(0.3 * torch.randn(p.shape, generator=g))
+            bank.add(mod, step)  # names of the LightningModule: model.base_model.model...
+        x = torch.randn(7, IN, generator=g)
+        via_module = bma_predict_proba(mod, bank, [x], forward_fn=lambda m, b: m(b))
+        via_peft = bma_predict_proba(mod.model, bank, [x], forward_fn=lambda m, b: m(b))
+        torch.testing.assert_close(via_peft, via_module, rtol=0, atol=0)
+        # a separate PEFT model (no shared tensors) takes the samples by the PEFT prefix
+        fresh = peft_model(seed=0)  # the same frozen base; its own adapters differ from every sample
+        torch.testing.assert_close(bma_predict_proba(fresh, bank, [x]), via_module, rtol=1e-6, atol=1e-6)
+        # and the reverse: samples of the PEFT model into the LightningModule that holds it
+        rev = SampleBank(num_samples=1)
+        rev.add(fresh, 0)
+        rev.load_into(mod, 0)
+        assert torch.equal(mod.model.base_model.model.lin.lora_A["default"].weight,
+                           fresh.base_model.model.lin.lora_A["default"].weight)
+    with pytest.raises(ValueError, match="has no parameter for the banked tensor .*pass that module"):
+        bma_predict_proba(nn.Linear(IN, K), bank, [x])
+
+
+def test_bank_arguments_are_checked_and_named(tmp_path):
+    import numpy as np
+
+    for device in ("gpux", 3, "meta"):
+        with pytest.raises(ValueError, match="Invalid device"):
+            SampleBank(num_samples=1, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"Invalid device: 'cuda' \(this machine has 0 CUDA devices\)"):
+            SampleBank(num_samples=1, device="cuda")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for directory in (3, "", afile):
+        with pytest.raises(ValueError, match="Invalid directory"):
+            SampleBank(num_samples=1, directory=directory)
+    bank = SampleBank(num_samples=np.int64(2), directory=str(tmp_path / "new"))
+    assert bank.num_samples == 2 and type(bank.num_samples) is int and bank.directory == tmp_path / "new"
+
+
+def test_bma_raises_on_a_sample_with_non_finite_probabilities():
+    model = peft_model()
+    bank = SampleBank(num_samples=3)
+    for step in (10, 11, 12):
+        with torch.no_grad():
+            if step == 11:
+                lora_modules(model)[0].A.fill_(float("nan"))
+            else:
+                lora_modules(model)[0].A.normal_()
+        bank.add(model, step)
+    x = torch.randn(4, IN)
+    with pytest.raises(FloatingPointError, match=r"sample 1 \(optimizer step 11\) gives non-finite probabilities "
+                                                 r"for 4 of 4 examples"):
+        bma_predict_proba(model, bank, [x])
+    with pytest.raises(FloatingPointError, match=r"sample 1 \(optimizer step 11\)"):
+        with bank.averaging(model) as bma:
+            bma.predict_proba(x)
+    assert torch.isfinite(lora_modules(model)[0].A).all()  # the model's own tensors are restored
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_banks_of_a_cuda_model_agree_on_every_storage(tmp_path):
+    """A model on the GPU banked in GPU memory, CPU memory and on disk: the samples keep their
+    values wherever they are stored, BMA of the CUDA model gives the same probabilities from all
+    three, and a checkpoint restored into a GPU bank puts its samples on the GPU."""
+    model = peft_model().cuda()
+    banks = {"cuda": SampleBank(num_samples=2, device="cuda:0"), "cpu": SampleBank(num_samples=2),
+             "disk": SampleBank(num_samples=2, directory=tmp_path)}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, device="cuda", generator=g))
+        for bank in banks.values():
+            bank.add(model, step)
+    name = next(iter(banks["cuda"][0]))
+    assert banks["cuda"][0][name].device.type == "cuda" and banks["cpu"][0][name].device.type == "cpu"
+    x = torch.randn(9, IN, device="cuda", generator=g)
+    probs = {k: bma_predict_proba(model, b, [x], forward_fn=lambda m, b: m(b)) for k, b in banks.items()}
+    for k in ("cpu", "disk"):
+        torch.testing.assert_close(probs[k], probs["cuda"], rtol=0, atol=0)
+    restored = SampleBank(num_samples=2, device="cuda")
+    restored.load_state_dict(banks["cpu"].state_dict())
+    assert restored[1][name].device.type == "cuda" and torch.equal(restored[1][name].cpu(), banks["cpu"][1][name])

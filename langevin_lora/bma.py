@@ -1,0 +1,133 @@
+r"""Bayesian model averaging (BMA) over the samples of a :class:`~langevin_lora.samples.SampleBank`.
+
+The posterior predictive is approximated by the sample average
+
+.. math::
+    p(y \mid x, \mathcal D) = \int p(y \mid x, \theta)\, \pi(\mathrm d\theta)
+    \approx \frac1S \sum_{s=1}^{S} \operatorname{softmax}\big(f_{\theta_s}(x)\big)_y ,
+
+with :math:`\theta_1, \dots, \theta_S` the banked samples. Each sample is loaded into the model
+*in place* (``Tensor.copy_`` into the live parameters, no deep copy of the model), the forward pass
+runs, the probabilities are averaged and the model's own tensors are restored.
+
+The model may be the module the samples were taken from (e.g. the LightningModule) or the PEFT
+model inside it: banked names are matched to the model's parameters by name, by parameter
+identity, or by the PEFT model's prefix (:meth:`SampleBank.load_into`).
+
+A sample whose probabilities are not finite (a chain that diverged) is never averaged silently:
+:class:`FloatingPointError` names the sample's index and optimizer step.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from langevin_lora.samples import SampleBank
+
+__all__ = ["bma_predict_proba", "default_forward"]
+
+Forward = Callable[[nn.Module, Any], Tensor]
+
+
+def default_forward(model: nn.Module, batch: Any) -> Tensor:
+    """Logits of a batch: ``model(**inputs)`` for a dict (``labels``/``label`` removed),
+    ``model(batch[0])`` for a tuple/list ``(x, y)``, else ``model(batch)``; ``.logits`` is taken
+    from model outputs that have it (Hugging Face models)."""
+    if isinstance(batch, Mapping):
+        out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
+    elif isinstance(batch, (tuple, list)):
+        out = model(batch[0])
+    else:
+        out = model(batch)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_finite_probs(probs: Tensor, bank: "SampleBank", i: int, where: str) -> Tensor:
+    """``probs`` (one row per example) unchanged, or :class:`FloatingPointError` naming sample ``i``."""
+    bad = ~torch.isfinite(probs.reshape(probs.shape[0], -1) if probs.ndim else probs.reshape(1, 1)).all(-1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise FloatingPointError(
+            f"{where}: sample {i} (optimizer step {bank.steps[i]}) gives non-finite probabilities for "
+            f"{int(bad.sum())} of {bad.numel()} examples (first: example {first}); the chain had diverged by "
+            "that step. Lower the Langevin step size (η·λ_max(G^½∇²UG^½) ≲ 0.1, see StepSizeWarning) or keep "
+            "only samples taken before the divergence.")
+    return probs
+
+
+class Averager:
+    """What :meth:`SampleBank.averaging` yields: loads samples into ``model`` and averages
+    ``softmax(forward_fn(model, batch))`` over them."""
+
+    def __init__(self, bank: "SampleBank", model: nn.Module, targets: dict[str, nn.Parameter]) -> None:
+        self.bank, self.model, self._targets = bank, model, targets
+
+    @torch.no_grad()
+    def load(self, i: int) -> None:
+        """Copy sample ``i`` into the model in place."""
+        sample = self.bank[i]
+        for name, p in self._targets.items():
+            p.copy_(sample[name])
+
+    def predict_proba(self, batch: Any, forward_fn: Forward | None = None) -> Tensor:
+        """Average over the bank of ``softmax(forward_fn(model, batch))`` for one batch."""
+        forward = forward_fn or default_forward
+        total = None
+        for i in range(len(self.bank)):
+            self.load(i)
+            p = check_finite_probs(torch.softmax(forward(self.model, batch).float(), dim=-1), self.bank, i,
+                                   "SampleBank.averaging")
+            total = p if total is None else total.add_(p)
+        return total.div_(len(self.bank))
+
+
+def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batches: Iterable[Any],
+                      forward_fn: Forward | None = None) -> Tensor:
+    r"""Bayesian-model-averaged class probabilities, one row per example.
+
+    .. math::
+        \bar p(y \mid x_n) = \frac1S \sum_{s=1}^S \operatorname{softmax}\big(f_{\theta_s}(x_n)\big)_y
+
+    Args:
+        model: the module the samples were taken from (e.g. the LightningModule) or the PEFT model
+            inside it; each sample is copied into it in place, and its own tensors and train/eval
+            mode are restored after.
+        bank: a non-empty :class:`~langevin_lora.samples.SampleBank`.
+        dataloader_or_batches: a DataLoader without shuffling, a list of batches, or any iterable
+            of batches (a one-shot iterator is read once into a list).
+        forward_fn: ``forward_fn(model, batch) -> logits`` of shape ``(batch, n_classes)``;
+            default :func:`default_forward`.
+
+    Returns:
+        ``(n_examples, n_classes)`` float32 tensor of averaged probabilities, in data order.
+
+    Raises:
+        FloatingPointError: a sample gives non-finite probabilities (its index and step are named).
+        ValueError: the bank is empty, the DataLoader shuffles, or ``model`` holds no parameter
+            for some banked tensor.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(dataloader_or_batches, DataLoader) and isinstance(dataloader_or_batches.sampler, RandomSampler):
+        raise ValueError("bma_predict_proba: the DataLoader shuffles (RandomSampler); each sample makes one pass, "
+                         "so the example order must be fixed: use shuffle=False")
+    batches = dataloader_or_batches
+    if iter(batches) is batches:  # one-shot iterator: read it once
+        batches = list(batches)
+    forward = forward_fn or default_forward
+    total: Tensor | None = None
+    with bank.averaging(model) as bma:
+        for i in range(len(bank)):
+            bma.load(i)
+            probs = torch.cat([torch.softmax(forward(model, b).float(), dim=-1) for b in batches])
+            check_finite_probs(probs, bank, i, "bma_predict_proba")
+            if total is not None and total.shape != probs.shape:
+                raise ValueError(f"bma_predict_proba: pass {i} gave {tuple(probs.shape)} probabilities, the first "
+                                 f"{tuple(total.shape)}; the batches must be the same on every pass")
+            total = probs if total is None else total.add_(probs)
+    assert total is not None
+    return total.div_(len(bank))

@@ -1,0 +1,45 @@
+"""The prior convention beside the temperature convention (issue 12): lambda = 1/(N sigma_p^2).
+
+With the mean loss L and U = L + (lambda/2)|theta|^2, the Bayesian log posterior of N examples with a
+N(0, sigma_p^2 I) prior, -N L - |theta|^2/(2 sigma_p^2), must equal -N U for every theta; the recipes
+plan their decay through the same helper."""
+import math
+
+import pytest
+import torch
+
+from langevin_lora.temperature import prior_std_from_weight_decay, weight_decay_from_prior_std
+
+
+@pytest.mark.parametrize("sigma, n", [(0.1, 1000), (0.02, 2000), (1.0, 569), (0.5, 7.5)])
+def test_weight_decay_makes_minus_N_U_the_log_posterior(sigma, n):
+    lam = weight_decay_from_prior_std(sigma, n)
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(50, dtype=torch.float64, generator=g) * 3
+    loss = 0.731  # any mean loss
+    log_post = -n * loss - (theta ** 2).sum() / (2 * sigma ** 2)
+    minus_n_u = -n * (loss + 0.5 * lam * (theta ** 2).sum())
+    assert float(log_post) == pytest.approx(float(minus_n_u), rel=1e-12)
+    assert prior_std_from_weight_decay(lam, n) == pytest.approx(sigma, rel=1e-12)
+    assert lam == pytest.approx(1.0 / (n * sigma ** 2), rel=1e-15)
+
+
+def test_prior_helpers_check_their_arguments():
+    import numpy as np
+
+    assert weight_decay_from_prior_std(np.float64(0.1), np.int64(1000)) == pytest.approx(0.1)
+    for bad in (0.0, -1.0, math.nan, math.inf, "0.1", True):
+        with pytest.raises(ValueError, match="Invalid prior_std"):
+            weight_decay_from_prior_std(bad, 10)
+        with pytest.raises(ValueError, match="Invalid weight_decay"):
+            prior_std_from_weight_decay(bad, 10)
+    with pytest.raises(ValueError, match="Invalid num_data"):
+        weight_decay_from_prior_std(0.1, 0)
+
+
+def test_compare_plan_uses_the_prior_helper():
+    from recipes.compare import LangevinSettings
+
+    plan = LangevinSettings(prior_std=0.05).plan(total_steps=40, num_data=1234)
+    assert plan["weight_decay"] == weight_decay_from_prior_std(0.05, 1234)
+    assert LangevinSettings(weight_decay=0.3).plan(total_steps=40, num_data=1234)["weight_decay"] == 0.3
