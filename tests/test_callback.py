@@ -213,7 +213,7 @@ def test_burn_in_leaves_user_optimizer_untouched():
     for (n, a), b in zip(all_tensors(ref).items(), all_tensors(mod).values()):
         assert torch.equal(a, b), n
     # the step wrapper is removed at teardown (the LR scheduler's own patch remains)
-    assert cb._installed is None and not isinstance(mod.trainer.optimizers[0].__dict__.get("step"), types.MethodType)
+    assert cb._wrapper is None and not isinstance(mod.trainer.optimizers[0].__dict__.get("step"), types.MethodType)
 
 
 def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
@@ -478,15 +478,17 @@ def test_bf16_adapters_use_fp32_masters_and_resume(tmp_path):
     mod = Tiny(optimizer="sgd", schedule=False)
     t = trainer([cb], 5, precision="bf16-true")
     t.fit(mod, loader())
-    assert cb._masters and all(m.dtype == torch.float32 for m in cb._masters.values())
+    masters = cb.engine.masters()
+    assert masters and all(m.dtype == torch.float32 for m in masters.values())
     params = dict(mod.named_parameters())
-    for n, m in cb._masters.items():
+    for n, m in masters.items():
         assert params[n].dtype == torch.bfloat16 and torch.equal(params[n], m.to(torch.bfloat16))
+        assert cb.work_tensor(params[n]) is m
     state = cb.state_dict()
     fresh = LangevinLoRA(num_data=N, burn_in_steps=2, seed=1)
     fresh.load_state_dict(state)
-    fresh._apply_pending(mod)
-    assert all(torch.equal(fresh._masters[n], m) for n, m in cb._masters.items())
+    fresh.engine.bind(params)
+    assert all(torch.equal(fresh.engine.masters()[n], m) for n, m in masters.items())
 
 
 def test_head_temperature_samples_heads_with_langevin():
