@@ -64,8 +64,8 @@ from langevin_lora.functional import (
 )
 from langevin_lora.temperature import noise_std
 
-__all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "LangevinEngine", "NonFiniteGradientWarning", "StepGroup",
-           "work_tensor_of"]
+__all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
+           "StepGroup", "work_tensor_of"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise")
@@ -89,6 +89,7 @@ class StepGroup:
     beta: float = math.inf
     weight_decay: float = 0.0
     foreach: bool | None = None
+    mixed: bool = False   # the work tensors span several (device, dtype) buckets
 
 
 def work_tensor_of(sampler: Any, p: Tensor) -> Tensor:
@@ -96,6 +97,27 @@ def work_tensor_of(sampler: Any, p: Tensor) -> Tensor:
     that is not a Langevin sampler (e.g. a torch optimizer)."""
     fn = getattr(sampler, "work_tensor", None)
     return fn(p) if callable(fn) else p
+
+
+class EngineFrontEnd:
+    """What a front-end holding ``self.engine`` shows of it: generators, policy, skipped steps."""
+
+    engine: "LangevinEngine"
+
+    @property
+    def generators(self) -> NoiseGenerators:
+        """The noise generators (saved in the front-end's ``state_dict``)."""
+        return self.engine.generators
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite-gradient policy, ``"skip"`` or ``"raise"``."""
+        return self.engine.nonfinite
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients."""
+        return self.engine.skipped_steps
 
 
 class LangevinEngine:
@@ -142,6 +164,7 @@ class LangevinEngine:
         fills the :class:`StepGroup`'s hyperparameters."""
         keys = params if keys is None else keys
         out = StepGroup([], [], [], [], **hyper)
+        bucket = None
         for key, p in zip(keys, params):
             g = p.grad
             if g is None:
@@ -153,16 +176,23 @@ class LangevinEngine:
             if p.dtype in LOW_PRECISION:
                 out.works.append(self.work_tensor(key, p))
                 out.grads.append(g.float())
+                this = (p.device, torch.float32)
             else:
                 out.works.append(p)
                 out.grads.append(g)
+                this = (p.device, p.dtype)
+            if bucket is None:
+                bucket = this
+            elif this != bucket:
+                out.mixed = True
         return out
 
     def preconditioners(self, keys: Iterable[Hashable]) -> list[Tensor] | None:
         """The frozen :math:`G` of every key, or ``None`` unless all of them have one."""
-        out = []
+        state, out = self.state, []
         for key in keys:
-            G = self.state.get(key, {}).get("precond")
+            slot = state.get(key)
+            G = slot.get("precond") if slot else None
             if G is None:
                 return None
             out.append(G)
@@ -254,7 +284,7 @@ class LangevinEngine:
             precond = self.preconditioners(g.keys)
             precond_sqrt = None if precond is None else [self.state[k]["precond_sqrt"] for k in g.keys]
             lists = [g.works, g.grads, noise or [], precond or [], precond_sqrt or []]
-            buckets = Optimizer._group_tensors_by_device_and_dtype(lists) if len(g.works) > 1 else {None: (lists, None)}
+            buckets = Optimizer._group_tensors_by_device_and_dtype(lists) if g.mixed else {None: (lists, None)}
             for (works, grads, nz, pre, pre_sqrt), _ in buckets.values():
                 langevin_step_(works, grads, nz or None, lr=g.lr, noise_std=std, weight_decay=g.weight_decay,
                                precond=pre or None, precond_sqrt=pre_sqrt or None, foreach=g.foreach)

@@ -123,7 +123,7 @@ from langevin_lora._validation import (
     check_positive,
 )
 from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
-from langevin_lora.engine import NONFINITE_POLICIES, LangevinEngine, StepGroup
+from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
 from langevin_lora.functional import check_clamp
 from langevin_lora.gauge import GaugeMoves
 from langevin_lora.optim.base import LangevinOptimizer
@@ -141,7 +141,7 @@ SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrateg
 Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
 
 
-class LangevinLoRA(Callback):
+class LangevinLoRA(EngineFrontEnd, Callback):
     r"""Langevin sampling of the LoRA adapters of a LightningModule, plus a posterior sample bank.
 
     See the module docstring for the full contract. Inverse temperature of the LoRA tensors:
@@ -260,20 +260,7 @@ class LangevinLoRA(Callback):
         self._module: LightningModule | None = None
         self._wrapper: StepWrapper | None = None
 
-    # -- engine pass-throughs ----------------------------------------------------------------------
-    @property
-    def generators(self):
-        """The noise generators (:class:`langevin_lora._rng.NoiseGenerators`)."""
-        return self.engine.generators
-
-    @property
-    def nonfinite(self) -> str:
-        return self.engine.nonfinite
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.engine.skipped_steps
-
+    # -- the engine's work tensors -----------------------------------------------------------------
     def work_tensor(self, p: Tensor) -> Tensor:
         """The tensor sampled for ``p``: its fp32 master copy while sampling fp16/bf16 LoRA tensors,
         else ``p`` (what :class:`~langevin_lora.gauge.GaugeMoves` moves)."""

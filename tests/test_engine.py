@@ -8,27 +8,16 @@ import lightning as L
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
 
 from langevin_lora import LangevinAdam, LangevinEngine, LangevinLoRA, LangevinSGD, lora_param_groups
 from langevin_lora.param_groups import lora_modules
-from test_callback import IN, OUT, R, N, loader, trainer
+from test_callback import N, R, Base, _quiet, loader, trainer  # noqa: F401  (_quiet: autouse fixture)
 
 LR, WD, SEED, STEPS = 1e-2, 0.1, 7, 10
 
 
-class Base(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(IN, OUT)
-        self.out = nn.Linear(OUT, OUT)
-
-    def forward(self, x):
-        return self.out(self.lin(x))
-
-
 class LoraOnly(L.LightningModule):
-    """LoRA r=2 on ``lin``, nothing else trainable; the optimizer is chosen by ``mode``."""
+    """LoRA r=2 on ``lin``, nothing else trainable (no modules_to_save); the optimizer is chosen by ``mode``."""
 
     def __init__(self, mode: str, precond=None):
         super().__init__()
@@ -71,15 +60,7 @@ def _lora(mod):
     return {n: p.detach().clone() for n, p in mod.named_parameters() if p.requires_grad}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*no Adam second moment.*")
-        yield
-
-
+@pytest.mark.filterwarnings("ignore:.*no Adam second moment")
 @pytest.mark.parametrize("preconditioned", [False, True])
 def test_optimizer_and_callback_give_bitwise_identical_chains(preconditioned):
     """Same model, data order, seed, step size, prior and G: LangevinSGD (G = 1) or LangevinAdam after

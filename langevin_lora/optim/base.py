@@ -9,14 +9,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from langevin_lora._validation import check_bool, check_non_negative, check_positive
-from langevin_lora.engine import LangevinEngine, NonFiniteGradientWarning, StepGroup
+from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.temperature import effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
 __all__ = ["LangevinOptimizer", "NonFiniteGradientWarning"]
 
 
-class LangevinOptimizer(Optimizer):
+class LangevinOptimizer(EngineFrontEnd, Optimizer):
     """Base class: subclasses implement :meth:`_update` (the step once every gradient is known finite).
 
     Every hyperparameter lives in the param group and is read at each step, so LR schedulers
@@ -38,20 +38,6 @@ class LangevinOptimizer(Optimizer):
         super().__setstate__(state)
         if "engine" in self.__dict__:   # load_state_dict replaces self.state: the engine follows
             self.engine.state = self.state
-
-    @property
-    def generators(self):
-        """The noise generators (:class:`langevin_lora._rng.NoiseGenerators`)."""
-        return self.engine.generators
-
-    @property
-    def nonfinite(self) -> str:
-        return self.engine.nonfinite
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients."""
-        return self.engine.skipped_steps
 
     # -- validation of every group, including ones added later or overridden by the user ----------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
