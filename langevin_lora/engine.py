@@ -164,26 +164,28 @@ class LangevinEngine:
         fills the :class:`StepGroup`'s hyperparameters."""
         keys = params if keys is None else keys
         out = StepGroup([], [], [], [], **hyper)
-        bucket = None
+        okeys, oparams, works, grads = out.keys, out.params, out.works, out.grads
+        dtype0 = device0 = None
         for key, p in zip(keys, params):
             g = p.grad
             if g is None:
                 continue
             if g.is_sparse:
                 raise RuntimeError(f"{self.owner} does not support sparse gradients")
-            out.keys.append(key)
-            out.params.append(p)
-            if p.dtype in LOW_PRECISION:
-                out.works.append(self.work_tensor(key, p))
-                out.grads.append(g.float())
-                this = (p.device, torch.float32)
+            okeys.append(key)
+            oparams.append(p)
+            dtype = p.dtype
+            if dtype in LOW_PRECISION:
+                works.append(self.work_tensor(key, p))
+                grads.append(g.float())
+                dtype = torch.float32
             else:
-                out.works.append(p)
-                out.grads.append(g)
-                this = (p.device, p.dtype)
-            if bucket is None:
-                bucket = this
-            elif this != bucket:
+                works.append(p)
+                grads.append(g)
+            device = p.get_device()   # an int: cheaper than p.device
+            if dtype0 is None:
+                dtype0, device0 = dtype, device
+            elif dtype is not dtype0 or device != device0:
                 out.mixed = True
         return out
 
