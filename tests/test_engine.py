@@ -129,3 +129,21 @@ def test_engine_state_round_trips_by_key_and_refuses_unknown_names():
         other.bind({"w": p})
     other.reset()
     assert not other.state and other.generators.seed == 0 and other.skipped_steps == 0
+
+
+def test_callback_loads_the_state_written_before_the_engine():
+    """A version-1 callback state (per-kind dicts of tensors by name) is converted on load."""
+    from langevin_lora._rng import NoiseGenerators
+    from langevin_lora.samples import SampleBank
+
+    G = torch.rand(3) + 0.5
+    v1 = {"version": 1, "sampling": True, "langevin_steps": 4, "skipped_steps": 1, "num_data": None,
+          "generators": NoiseGenerators(5).state_dict(), "precond": {"w": G}, "adapt_sq": {},
+          "precond_reference": 2.0, "masters": {"w": 2 * G}, "sample_bank": SampleBank(0).state_dict(),
+          "balance": None, "gauge_moves": None}
+    cb = LangevinLoRA(beta=1.0)
+    cb.load_state_dict(v1)
+    cb.engine.bind({"w": torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))})
+    assert cb.sampling and cb.langevin_steps == 4 and cb.skipped_steps == 1 and cb.generators.seed == 5
+    assert torch.equal(cb.engine.state["w"]["precond"], G) and torch.equal(cb.engine.state["w"]["precond_sqrt"], G.sqrt())
+    assert torch.equal(cb.engine.masters()["w"], 2 * G) and cb._precond_reference == 2.0
