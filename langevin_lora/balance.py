@@ -305,5 +305,3 @@ class BalanceSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_balanced = int(state["num_balanced"])
-
-

@@ -350,4 +350,3 @@ class GaugeMoves:
         self.calls = int(state["calls"])
         self.gl_proposed = int(state["gl_proposed"])
         self.gl_accepted = int(state["gl_accepted"])
-
