@@ -96,7 +96,8 @@ def _matrix_views(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     A2 = A.reshape(r, -1)
     if B.dim() > 2:
         if any(s != 1 for s in B.shape[2:]):
-            raise ValueError(f"Invalid lora_B: expected a 1x1 kernel for a conv LoRA factor, got shape {tuple(B.shape)}")
+            raise ValueError("Invalid lora_B: expected a 1x1 kernel for a conv LoRA factor, got shape "
+                             f"{tuple(B.shape)}")
         B2 = B.reshape(B.shape[0], B.shape[1])
     else:
         B2 = B
@@ -170,7 +171,8 @@ def gl_gauge_proposal(A: Tensor, B: Tensor, step_scale: float, generator: torch.
 def _decays(weight_decay: float | tuple[float, float]) -> tuple[float, float]:
     if isinstance(weight_decay, (tuple, list)):
         if len(weight_decay) != 2:
-            raise ValueError(f"Invalid weight_decay: {weight_decay!r} (expected a number > 0 or a pair (lambda_A, lambda_B))")
+            raise ValueError(f"Invalid weight_decay: {weight_decay!r} (expected a number > 0 or a pair "
+                             "(lambda_A, lambda_B))")
         lam_a, lam_b = weight_decay
     else:
         lam_a = lam_b = weight_decay

@@ -430,7 +430,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         try:
-            n = len(dataset) if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset) else None
+            sized = dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset)
+            n = len(dataset) if sized else None
         except TypeError:
             n = None
         if not n:

@@ -145,5 +145,6 @@ def test_callback_loads_the_state_written_before_the_engine():
     cb.load_state_dict(v1)
     cb.engine.bind({"w": torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))})
     assert cb.sampling and cb.langevin_steps == 4 and cb.skipped_steps == 1 and cb.generators.seed == 5
-    assert torch.equal(cb.engine.state["w"]["precond"], G) and torch.equal(cb.engine.state["w"]["precond_sqrt"], G.sqrt())
+    slot = cb.engine.state["w"]
+    assert torch.equal(slot["precond"], G) and torch.equal(slot["precond_sqrt"], G.sqrt())
     assert torch.equal(cb.engine.masters()["w"], 2 * G) and cb._precond_reference == 2.0
