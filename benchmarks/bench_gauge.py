@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from langevin_lora import LangevinSGD
-from langevin_lora.gauge import GaugeMoves, balance_factors
+from langevin_lora.balance import balance_factors
+from langevin_lora.gauge import GaugeMoves
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ROOT = Path(__file__).resolve().parents[1]

@@ -398,7 +398,7 @@ def _gauge(target: Target, params, seed: int):
     A, B = params
 
     def apply(opt):
-        moves([(A, B)], beta=target.beta, weight_decay=target.lam, optimizer=None)
+        moves([(A, B)], beta=target.beta, weight_decay=target.lam)
     apply.moves = moves
     return apply
 

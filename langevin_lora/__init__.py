@@ -4,8 +4,10 @@ over PEFT LoRA adapter tensors, as a drop-in optimizer or a Lightning callback.
 The temperature convention is stated in :mod:`langevin_lora.temperature`.
 """
 import langevin_lora.diagnostics  # noqa: F401  (registers the default diagnostics of LangevinLoRA)
-from langevin_lora.callback import LangevinLoRA
-from langevin_lora.gauge import BalanceSchedule, GaugeMoves, balance_factors, balance_lora_
+from langevin_lora.balance import BalanceSchedule, balance_factors, balance_lora_
+from langevin_lora.engine import LangevinEngine
+from langevin_lora.gauge import GaugeMoves
+from langevin_lora.lora_callback import LangevinLoRA
 from langevin_lora.functional import adapted_preconditioner, frozen_preconditioner, langevin_step_
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
 from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
@@ -21,6 +23,7 @@ __all__ = [
     "balance_lora_",
     "bma_predict_proba",
     "LangevinAdam",
+    "LangevinEngine",
     "LangevinLoRA",
     "LangevinSGD",
     "LoraFactors",

@@ -57,6 +57,7 @@ class NoiseGenerators:
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = check_int("seed", seed, low=0, allow_none=True)
+        self._initial_seed = self.seed
         self._generators: dict[str, torch.Generator] = {}
         self._pending_states: dict[str, torch.Tensor] = {}
 
@@ -77,6 +78,12 @@ class NoiseGenerators:
                 gen.set_state(self._pending_states.pop(key))
             self._generators[key] = gen
         return gen
+
+    def reset(self) -> None:
+        """Back to the constructor's seed (a new OS seed if it was ``None``), as if just built."""
+        self.seed = self._initial_seed
+        self._generators.clear()
+        self._pending_states = {}
 
     def state_dict(self) -> dict[str, Any]:
         states = {key: gen.get_state() for key, gen in self._generators.items()}

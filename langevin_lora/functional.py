@@ -1,8 +1,8 @@
 r"""Functional core of every Langevin update in this package.
 
 All samplers (:class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam` and the
-:class:`~langevin_lora.LangevinLoRA` callback) call :func:`langevin_step_`, the
-frozen-preconditioner unadjusted Langevin step (THEORY §1–2)
+:class:`~langevin_lora.LangevinLoRA` callback) step through :class:`~langevin_lora.engine.LangevinEngine`,
+which calls :func:`langevin_step_`, the frozen-preconditioner unadjusted Langevin step (THEORY §1–2)
 
 .. math::
     \theta \leftarrow \theta - \eta\, G \odot \big(g + \lambda\theta\big)

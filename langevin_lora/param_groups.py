@@ -15,7 +15,7 @@ from torch import nn
 
 from langevin_lora._validation import check_non_negative
 
-__all__ = ["LoraFactors", "lora_modules", "lora_param_groups", "lora_parameters", "LORA_ROLES"]
+__all__ = ["LoraFactors", "lora_adapter_names", "lora_modules", "lora_param_groups", "lora_parameters", "LORA_ROLES"]
 
 LORA_ROLES = ("lora_A", "lora_B", "lora_magnitude")
 NO_LORA_MESSAGE = (
@@ -67,6 +67,17 @@ def _iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
+def _layer_adapters(layer: Any) -> set[str]:
+    """Every adapter a LoRA layer holds, active or not."""
+    return (set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {})) |
+            set(getattr(layer, "lora_magnitude_vector", {})))
+
+
+def lora_adapter_names(model: nn.Module) -> list[str]:
+    """The names of every LoRA adapter the model's LoRA layers hold (active or not), sorted."""
+    return sorted(set().union(*(_layer_adapters(layer) for _, layer in _iter_lora_layers(model))))
+
+
 def _adapter_names(layer: Any, adapter_name: str | None) -> list[str]:
     if adapter_name is not None:
         return [adapter_name]
@@ -104,8 +115,7 @@ def _collect(model: nn.Module, adapter_name: str | None,
     names = {id(p): n for n, p in model.named_parameters()}
     found, seen = [], set()
     for _, layer in _iter_lora_layers(model):
-        adapters = (set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {})) |
-                    set(getattr(layer, "lora_magnitude_vector", {}))) if every_adapter else _adapter_names(layer, adapter_name)
+        adapters = _layer_adapters(layer) if every_adapter else _adapter_names(layer, adapter_name)
         for adapter in adapters:
             candidates = []
             if adapter in layer.lora_A:

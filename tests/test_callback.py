@@ -120,6 +120,12 @@ def _quiet():
     (dict(sample_dir="x", num_samples=0), "sample_dir"),
     (dict(nonfinite="ignore"), "nonfinite"),
     (dict(seed=-3), "seed"),
+    (dict(foreach="yes"), r"Invalid foreach: 'yes' \(expected True, False or None\)"),
+    (dict(adapter_name=""), r"Invalid adapter_name: '' \(expected None or a non-empty str"),
+    (dict(adapter_name=3), r"Invalid adapter_name: 3 \(expected None or a non-empty str"),
+    (dict(precondition=1), r"Invalid precondition: 1 \(expected True or False\)"),
+    (dict(sample_dir=3, num_samples=1), r"Invalid sample_dir: 3 \(expected a folder path"),
+    (dict(diagnostics=object), r"Invalid diagnostics: .*expected True, False or a lightning Callback"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -213,7 +219,7 @@ def test_burn_in_leaves_user_optimizer_untouched():
     for (n, a), b in zip(all_tensors(ref).items(), all_tensors(mod).values()):
         assert torch.equal(a, b), n
     # the step wrapper is removed at teardown (the LR scheduler's own patch remains)
-    assert cb._installed is None and not isinstance(mod.trainer.optimizers[0].__dict__.get("step"), types.MethodType)
+    assert cb._wrapper is None and not isinstance(mod.trainer.optimizers[0].__dict__.get("step"), types.MethodType)
 
 
 def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
@@ -478,15 +484,17 @@ def test_bf16_adapters_use_fp32_masters_and_resume(tmp_path):
     mod = Tiny(optimizer="sgd", schedule=False)
     t = trainer([cb], 5, precision="bf16-true")
     t.fit(mod, loader())
-    assert cb._masters and all(m.dtype == torch.float32 for m in cb._masters.values())
+    masters = cb.engine.masters()
+    assert masters and all(m.dtype == torch.float32 for m in masters.values())
     params = dict(mod.named_parameters())
-    for n, m in cb._masters.items():
+    for n, m in masters.items():
         assert params[n].dtype == torch.bfloat16 and torch.equal(params[n], m.to(torch.bfloat16))
+        assert cb.work_tensor(params[n]) is m
     state = cb.state_dict()
     fresh = LangevinLoRA(num_data=N, burn_in_steps=2, seed=1)
     fresh.load_state_dict(state)
-    fresh._apply_pending(mod)
-    assert all(torch.equal(fresh._masters[n], m) for n, m in cb._masters.items())
+    fresh.engine.bind(params)
+    assert all(torch.equal(fresh.engine.masters()[n], m) for n, m in masters.items())
 
 
 def test_head_temperature_samples_heads_with_langevin():
@@ -556,3 +564,99 @@ def test_minilm_lora_takes_langevin_steps(minilm_lora_factory):
     assert any(not torch.equal(moved[-1][n], after[n]) for n in after)  # the last Langevin step moved them
     assert all(torch.equal(p, frozen[n]) for n, p in clf.named_parameters() if n in frozen)  # base untouched
     assert len(cb.sample_bank) == 2 and cb.sample_bank.steps == [3, 4]
+
+
+# -- reliability (issue 11) ------------------------------------------------------------------------
+def test_nonfinite_sampling_step_skips_the_whole_optimizer_step():
+    """An inf loss at one sampling step with the default nonfinite="skip": the Langevin update *and* the
+    user's AdamW step of the head (modules_to_save) are skipped, with a warning; training continues and
+    every parameter stays finite (before: the head took a NaN step and every later step was skipped)."""
+    steps, burn, bad = 8, 2, 4
+    cb = LangevinLoRA(num_data=N, seed=0, burn_in_steps=burn, diagnostics=False)
+    mod = Tiny(inf_at=bad)
+    seen = []
+    cb.step_observers.append(lambda tr, pl, c: seen.append(tr.global_step))
+    with pytest.warns(NonFiniteGradientWarning, match="step skipped, nothing updated, no noise drawn"):
+        trainer([cb], steps).fit(mod, loader())
+    assert cb.skipped_steps == 1 and cb.langevin_steps == steps - burn - 1 and bad not in seen
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+    opt = mod.trainer.optimizers[0]
+    head = [p for n, p in mod.named_parameters() if "modules_to_save" in n and p.requires_grad]
+    assert head and all(int(opt.state[p]["step"]) == steps - 1 for p in head)  # AdamW skipped the bad step
+
+
+def _bank_cb(**kw):
+    return LangevinLoRA(num_data=N, burn_in_steps=2, seed=3, num_samples=2, sample_every=1, weight_decay=0.1,
+                        diagnostics=False, **kw)
+
+
+def test_second_fit_starts_a_clean_chain_and_bank():
+    """Reusing the callback for another fit (not a resume) gives exactly what a new callback gives:
+    counters, generators, preconditioner and bank start over."""
+    cb = _bank_cb()
+    trainer([cb], 5).fit(Tiny(), loader())
+    assert cb.sample_bank.steps == [3, 4]
+    reused, fresh, fresh_cb = Tiny(), Tiny(), _bank_cb()
+    trainer([cb], 6).fit(reused, loader())
+    trainer([fresh_cb], 6).fit(fresh, loader())
+    assert cb.langevin_steps == fresh_cb.langevin_steps == 4 and cb.sample_bank.steps == [4, 5]
+    for (n, a), b in zip(all_tensors(fresh).items(), all_tensors(reused).values()):
+        assert torch.equal(a, b), n
+    for a, b in zip(fresh_cb.sample_bank, cb.sample_bank):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(cb.generators.state_dict()["states"]["cpu"], fresh_cb.generators.state_dict()["states"]["cpu"])
+
+
+def test_sample_dir_of_an_earlier_run_is_refused_unless_resuming(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    bank = tmp_path / "bank"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    trainer([_bank_cb(sample_dir=bank), ckpt], 8, enable_checkpointing=True).fit(Tiny(), loader())
+    assert sorted(p.name for p in bank.iterdir()) == ["sample-00000006", "sample-00000007"]
+    with pytest.raises(MisconfigurationException, match=r"sample_dir='.*bank' already holds 2 sample folders of "
+                                                        r"an earlier run.*does not resume"):
+        trainer([_bank_cb(sample_dir=bank)], 8).fit(Tiny(), loader())
+    cb = _bank_cb(sample_dir=bank)   # resuming that run is allowed
+    trainer([cb], 8).fit(Tiny(), loader(), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert cb.langevin_steps == 6 and cb.sample_bank.steps == [6, 7]
+
+
+def test_sample_dir_is_validated_at_construction_and_setup(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*file\.txt' exists and is not a folder"):
+        LangevinLoRA(num_samples=1, sample_dir=f)
+    cb = LangevinLoRA(num_data=N, num_samples=1, sample_dir=f / "bank")   # below a file: cannot be created
+    with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*bank' is not writable"):
+        trainer([cb], 2).fit(Tiny(), loader())
+
+
+def test_warns_when_sampling_never_starts():
+    cb = LangevinLoRA(num_data=N, burn_in_steps=100, diagnostics=False)
+    with pytest.warns(UserWarning, match="plans 8 optimizer steps and burn_in_steps=100: sampling never starts") as rec:
+        trainer([cb], 8).fit(Tiny(), loader())
+    assert any("fit ended without a Langevin step" in str(w.message) for w in rec)
+    cb = LangevinLoRA(num_data=N, burn_in_steps=8, diagnostics=False)   # planned by epochs: 2 x 4 steps
+    with pytest.warns(UserWarning, match="plans 8 optimizer steps and burn_in_steps=8"):
+        L.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, accelerator="cpu", devices=1).fit(Tiny(), loader())
+    assert cb.langevin_steps == 0
+
+
+def test_numpy_numbers_are_accepted():
+    import numpy as np
+
+    cb = LangevinLoRA(num_data=np.int64(N), burn_in_steps=np.int64(2), sample_every=np.int32(1),
+                      num_samples=np.int64(2), seed=np.int64(1), temperature=np.float32(0.5),
+                      weight_decay=np.float64(0.1), precond_clamp=(np.float32(0.1), np.int64(10)),
+                      precond_adapt_steps=np.int8(0), diagnostics=False)
+    trainer([cb], 4).fit(Tiny(), loader())
+    assert type(cb.num_data) is int and cb.num_data == N and cb.beta == 2 * N
+    assert cb.langevin_steps == 2 and len(cb.sample_bank) == 2
+
+
+def test_unknown_adapter_name_refused_at_setup():
+    with pytest.raises(MisconfigurationException,
+                       match=r"Invalid adapter_name: 'other' \(the model's LoRA adapters are \['default'\]\)"):
+        trainer([LangevinLoRA(num_data=N, adapter_name="other")], 2).fit(Tiny(), loader())

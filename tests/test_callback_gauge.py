@@ -104,3 +104,25 @@ def test_gl_acceptance_is_logged_and_gauge_state_resumes(tmp_path):
     fresh.load_state_dict(state)
     assert fresh.gauge_moves.calls == 10
     assert fresh.gauge_moves.generators.state_dict()["seed"] == 1
+
+
+def test_gauge_moves_on_bf16_adapters_keep_fp32_precision():
+    """bf16 adapters are sampled through fp32 master copies; a gauge move under the callback must move
+    those masters (the parameters receive their rounding), not the rounded bf16 parameters, which the
+    next step would copy back into the masters and so discard the fp32 digits."""
+    cb = LangevinLoRA(num_data=32, burn_in_steps=2, weight_decay=0.1, seed=0, diagnostics=False,
+                      gauge_moves=GaugeMoves(every_n_steps=1, orthogonal=True, seed=1))
+    checked = []
+
+    def after(tr, pl, c):
+        for f in lora_modules(pl.model):
+            for p in (f.A, f.B):
+                w = c.work_tensor(p)
+                assert p.dtype == torch.bfloat16 and w.dtype == torch.float32
+                assert torch.equal(p, w.to(p.dtype))            # the parameter is the moved master's rounding
+                assert not torch.equal(w, w.to(p.dtype).float())  # and the master keeps its fp32 digits
+        checked.append(tr.global_step)
+
+    cb.post_step_observers.append(after)
+    trainer([cb], max_steps=8, precision="bf16-true").fit(Tiny(optimizer="sgd", schedule=False), loader())
+    assert checked == [2, 3, 4, 5, 6, 7] and cb.gauge_moves.calls == 6

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from langevin_lora import LangevinAdam, LangevinSGD, lora_modules
+from langevin_lora.balance import BalanceSchedule, balance_factors, balance_lora_
 from langevin_lora.gauge import (
-    BalanceSchedule,
     GaugeMoves,
-    balance_factors,
-    balance_lora_,
     gauge_imbalance,
     gl_gauge_move_,
     gl_gauge_proposal,

@@ -401,6 +401,7 @@ INVALID_COMMON = [
     (dict(nonfinite="ignore"), r"Invalid nonfinite: 'ignore' \(expected one of 'skip', 'raise'\)"),
     (dict(seed=-1), r"Invalid seed: -1 \(expected an integer >= 0\)"),
     (dict(seed=1.5), r"Invalid seed: 1\.5 \(expected an integer >= 0\)"),
+    (dict(foreach="yes"), r"Invalid foreach: 'yes' \(expected True, False or None\)"),
 ]
 INVALID_ADAM = [
     (dict(betas=(1.0, 0.999)), r"Invalid betas\[0\]: 1\.0 \(allowed range \[0, 1\)\)"),
@@ -946,3 +947,19 @@ def test_all_finite_float64_beyond_float32_range():
     from langevin_lora.functional import all_finite
 
     assert all_finite([torch.full((10,), 1e300, dtype=F64)])
+
+
+@pytest.mark.parametrize("opt_cls", [LangevinSGD, LangevinAdam])
+def test_numpy_numbers_are_accepted(opt_cls):
+    import numpy as np
+
+    extra = dict(betas=(np.float64(0.9), np.float32(0.99)), eps=np.float32(1e-7), warmup_steps=np.int64(2),
+                 adapt_steps=np.int32(1), precond_clamp=(np.float32(0.1), np.int64(10))) if opt_cls is LangevinAdam else {}
+    params = make_params()
+    opt = opt_cls(params, lr=np.float32(1e-3), num_data=np.int64(100), temperature=np.float64(0.5),
+                  weight_decay=np.float32(0.01), seed=np.int64(3), **extra)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    assert opt.langevin_groups()[0].beta == 200.0
+    assert all(torch.isfinite(p).all() for p in params)

@@ -4,20 +4,11 @@ import warnings
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor
 
-from langevin_lora._rng import draw_standard_normal
-from langevin_lora._validation import check_int, check_non_negative, check_real
-from langevin_lora.functional import (
-    accumulate_potential_grad_sq_,
-    adam_inverse_scale,
-    adapted_preconditioner,
-    check_clamp,
-    langevin_step_,
-    median_scale,
-)
-from langevin_lora.optim.base import LOW_PRECISION, LangevinOptimizer
-from langevin_lora.temperature import noise_std
+from langevin_lora._validation import check_int, check_real
+from langevin_lora.engine import LOW_PRECISION, StepGroup
+from langevin_lora.functional import adam_inverse_scale, check_clamp
+from langevin_lora.optim.base import LangevinOptimizer
 
 
 class LangevinAdam(LangevinOptimizer):
@@ -120,31 +111,27 @@ class LangevinAdam(LangevinOptimizer):
         self._freeze([g for g in self.param_groups if not g["sampling"]])
 
     def _freeze(self, groups: list[dict[str, Any]]) -> None:
-        """Freeze ``groups`` together: the clamp's reference scale is the median of the unclamped
-        :math:`G` over all their tensors, so a tensor whose gradient stayed ~0 (LoRA ``A`` while
-        ``B = 0``) is capped at ``c_hi`` times the typical scale instead of :math:`1/\\epsilon`."""
+        """Freeze ``groups`` together (:meth:`LangevinEngine.freeze`): the clamp's reference scale is
+        the median of the unclamped :math:`G` over all their tensors, so a tensor whose gradient
+        stayed ~0 (LoRA ``A`` while ``B = 0``) is capped at ``c_hi`` times the typical scale instead
+        of :math:`1/\\epsilon`."""
         if not groups:
             return
-        raw: list[tuple[dict[str, Any], Tensor, Tensor]] = []
+        raw = []
         for group in groups:
             if group["step"] == 0:
                 warnings.warn("LangevinAdam.start_sampling: no warm-up step taken, the preconditioner "
                               "is the identity (plain SGLD)", stacklevel=3)
             _, beta2 = group["betas"]
             for p in group["params"]:
-                v = self.state[p].get("exp_avg_sq")
+                state = self.state[p]
+                v = state.get("exp_avg_sq")
                 if v is None:
                     v = torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
-                steps = self.state[p].get("step", group["step"])
-                raw.append((group, p, adam_inverse_scale(v, steps, beta2, group["eps"])))
-        reference = median_scale([g for _, _, g in raw]) if raw else 1.0
-        for group, p, g in raw:
-            lo, hi = group["precond_clamp"]
-            G = g.clamp_(min=lo * reference, max=hi * reference)
-            state = self.state[p]
-            state["precond"] = G
-            state["precond_sqrt"] = G.sqrt()
-            state.pop("exp_avg", None)  # no longer used: the frozen G replaces the moments
+                steps = state.get("step", group["step"])
+                raw.append((p, adam_inverse_scale(v, steps, beta2, group["eps"]), group["precond_clamp"]))
+                state.pop("exp_avg", None)  # no longer used: the frozen G replaces the moments
+        reference = self.engine.freeze(raw)
         for group in groups:
             group["sampling"] = True
             group["adapted"] = 0
@@ -161,25 +148,35 @@ class LangevinAdam(LangevinOptimizer):
         # Every group that is due is frozen at once: they share the clamp's reference scale.
         self._freeze([g for g in self.param_groups if not g["sampling"] and self._warmup_done(g)])
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor],
-                      grads: list[Tensor]) -> None:
-        if not group["sampling"] and self._warmup_done(group):
-            self._freeze_due()  # warmup_steps=0, or lowered since the last step
-        if group["sampling"]:
-            self._sample(group, params, work, grads)
-        else:
-            self._adam(group, params, work, grads)
-
     @staticmethod
     def _warmup_done(group: dict[str, Any]) -> bool:
         return group["warmup_steps"] is not None and group["step"] >= group["warmup_steps"]
 
-    def _adam(self, group, params, work, grads) -> None:
+    def _update(self, batches: list[StepGroup]) -> None:
+        self._freeze_due()  # warmup_steps=0, or lowered since the last step
+        sampling = []
+        for group, batch in zip(self.param_groups, batches):
+            if not batch.params:
+                continue
+            if group["sampling"]:
+                sampling.append((group, batch))
+            else:
+                self._adam(group, batch)
+                self.engine.write_back(batch)
+        adapting = [(group, batch) for group, batch in sampling if self._adapting(group)]
+        self.engine.accumulate(batch for _, batch in adapting)   # at the pre-step point
+        self.engine.step([batch for _, batch in sampling])
+        for group, _ in adapting:
+            group["adapted"] += 1
+            group["refreeze_due"] = group["adapted"] == group["adapt_steps"]
+
+    def _adam(self, group: dict[str, Any], batch: StepGroup) -> None:
         beta1, beta2 = group["betas"]
         lam, lr, eps = group["weight_decay"], group["lr"], group["eps"]
+        work, grads = batch.works, batch.grads
         group["step"] += 1
         m, v, steps = [], [], []
-        for p, w in zip(params, work):
+        for p, w in zip(batch.params, work):
             state = self.state[p]
             if "exp_avg" not in state:  # first step, or moments cleared by balance_lora_(moments="reset")
                 state["exp_avg"] = torch.zeros_like(w)
@@ -206,40 +203,16 @@ class LangevinAdam(LangevinOptimizer):
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(work, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
 
-    def _sample(self, group, params, work, grads) -> None:
-        adapting = self._adapting(group)
-        if adapting:
-            sq = []
-            for p, w in zip(params, work):
-                if "adapt_sq" not in self.state[p]:
-                    self.state[p]["adapt_sq"] = torch.zeros_like(w)
-                sq.append(self.state[p]["adapt_sq"])
-            accumulate_potential_grad_sq_(sq, grads, work, group["weight_decay"])
-        std = noise_std(group["lr"], self.group_beta(group))
-        precond = [self.state[p]["precond"] for p in params]
-        precond_sqrt = [self.state[p]["precond_sqrt"] for p in params]
-        noise = draw_standard_normal(work, self.generators) if std > 0 else None
-        langevin_step_(work, grads, noise, lr=group["lr"], noise_std=std, weight_decay=group["weight_decay"],
-                       precond=precond, precond_sqrt=precond_sqrt, foreach=group["foreach"])
-        if adapting:
-            group["adapted"] += 1
-            group["refreeze_due"] = group["adapted"] == group["adapt_steps"]
-
     def _refreeze_due(self) -> None:
         """Re-freeze ``G`` from the averaged squared gradients of U of every group whose adaptation
-        window has just ended. Groups frozen together (same reference scale) are re-frozen together,
-        so the relative scale of, e.g., LoRA ``A`` and ``B`` groups comes from the measurement. A
-        tensor that never had a gradient during adaptation keeps its warm-up ``G``."""
-        due: dict[float, list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
+        window has just ended (:meth:`LangevinEngine.refreeze`). Groups frozen together (same reference
+        scale) are re-frozen together, so the relative scale of, e.g., LoRA ``A`` and ``B`` groups
+        comes from the measurement. A tensor that never had a gradient during adaptation keeps its
+        warm-up ``G``."""
+        due: dict[float, list[dict[str, Any]]] = {}
         for group in self.param_groups:
             if group.pop("refreeze_due", False):
-                for p in group["params"]:
-                    sq = self.state[p].pop("adapt_sq", None)
-                    if sq is not None:
-                        due.setdefault(group["precond_reference"], []).append((group, p, sq.div_(group["adapted"])))
-        for reference, items in due.items():
-            group0 = items[0][0]
-            G = adapted_preconditioner([v for _, _, v in items], reference, group0["eps"], group0["precond_clamp"])
-            for (group, p, _), g in zip(items, G):
-                self.state[p]["precond"] = g
-                self.state[p]["precond_sqrt"] = g.sqrt()
+                due.setdefault(group["precond_reference"], []).append(group)
+        for reference, groups in due.items():
+            counts = {p: g["adapted"] for g in groups for p in g["params"]}
+            self.engine.refreeze(counts, reference, eps=groups[0]["eps"], clamp=groups[0]["precond_clamp"])

@@ -1,43 +1,43 @@
-"""What every Langevin optimizer shares: noise generators in the state dict, fp32 master copies
-of low-precision parameters, the non-finite-gradient policy, and per-group inverse temperature."""
+"""The torch.optim front-end of the sampling engine (:mod:`langevin_lora.engine`): every
+hyperparameter in the param group, the engine's per-tensor state in ``Optimizer.state``."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from langevin_lora._rng import NoiseGenerators
-from langevin_lora._validation import check_choice, check_non_negative, check_positive
-from langevin_lora.functional import all_finite
+from langevin_lora._validation import check_bool, check_non_negative, check_positive
+from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.temperature import effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-NONFINITE_POLICIES = ("skip", "raise")
+__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning"]
 
 
-class NonFiniteGradientWarning(UserWarning):
-    """A step was skipped because a gradient held inf or NaN."""
-
-
-class LangevinOptimizer(Optimizer):
-    """Base class: subclasses implement :meth:`_update_group`.
+class LangevinOptimizer(EngineFrontEnd, Optimizer):
+    """Base class: subclasses implement :meth:`_update` (the step once every gradient is known finite).
 
     Every hyperparameter lives in the param group and is read at each step, so LR schedulers
-    and per-group overrides (e.g. ``{"params": head, "temperature": 0.0}``) work unchanged.
+    and per-group overrides (e.g. ``{"params": head, "temperature": 0.0}``) work unchanged. The
+    engine's per-tensor state (fp32 masters, frozen ``G``, adaptation sums) is ``self.state[p]``,
+    saved by :meth:`state_dict` as torch.optim saves its moments; generator states and the
+    skipped-step count go under ``state_dict()["langevin"]``.
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, num_data: int | None,
                  beta: float | None, seed: int | None, nonfinite: str) -> None:
         base_beta = resolve_base_beta(num_data, beta)
         defaults = dict(defaults, base_beta=base_beta)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        self.generators = NoiseGenerators(seed)
-        self.skipped_steps = 0
+        self.engine = LangevinEngine(seed=seed, nonfinite=nonfinite, owner=type(self).__name__)
         super().__init__(params, defaults)
+        self.engine.state = self.state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "engine" in self.__dict__:   # load_state_dict replaces self.state: the engine follows
+            self.engine.state = self.state
 
     # -- validation of every group, including ones added later or overridden by the user ----------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -53,80 +53,49 @@ class LangevinOptimizer(Optimizer):
         check_non_negative("temperature", group["temperature"])
         check_non_negative("weight_decay", group["weight_decay"])
         check_positive("beta", group["base_beta"])
+        check_bool("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
     def group_beta(group: dict[str, Any]) -> float:
         r"""Inverse temperature :math:`\beta = \beta_0 / T` of a param group (``inf`` at ``T = 0``)."""
         return effective_beta(group["base_beta"], group["temperature"])
 
-    # -- the step ----------------------------------------------------------------------------
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Parameters with a gradient, the tensors to update (fp32 masters for fp16/bf16) and
-        their gradients in the update dtype."""
-        params, work, grads = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            if p.dtype in LOW_PRECISION:
-                state = self.state[p]
-                if "master" not in state:
-                    state["master"] = p.detach().float()
-                work.append(state["master"])
-                grads.append(p.grad.float())
-            else:
-                work.append(p)
-                grads.append(p.grad)
-        return params, work, grads
+    def work_tensor(self, p: Tensor) -> Tensor:
+        """The tensor updated for ``p``: its fp32 master copy (fp16/bf16), else ``p``."""
+        return self.engine.work_tensor(p, p)
 
+    # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = [self._gather(group) for group in self.param_groups]
-        if not all_finite([g for _, _, grads in gathered for g in grads]):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient (inf or NaN); nothing was updated"
-                )
-            self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__}: non-finite gradient (inf or NaN); step skipped, no noise "
-                f"drawn ({self.skipped_steps} skipped so far)", NonFiniteGradientWarning, stacklevel=2,
-            )
-            return loss
-        for group, (params, work, grads) in zip(self.param_groups, gathered):
-            if params:
-                self._update_group(group, params, work, grads)
-                for p, w in zip(params, work):
-                    if w is not p:
-                        p.copy_(w)
+        batches = [self.engine.gather(group["params"], lr=group["lr"], beta=self.group_beta(group),
+                                      weight_decay=group["weight_decay"], foreach=group["foreach"])
+                   for group in self.param_groups]
+        if self.engine.check_finite([g for b in batches for g in b.grads], stacklevel=4):
+            self._update(batches)
         return loss
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor],
-                      grads: list[Tensor]) -> None:
+    def _update(self, batches: list[StepGroup]) -> None:
+        """Update every group (``batches[i]`` belongs to ``self.param_groups[i]``)."""
         raise NotImplementedError
 
     def langevin_groups(self) -> list[LangevinGroupView]:
         """The :class:`~langevin_lora.view.LangevinGroupView` of every param group (for diagnostics)."""
         views = []
         for i, group in enumerate(self.param_groups):
-            precond = [self.state[p].get("precond") for p in group["params"]]
             views.append(LangevinGroupView(
                 name=group.get("name", f"group{i}"), params=list(group["params"]), lr=group["lr"],
                 beta=self.group_beta(group), weight_decay=group["weight_decay"],
-                precond=None if any(G is None for G in precond) else precond,
-                sampling=group.get("sampling", True)))
+                precond=self.engine.preconditioners(group["params"]), sampling=group.get("sampling", True)))
         return views
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["langevin"] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps}
+        state["langevin"] = self.engine.state_dict(per_tensor=False)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -145,5 +114,4 @@ class LangevinOptimizer(Optimizer):
         for (p, key), value in keep.items():
             self.state[p][key] = value.to(device=p.device, copy=True)
         if extra is not None:
-            self.generators.load_state_dict(extra["generators"])
-            self.skipped_steps = extra["skipped_steps"]
+            self.engine.load_state_dict(extra)

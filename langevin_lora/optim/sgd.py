@@ -1,13 +1,9 @@
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
-from torch import Tensor
-
-from langevin_lora._rng import draw_standard_normal
-from langevin_lora.functional import langevin_step_
+from langevin_lora.engine import StepGroup
 from langevin_lora.optim.base import LangevinOptimizer
-from langevin_lora.temperature import noise_std
 
 
 class LangevinSGD(LangevinOptimizer):
@@ -62,9 +58,5 @@ class LangevinSGD(LangevinOptimizer):
         defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor],
-                      grads: list[Tensor]) -> None:
-        std = noise_std(group["lr"], self.group_beta(group))
-        noise = draw_standard_normal(work, self.generators) if std > 0 else None
-        langevin_step_(work, grads, noise, lr=group["lr"], noise_std=std,
-                       weight_decay=group["weight_decay"], foreach=group["foreach"])
+    def _update(self, batches: list[StepGroup]) -> None:
+        self.engine.step(batches)

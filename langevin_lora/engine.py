@@ -1,0 +1,333 @@
+r"""The sampling engine: per-tensor sampler state and the operations every Langevin front-end shares.
+
+:class:`LangevinEngine` is what :class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam`
+(torch optimizers) and :class:`~langevin_lora.LangevinLoRA` (a Lightning callback) drive; they only
+translate their framework's calls into its operations. The update itself is written once, in
+:func:`langevin_lora.functional.langevin_step_` (THEORY §1–2):
+
+.. math::
+    \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi,
+    \qquad \xi \sim N(0, I),
+
+with, per group, the current step size :math:`\eta`, inverse temperature :math:`\beta = \beta_0/T` and
+prior precision :math:`\lambda` (so LoRA ``A`` and ``B`` may differ), and, per tensor, a frozen
+diagonal :math:`G` (none: :math:`G = 1`).
+
+**Per-tensor state** (``engine.state[key]``, a dict of tensors):
+
+- ``"master"``: the fp32 master copy of an fp16/bf16 parameter. It is the *work tensor*
+  (:meth:`LangevinEngine.work_tensor`): every update, gauge move and balancing acts on it and the
+  parameter receives its rounding, so noise far below the parameter's resolution accumulates.
+- ``"precond"``, ``"precond_sqrt"``: the frozen :math:`G` and :math:`\sqrt G`
+  (:meth:`~LangevinEngine.freeze`, :meth:`~LangevinEngine.refreeze`).
+- ``"adapt_sq"``: running sum of :math:`(g + \lambda\theta)^2` while adapting :math:`G`
+  (:meth:`~LangevinEngine.accumulate`).
+- reserved for the next samplers: ``"momentum"`` (kinetic Langevin: one buffer per tensor, drawn
+  from the same generators) and ``"prior_centre"`` (a prior :math:`N(\theta_0, (\beta\lambda)^{-1})`:
+  the drift's :math:`\lambda\theta` becomes :math:`\lambda(\theta - \theta_0)`); both live beside
+  :math:`G` and are saved with it.
+
+The key of a tensor is the front-end's: the callback keys by parameter name (its checkpoints are
+matched by name), the optimizers hand over their own ``Optimizer.state`` (keyed by the parameter,
+torch.optim's convention), so ``opt.state[p]["precond"]`` and ``Optimizer.state_dict()`` carry it.
+
+**One step** (:meth:`~LangevinEngine.step`): one Gaussian draw for all noisy tensors of all groups
+(:func:`langevin_lora._rng.draw_standard_normal`, explicit per-device generators), then one
+:func:`~langevin_lora.functional.langevin_step_` per (group, device, dtype) bucket, as torch.optim
+groups its foreach kernels. Front-ends that present the same tensors, gradients, groups and seed
+therefore produce bitwise-identical chains.
+
+**Non-finite gradients** (:meth:`~LangevinEngine.check_finite`): ``"skip"`` warns
+(:class:`NonFiniteGradientWarning`) and the front-end updates nothing and draws no noise;
+``"raise"`` raises :class:`FloatingPointError`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Mapping, MutableMapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from langevin_lora._rng import NoiseGenerators, draw_standard_normal
+from langevin_lora._validation import check_choice
+from langevin_lora.functional import (
+    accumulate_potential_grad_sq_,
+    adapted_preconditioner,
+    all_finite,
+    langevin_step_,
+    median_scale,
+)
+from langevin_lora.temperature import noise_std
+
+__all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
+           "StepGroup", "work_tensor_of"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+NONFINITE_POLICIES = ("skip", "raise")
+_DERIVED = ("precond_sqrt",)   # recomputed on load instead of saved
+
+
+class NonFiniteGradientWarning(UserWarning):
+    """A step was skipped because a gradient held inf or NaN."""
+
+
+@dataclass
+class StepGroup:
+    """One group's share of a step: the tensors that have a gradient, their work tensors and
+    gradients (in the update dtype), and the group's hyperparameters read at this step."""
+
+    keys: list
+    params: list[Tensor]
+    works: list[Tensor]
+    grads: list[Tensor]
+    lr: float = 0.0
+    beta: float = math.inf
+    weight_decay: float = 0.0
+    foreach: bool | None = None
+    mixed: bool = False   # the work tensors span several (device, dtype) buckets
+
+
+def work_tensor_of(sampler: Any, p: Tensor) -> Tensor:
+    """The tensor ``sampler`` updates for ``p`` (its fp32 master copy, or ``p``); ``p`` for anything
+    that is not a Langevin sampler (e.g. a torch optimizer)."""
+    fn = getattr(sampler, "work_tensor", None)
+    return fn(p) if callable(fn) else p
+
+
+class EngineFrontEnd:
+    """What a front-end holding ``self.engine`` shows of it: generators, policy, skipped steps."""
+
+    engine: "LangevinEngine"
+
+    @property
+    def generators(self) -> NoiseGenerators:
+        """The noise generators (saved in the front-end's ``state_dict``)."""
+        return self.engine.generators
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite-gradient policy, ``"skip"`` or ``"raise"``."""
+        return self.engine.nonfinite
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients."""
+        return self.engine.skipped_steps
+
+
+class LangevinEngine:
+    """Per-tensor sampler state, noise generators and the non-finite policy (see the module docstring).
+
+    Args:
+        seed: seed of the noise generators (``None``: from the OS, shared from rank 0 under
+            ``torch.distributed``).
+        nonfinite: ``"skip"`` or ``"raise"``.
+        owner: the front-end's name, used in messages.
+        state: the mapping that holds the per-tensor state (default: a new ``dict``).
+    """
+
+    def __init__(self, *, seed: int | None = None, nonfinite: str = "skip", owner: str = "LangevinEngine",
+                 state: MutableMapping[Hashable, dict[str, Tensor]] | None = None) -> None:
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.generators = NoiseGenerators(seed)
+        self.owner = owner
+        self.state: MutableMapping[Hashable, dict[str, Tensor]] = {} if state is None else state
+        self.skipped_steps = 0
+
+    # -- per-tensor state ----------------------------------------------------------------------------
+    def _slot(self, key: Hashable) -> dict[str, Tensor]:
+        slot = self.state.get(key)
+        if slot is None:
+            slot = self.state[key] = {}
+        return slot
+
+    def work_tensor(self, key: Hashable, param: Tensor) -> Tensor:
+        """The tensor updated for ``param``: its fp32 master copy for fp16/bf16 (made on first use),
+        else ``param`` itself. Anything that writes a sampled parameter (gauge moves, balancing)
+        must write this tensor and then copy it into ``param``."""
+        if param.dtype not in LOW_PRECISION:
+            return param
+        slot = self._slot(key)
+        master = slot.get("master")
+        if master is None:
+            master = slot["master"] = param.detach().float()
+        return master
+
+    def gather(self, params: Sequence[Tensor], keys: Sequence[Hashable] | None = None, **hyper: Any) -> StepGroup:
+        """The parameters of ``params`` that have a gradient, with their work tensors and gradients in
+        the update dtype (fp16/bf16 gradients upcast). ``keys`` default to the parameters; ``hyper``
+        fills the :class:`StepGroup`'s hyperparameters."""
+        keys = params if keys is None else keys
+        out = StepGroup([], [], [], [], **hyper)
+        okeys, oparams, works, grads = out.keys, out.params, out.works, out.grads
+        dtype0 = device0 = None
+        for key, p in zip(keys, params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self.owner} does not support sparse gradients")
+            okeys.append(key)
+            oparams.append(p)
+            dtype = p.dtype
+            if dtype in LOW_PRECISION:
+                works.append(self.work_tensor(key, p))
+                grads.append(g.float())
+                dtype = torch.float32
+            else:
+                works.append(p)
+                grads.append(g)
+            device = p.get_device()   # an int: cheaper than p.device
+            if dtype0 is None:
+                dtype0, device0 = dtype, device
+            elif dtype is not dtype0 or device != device0:
+                out.mixed = True
+        return out
+
+    def preconditioners(self, keys: Iterable[Hashable]) -> list[Tensor] | None:
+        """The frozen :math:`G` of every key, or ``None`` unless all of them have one."""
+        state, out = self.state, []
+        for key in keys:
+            slot = state.get(key)
+            G = slot.get("precond") if slot else None
+            if G is None:
+                return None
+            out.append(G)
+        return out
+
+    def masters(self) -> dict[Hashable, Tensor]:
+        """The fp32 master copies, by key."""
+        return {k: s["master"] for k, s in self.state.items() if "master" in s}
+
+    @staticmethod
+    def write_back(group: StepGroup) -> None:
+        """Copy updated master copies into their fp16/bf16 parameters (their rounding)."""
+        for p, w in zip(group.params, group.works):
+            if w is not p:
+                p.copy_(w)
+
+    # -- the non-finite policy -------------------------------------------------------------------------
+    def check_finite(self, grads: Sequence[Tensor], *, stacklevel: int = 3) -> bool:
+        """``True`` when every gradient is finite; else raise (``"raise"``) or count, warn and return
+        ``False`` (``"skip"``: the caller updates nothing and draws no noise)."""
+        if all_finite(grads):
+            return True
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"{self.owner}: non-finite gradient (inf or NaN); nothing was updated")
+        self.skipped_steps += 1
+        warnings.warn(f"{self.owner}: non-finite gradient (inf or NaN); step skipped, nothing updated, no noise "
+                      f"drawn ({self.skipped_steps} skipped so far)", NonFiniteGradientWarning, stacklevel=stacklevel)
+        return False
+
+    # -- the preconditioner ----------------------------------------------------------------------------
+    def _set_precond(self, key: Hashable, G: Tensor) -> None:
+        slot = self._slot(key)
+        slot["precond"] = G
+        slot["precond_sqrt"] = G.sqrt()
+
+    def freeze(self, raw: Sequence[tuple[Hashable, Tensor, tuple[float, float]]],
+               fixed: Mapping[Hashable, Tensor] | None = None) -> float:
+        r"""Freeze :math:`G` jointly: for each ``(key, r, (lo, hi))``, with :math:`r = 1/(\sqrt{\hat v}+\epsilon)`,
+        :math:`G = \operatorname{clamp}(r, lo\,m, hi\,m)` where :math:`m` is the median of every
+        :math:`r` together (so a tensor whose gradient stayed ~0, LoRA ``A`` while ``B = 0``, is
+        capped). ``fixed`` tensors are stored as given (e.g. ones). Returns :math:`m` (1 if ``raw``
+        is empty), the reference scale :meth:`refreeze` keeps."""
+        reference = median_scale([r for _, r, _ in raw]) if raw else 1.0
+        for key, r, (lo, hi) in raw:
+            self._set_precond(key, r.clamp_(min=lo * reference, max=hi * reference))
+        for key, G in (fixed or {}).items():
+            self._set_precond(key, G)
+        return reference
+
+    def accumulate(self, groups: Iterable[StepGroup]) -> None:
+        r"""Add :math:`(g + \lambda\theta)^2` at the pre-step point to each tensor's adaptation sum."""
+        for g in groups:
+            if not g.works:
+                continue
+            sums = []
+            for key, w in zip(g.keys, g.works):
+                slot = self._slot(key)
+                if "adapt_sq" not in slot:
+                    slot["adapt_sq"] = torch.zeros_like(w)
+                sums.append(slot["adapt_sq"])
+            accumulate_potential_grad_sq_(sums, g.grads, g.works, g.weight_decay)
+
+    def refreeze(self, counts: Mapping[Hashable, int], reference: float, *, eps: float = 1e-8,
+                 clamp: tuple[float, float] = (0.01, 100.0)) -> list[Tensor]:
+        """End of adaptation: :math:`G` from the mean squared gradient of U of every key of ``counts``
+        that has a sum (:func:`~langevin_lora.functional.adapted_preconditioner`, jointly, median
+        ``reference``); the sums are dropped. Keys without a sum keep their :math:`G`. Returns the new
+        :math:`G` tensors."""
+        keys = [k for k in counts if "adapt_sq" in self.state.get(k, {})]
+        if not keys:
+            return []
+        means = [self.state[k].pop("adapt_sq").div_(counts[k]) for k in keys]
+        G = adapted_preconditioner(means, reference, eps, clamp)
+        for key, Gk in zip(keys, G):
+            self._set_precond(key, Gk)
+        return G
+
+    # -- the step --------------------------------------------------------------------------------------
+    def step(self, groups: Sequence[StepGroup]) -> None:
+        """One Langevin step of every group (one noise draw over all of them, in group order), then
+        the master copies are written back into their parameters."""
+        stds = [noise_std(g.lr, g.beta) for g in groups]
+        noisy = [w for g, std in zip(groups, stds) if std > 0 for w in g.works]
+        draws = iter(draw_standard_normal(noisy, self.generators)) if noisy else iter(())
+        for g, std in zip(groups, stds):
+            if not g.works:
+                continue
+            noise = list(itertools.islice(draws, len(g.works))) if std > 0 else None
+            precond = self.preconditioners(g.keys)
+            precond_sqrt = None if precond is None else [self.state[k]["precond_sqrt"] for k in g.keys]
+            lists = [g.works, g.grads, noise or [], precond or [], precond_sqrt or []]
+            buckets = Optimizer._group_tensors_by_device_and_dtype(lists) if g.mixed else {None: (lists, None)}
+            for (works, grads, nz, pre, pre_sqrt), _ in buckets.values():
+                langevin_step_(works, grads, nz or None, lr=g.lr, noise_std=std, weight_decay=g.weight_decay,
+                               precond=pre or None, precond_sqrt=pre_sqrt or None, foreach=g.foreach)
+            self.write_back(g)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every per-tensor state and restart the generators from the seed (a new chain)."""
+        self.state.clear()
+        self.generators.reset()
+        self.skipped_steps = 0
+
+    def state_dict(self, per_tensor: bool = True) -> dict[str, Any]:
+        """Generators, skipped-step count and (``per_tensor``) the per-tensor state, cloned, without
+        the tensors derived on load (:math:`\\sqrt G`). Tensors and builtins only."""
+        out: dict[str, Any] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps}
+        if per_tensor:
+            out["state"] = {k: {n: t.clone() for n, t in s.items() if n not in _DERIVED}
+                            for k, s in self.state.items() if s}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. Per-tensor tensors stay where they were loaded until
+        :meth:`bind` places them beside their parameters."""
+        self.generators.load_state_dict(state["generators"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if "state" in state:
+            self.state.clear()
+            for key, slot in state["state"].items():
+                self.state[key] = dict(slot)
+
+    def bind(self, params: Mapping[Hashable, Tensor]) -> None:
+        """Check that every key of the state names one of ``params``, move its tensors to that
+        parameter's device and recompute the derived tensors. Raises ``ValueError`` naming an
+        unknown key."""
+        for key, slot in self.state.items():
+            p = params.get(key)
+            if p is None:
+                raise ValueError(f"{self.owner} state: the module has no parameter {key!r}")
+            for name, t in list(slot.items()):
+                if name not in _DERIVED:
+                    slot[name] = t.to(p.device)
+            if "precond" in slot:
+                slot["precond_sqrt"] = slot["precond"].sqrt()

@@ -1,0 +1,589 @@
+r"""``LangevinLoRA``: the Lightning front-end of the sampling engine, for PEFT LoRA adapters.
+
+Add one callback to a Trainer whose LightningModule holds a PEFT LoRA model and configures its
+own optimizer (typically AdamW)::
+
+    trainer = Trainer(callbacks=[LangevinLoRA(burn_in_steps=500, weight_decay=1e-2,
+                                              sample_every=50, num_samples=20)])
+
+**Target.** After burn-in the LoRA tensors :math:`\theta` sample the Gibbs measure
+
+.. math::
+    \pi(\theta) \propto \exp\!\big(-\beta\,[\hat L(\theta) + \tfrac{\lambda}{2}\lVert\theta\rVert^2]\big),
+    \qquad \beta = \beta_0 / T,\quad \beta_0 = N\ (\texttt{num\_data})\ \text{or}\ \texttt{beta},
+
+with :math:`\hat L` the mean training loss the LightningModule returns, :math:`\lambda` =
+``weight_decay`` (a Gaussian prior :math:`N(0, (N\lambda)^{-1} I)` when :math:`\beta_0 = N`) and
+:math:`T` = ``temperature`` (see :mod:`langevin_lora.temperature`). ``num_data=N, temperature=1``
+is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(train_dataset)``.
+
+**The contract with the user's optimizer.**
+
+- *Burn-in* (optimizer steps ``0 .. burn_in_steps-1``, counted as ``trainer.global_step``): the
+  user's optimizer runs untouched; it heads for a mode and, for Adam/AdamW, learns the second
+  moment :math:`v`.
+- *Sampling* (from step ``burn_in_steps`` on): every LoRA tensor takes the frozen-preconditioner
+  Langevin step of :class:`~langevin_lora.engine.LangevinEngine`
+
+  .. math::
+      \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi,
+
+  :math:`\eta` the **current** learning rate of the user's param group holding the tensor (LR
+  schedules keep applying), :math:`G = \operatorname{clamp}(1/(\sqrt{\hat v}+\epsilon))` frozen
+  once from the user's Adam/AdamW ``exp_avg_sq`` (its ``betas[1]``, ``eps``, ``step``) when
+  sampling starts, or :math:`G = 1` (SGLD) for optimizers without a second moment or with
+  ``precondition=False``. Weight decay is *coupled* (through :math:`G`); the user's own
+  (decoupled) weight decay and moments are not applied to LoRA tensors while sampling.
+- *Adaptation* (optional, ``precond_adapt_steps=k``): the first :math:`k` Langevin steps also
+  average :math:`(g + \lambda\theta)^2`, then :math:`G` is re-frozen once from it (at
+  stationarity :math:`\mathbb E[(\partial_i U)^2] = \mathbb E[\partial_{ii}U]/\beta`: a curvature
+  scale, where AdamW's burn-in :math:`v` records the gradients met on the way to the mode), with
+  the same median so the learning rate keeps its meaning. No sample is kept during adaptation.
+- *Heads* (every other trainable tensor, e.g. a classifier in ``modules_to_save``) keep the user's
+  optimizer, noise-free. With ``head_temperature > 0`` they join the Langevin step instead, at
+  :math:`\beta_0/T_{head}` with ``head_weight_decay`` (default ``weight_decay``).
+
+**One noise draw per optimizer step.** The callback wraps the torch optimizer's ``step``
+(:mod:`langevin_lora._step_wrapper`): the wrapper runs Lightning's closure (forward, backward,
+``on_before_optimizer_step``, gradient clipping), hides the Langevin tensors' gradients from the
+user's optimizer, calls the original ``step`` for the heads, restores the gradients, and applies
+one Langevin step. Hence:
+
+- gradient accumulation over :math:`k` micro-batches gives one draw per optimizer step (the drift
+  uses the accumulated mean gradient), exactly as with :math:`k = 1`;
+- **non-finite gradients while sampling** skip the *whole* optimizer step: with a ``GradScaler``
+  (AMP) the scaler skips it before the wrapper runs; without one, an inf/NaN in any gradient the
+  step would use (LoRA tensors or heads) skips the Langevin update *and* the user's optimizer, so
+  no head is stepped with NaN gradients (``nonfinite="skip"``:
+  :class:`~langevin_lora.NonFiniteGradientWarning`, training continues; ``"raise"``:
+  :class:`FloatingPointError`). During burn-in the user's optimizer is left to its own devices;
+- **gradient clipping** (``Trainer(gradient_clip_val=...)``) happens inside the closure, *before*
+  the Langevin step: the drift uses clipped gradients. Clipping that is ever active changes the
+  drift, so the chain no longer targets :math:`\pi_\beta` exactly; keep it off (or loose enough
+  never to trigger) while sampling.
+
+**Low precision.** fp16/bf16 Langevin tensors are updated through fp32 master copies (saved in
+the checkpoint; :meth:`LangevinLoRA.work_tensor`); gradients are upcast. Gauge moves act on the
+master copies too.
+
+**Checkpoints.** :meth:`LangevinLoRA.state_dict` holds the phase, step counters, the engine's
+generator states and per-tensor state (frozen preconditioners, adaptation sums, master copies) and
+the sample bank; a run resumed with ``trainer.fit(..., ckpt_path=...)`` continues bitwise
+identically, given the same data order (Lightning restarts a plain, non-stateful DataLoader at its
+first batch on resume, so checkpoint at epoch boundaries or use a stateful loader).
+
+**Another fit.** Every ``fit`` that does not resume from a checkpoint starts a new chain: phase,
+counters, preconditioners, master copies and generators (back to ``seed``) are reset and the
+in-memory sample bank is emptied. A ``sample_dir`` that already holds ``sample-*`` folders is
+refused at the start of such a fit (they belong to an earlier run; empty the folder, choose
+another, or resume that run with ``ckpt_path``).
+
+**Data parallel.** DDP works: gradients are averaged before the step and every rank draws the same
+noise from identically seeded generators, so replicas stay identical. Sharded strategies (FSDP,
+DeepSpeed, ModelParallel) are refused in ``setup`` with a ``MisconfigurationException``.
+
+**Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
+each Langevin step and before the user's optimizer updates the heads (gradients final and present,
+no parameter updated yet; not called for skipped steps); ``post_step_observers`` right after it.
+Both run on every rank.
+
+**Gauge (THEORY §4).** ``balance=BalanceSchedule(every_n_steps=k, at_sampling_start=True)``
+balances the LoRA factors (same :math:`BA`, minimal :math:`|A|^2+|B|^2`) after every ``k``-th
+burn-in step and once at the end of burn-in, transporting the user's Adam moments to the new gauge
+before the preconditioner is frozen; never while sampling (that would change the law of
+:math:`W`). ``gauge_moves=GaugeMoves(...)`` applies exact orthogonal / Metropolis GL(r) gauge moves
+after Langevin steps (no forward pass; they leave :math:`\pi_\beta` invariant) and logs
+``langevin/gauge/*`` (e.g. the GL acceptance rate).
+
+This module is longer than ~400 lines because ~170 of them are the user contract (this docstring
+and the class's); the sampling itself is the engine's, the step wrapper lives in
+:mod:`langevin_lora._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
+in :mod:`langevin_lora._user_optimizer`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from langevin_lora._step_wrapper import StepWrapper
+from langevin_lora._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
+from langevin_lora._validation import (
+    check_bool,
+    check_choice,
+    check_directory,
+    check_int,
+    check_non_negative,
+    check_positive,
+)
+from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
+from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
+from langevin_lora.functional import check_clamp
+from langevin_lora.gauge import GaugeMoves
+from langevin_lora.optim.base import LangevinOptimizer
+from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
+from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
+from langevin_lora.temperature import effective_beta, resolve_base_beta
+from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
+
+__all__ = ["LangevinLoRA", "SHARDED_STRATEGIES"]
+
+#: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
+#: identical across world sizes.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
+
+
+class LangevinLoRA(EngineFrontEnd, Callback):
+    r"""Langevin sampling of the LoRA adapters of a LightningModule, plus a posterior sample bank.
+
+    See the module docstring for the full contract. Inverse temperature of the LoRA tensors:
+    :math:`\beta = \beta_0/T`, :math:`\beta_0` = ``num_data`` (inferred from the training dataset
+    when neither ``num_data`` nor ``beta`` is given) or ``beta``.
+
+    Args:
+        num_data: number of training examples :math:`N` (supervised tokens for a token-averaged
+            LM loss); ``None`` infers ``len(trainer.train_dataloader.dataset)``.
+        temperature: :math:`T \ge 0` (``0``: noise-free descent on :math:`U`).
+        beta: :math:`\beta_0 > 0` directly, instead of ``num_data``.
+        weight_decay: :math:`\lambda \ge 0`, coupled L2 prior on the LoRA tensors.
+        burn_in_steps: optimizer steps (``trainer.global_step``) run by the user's optimizer alone.
+            A warning says so when the Trainer's planned steps leave no room for sampling, and at
+            the end of a fit that took no Langevin step.
+        sample_every: keep a sample every this many Langevin steps (>= 1).
+        num_samples: capacity of :attr:`sample_bank` (0: keep none); the most recent are kept.
+        seed: seed of the noise generators (``None``: random, shared from rank 0).
+        adapter_name: PEFT adapter to sample (a non-empty ``str`` naming an adapter of the model,
+            checked at ``setup``; default: the active adapters).
+        head_temperature: :math:`T_{head}`; 0 keeps heads on the user's optimizer, noise-free.
+        precondition: freeze the user's Adam second moment into :math:`G` (else :math:`G = 1`).
+        precond_clamp: ``(c_lo, c_hi)``, :math:`G` clamped to ``[c_lo m, c_hi m]``, :math:`m` the median
+            of the unclamped :math:`G` over all Langevin tensors.
+        precond_adapt_steps: after burn-in, take this many Langevin steps with the frozen
+            :math:`G` while averaging :math:`(g + \lambda\theta)^2` per coordinate, then re-freeze
+            :math:`G` once from that average (:func:`~langevin_lora.functional.adapted_preconditioner`:
+            a curvature scale, same median, so the learning rate keeps its meaning). No sample is
+            kept during those steps. 0 (default): keep the burn-in's :math:`G`.
+        sample_dir: write samples as PEFT adapter folders here instead of keeping them in memory
+            (a ``str``/``os.PathLike`` folder, not a file; its writability is checked at ``setup``).
+        head_weight_decay: :math:`\lambda` of sampled heads (default ``weight_decay``).
+        foreach: ``None`` (automatic), ``True`` or ``False``: the ``torch._foreach_*`` update path.
+        nonfinite: ``"skip"`` (warn, skip the whole optimizer step: nothing updated, no noise) or
+            ``"raise"`` on a non-finite gradient while sampling.
+        balance: a :class:`~langevin_lora.balance.BalanceSchedule`: balance the factors during burn-in
+            (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
+        gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
+        diagnostics: ``True`` (default) attaches the registered default diagnostics
+            (:func:`langevin_lora.view.default_diagnostics_factory`: :mod:`langevin_lora.diagnostics`'
+            ``GibbsDiagnostics``, cheap estimators every step, the end-of-fit stationarity report saved
+            when the Trainer has a logger) unless the Trainer already has one of that type; pass your
+            own lightning ``Callback`` instance to configure it, ``False`` for none.
+
+    Attributes:
+        engine: the :class:`~langevin_lora.engine.LangevinEngine` (per-tensor state keyed by
+            parameter name, generators, non-finite policy).
+        sample_bank: the :class:`~langevin_lora.samples.SampleBank`.
+        sampling: ``True`` once Langevin sampling has started.
+        num_data, beta: as resolved (``beta`` is the effective :math:`\beta_0/T` of the LoRA groups).
+        step_observers, post_step_observers: lists of ``fn(trainer, pl_module, callback)``.
+        langevin_steps, skipped_steps: Langevin steps taken / optimizer steps skipped for non-finite
+            gradients.
+    """
+
+    def __init__(self, num_data: int | None = None, temperature: float = 1.0, beta: float | None = None,
+                 weight_decay: float = 0.0, burn_in_steps: int = 0, sample_every: int = 1, num_samples: int = 0,
+                 seed: int | None = 0, adapter_name: str | None = None, head_temperature: float = 0.0,
+                 precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
+                 sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
+                 foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
+                 gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
+                 precond_adapt_steps: int = 0) -> None:
+        if num_data is not None and beta is not None:
+            resolve_base_beta(num_data, beta)  # raises: exactly one of them
+        self._num_data_arg = check_int("num_data", num_data, low=1, allow_none=True)
+        self._beta_arg = None if beta is None else check_positive("beta", beta)
+        self.temperature = check_non_negative("temperature", temperature)
+        self.weight_decay = check_non_negative("weight_decay", weight_decay)
+        self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, low=0)
+        self.sample_every = check_int("sample_every", sample_every, low=1)
+        self.num_samples = check_int("num_samples", num_samples, low=0)
+        self.head_temperature = check_non_negative("head_temperature", head_temperature)
+        self.head_weight_decay = (self.weight_decay if head_weight_decay is None
+                                  else check_non_negative("head_weight_decay", head_weight_decay))
+        self.precondition = check_bool("precondition", precondition)
+        self.precond_clamp = check_clamp(precond_clamp)
+        self.precond_adapt_steps = check_int("precond_adapt_steps", precond_adapt_steps, low=0)
+        self.foreach = check_bool("foreach", foreach, allow_none=True)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.strip()):
+            raise ValueError(f"Invalid adapter_name: {adapter_name!r} (expected None or a non-empty str naming "
+                             "a PEFT adapter)")
+        self.adapter_name = adapter_name
+        sample_dir = check_directory("sample_dir", sample_dir)
+        if sample_dir is not None and self.num_samples == 0:
+            raise ValueError(f"Invalid sample_dir: {str(sample_dir)!r} given with num_samples=0 (expected "
+                             "num_samples >= 1 to write samples, or sample_dir=None)")
+        if balance is not None and not isinstance(balance, BalanceSchedule):
+            raise ValueError(f"Invalid balance: {balance!r} (expected a langevin_lora.BalanceSchedule or None)")
+        if gauge_moves is not None and not isinstance(gauge_moves, GaugeMoves):
+            raise ValueError(f"Invalid gauge_moves: {gauge_moves!r} (expected a langevin_lora.GaugeMoves or None)")
+        if balance is not None and balance.every_n_steps is not None and self.burn_in_steps == 0:
+            raise ValueError(f"Invalid balance: every_n_steps={balance.every_n_steps} with burn_in_steps=0 would "
+                             "balance during sampling: " + SAMPLING_REFUSAL)
+        if not isinstance(diagnostics, (bool, Callback)):
+            raise ValueError(f"Invalid diagnostics: {diagnostics!r} (expected True, False or a lightning "
+                             "Callback instance, e.g. langevin_lora.diagnostics.GibbsDiagnostics(...))")
+        self._diagnostics_arg = self.diagnostics = diagnostics
+        self.balance = balance
+        self.gauge_moves = gauge_moves
+        self.gauge_stats: dict[str, float] = {}
+        self.num_data: int | None = self._num_data_arg
+        self.engine = LangevinEngine(seed=seed, nonfinite=nonfinite, owner="LangevinLoRA")
+        self.sample_bank = SampleBank(self.num_samples, directory=sample_dir)
+        self.step_observers: list[Observer] = []
+        self.post_step_observers: list[Observer] = []
+        self.sampling = False
+        self.langevin_steps = 0
+        self._precond_reference = 1.0                # median scale of G frozen at the end of burn-in
+        self._restored = False                       # this fit resumes from a checkpoint
+        self._groups: list[LangevinGroup] = []
+        self._names: dict[int, str] = {}             # id(Langevin tensor) -> parameter name
+        self._others: list[Tensor] = []              # the user's optimizer's other parameters
+        self._trainer: Trainer | None = None
+        self._module: LightningModule | None = None
+        self._wrapper: StepWrapper | None = None
+
+    # -- the engine's work tensors -----------------------------------------------------------------
+    def work_tensor(self, p: Tensor) -> Tensor:
+        """The tensor sampled for ``p``: its fp32 master copy while sampling fp16/bf16 LoRA tensors,
+        else ``p`` (what :class:`~langevin_lora.gauge.GaugeMoves` moves)."""
+        name = self._names.get(id(p))
+        return p if name is None or not self.sampling else self.engine.work_tensor(name, p)
+
+    # -- temperature -------------------------------------------------------------------------------
+    @property
+    def base_beta(self) -> float | None:
+        r""":math:`\beta_0` (``None`` until ``num_data`` is known)."""
+        if self._beta_arg is not None:
+            return self._beta_arg
+        return None if self.num_data is None else float(self.num_data)
+
+    @property
+    def beta(self) -> float | None:
+        r"""Effective :math:`\beta = \beta_0/T` of the LoRA groups (``inf`` at ``T = 0``)."""
+        b0 = self.base_beta
+        return None if b0 is None else effective_beta(b0, self.temperature)
+
+    def _group_beta(self, group: LangevinGroup) -> float:
+        return effective_beta(self.base_beta, group.temperature)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        names = {c.__name__ for c in type(trainer.strategy).__mro__}
+        refused = names.intersection(SHARDED_STRATEGIES)
+        if refused:
+            raise MisconfigurationException(
+                f"LangevinLoRA does not support the sharded strategy {type(trainer.strategy).__name__} "
+                f"({sorted(refused)[0]}): each rank holds shards of the adapter tensors, so noise drawn per "
+                "tensor would depend on the sharding. Use strategy='ddp' (or a single device).")
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "LangevinLoRA needs automatic optimization (it wraps the optimizer step Lightning calls); "
+                f"{type(pl_module).__name__}.automatic_optimization is False. Use LangevinSGD/LangevinAdam "
+                "as the optimizer for manual optimization instead.")
+        adapters = lora_adapter_names(pl_module)
+        if self.adapter_name is not None and adapters and self.adapter_name not in adapters:
+            raise MisconfigurationException(f"LangevinLoRA: Invalid adapter_name: {self.adapter_name!r} (the model's "
+                                            f"LoRA adapters are {adapters})")
+        try:
+            lora_param_groups(pl_module, self.adapter_name)
+        except ValueError as exc:
+            raise MisconfigurationException(f"LangevinLoRA: {exc}") from exc
+        if self.sample_bank.directory is not None and trainer.is_global_zero:
+            check_directory("sample_dir", self.sample_bank.directory, must_write=True)
+        self._new_chain()
+        self._attach_diagnostics(trainer)
+        max_steps = trainer.max_steps
+        if self.num_samples > 0 and max_steps is not None and max_steps >= 0:
+            room = (max_steps - self.burn_in_steps) // self.sample_every
+            if room < 1:
+                raise MisconfigurationException(
+                    f"LangevinLoRA: num_samples={self.num_samples} but burn_in_steps={self.burn_in_steps}, "
+                    f"sample_every={self.sample_every} and Trainer(max_steps={max_steps}) leave room for no "
+                    "sample; lower burn_in_steps or sample_every, or raise max_steps.")
+
+    def _new_chain(self) -> None:
+        """Every fit starts a new chain; a resumed one is then overwritten by :meth:`load_state_dict`
+        (Lightning restores callback states after ``setup``)."""
+        self.sampling = False
+        self.langevin_steps = 0
+        self.num_data = self._num_data_arg
+        self._precond_reference = 1.0
+        self._restored = False
+        self.engine.reset()
+        self.sample_bank.clear()
+        self.gauge_stats = {}
+        for schedule in (self.balance, self.gauge_moves):
+            if schedule is not None:
+                schedule.reset()
+
+    def _attach_diagnostics(self, trainer: Trainer) -> None:
+        """Add the live Gibbs diagnostics to the Trainer's callbacks (they find this sampler through
+        :meth:`langevin_groups` and observe every Langevin step). Added during ``setup``, so their own
+        hooks and checkpoint state work as if the user had listed them."""
+        arg = self._diagnostics_arg
+        if arg is False:
+            return
+        if arg is True:
+            factory = default_diagnostics_factory()
+            if factory is None:
+                rank_zero_info("LangevinLoRA: no default diagnostics registered (import langevin_lora.diagnostics)")
+                return
+            arg = factory(trainer)
+        if any(isinstance(c, type(arg)) for c in trainer.callbacks):
+            return
+        self.diagnostics = arg
+        trainer.callbacks.append(arg)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = self.sample_bank.directory
+        if not self._restored and directory is not None and directory.is_dir():
+            earlier = sorted(p.name for p in directory.glob(f"{SAMPLE_PREFIX}*"))
+            if earlier:
+                raise MisconfigurationException(
+                    f"LangevinLoRA: sample_dir={str(directory)!r} already holds {len(earlier)} sample folders of an "
+                    f"earlier run (e.g. {earlier[0]!r}) and this fit does not resume from a checkpoint: empty it or "
+                    "choose another sample_dir, or continue that run with trainer.fit(..., ckpt_path=...).")
+        try:
+            planned = trainer.estimated_stepping_batches
+        except Exception:   # the Trainer could not size the epoch: fall back to max_steps
+            planned = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else math.inf
+        if planned <= self.burn_in_steps:
+            rank_zero_warn(f"LangevinLoRA: the Trainer plans {int(planned)} optimizer steps and burn_in_steps="
+                           f"{self.burn_in_steps}: sampling never starts (no Langevin step, no sample). Lower "
+                           "burn_in_steps or train for more steps.")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise MisconfigurationException(
+                f"LangevinLoRA supports exactly one optimizer; configure_optimizers returned {len(optimizers)}.")
+        opt = optimizers[0]
+        if isinstance(opt, LangevinOptimizer):
+            raise MisconfigurationException(
+                f"LangevinLoRA wraps a standard optimizer; {type(opt).__name__} already adds Langevin noise "
+                "(the noise would be added twice). Use AdamW/Adam/SGD with the callback, or the optimizer alone.")
+        self._trainer, self._module = trainer, pl_module
+        self._resolve_num_data(trainer)
+        self._groups = langevin_groups_in(pl_module, opt, self.adapter_name, temperature=self.temperature,
+                                          weight_decay=self.weight_decay, head_temperature=self.head_temperature,
+                                          head_weight_decay=self.head_weight_decay)
+        self._names = {id(p): n for g in self._groups for n, p in zip(g.names, g.params)}
+        self._others = [p for g in opt.param_groups for p in g["params"] if id(p) not in self._names]
+        self.sample_bank.bind(pl_module, self.adapter_name)
+        try:
+            self.engine.bind(dict(pl_module.named_parameters()))
+        except ValueError as exc:
+            raise MisconfigurationException(f"LangevinLoRA checkpoint does not fit this module: {exc}") from exc
+        if not self.sampling and self.balance is not None and self.burn_in_steps == 0 and trainer.global_step == 0:
+            self.balance.start_sampling(pl_module, optimizer=opt, adapter_name=self.adapter_name)
+        self._uninstall()
+        self._wrapper = StepWrapper(opt, self._on_optimizer_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.gauge_stats:
+            pl_module.log_dict({f"langevin/{k}": v for k, v in self.gauge_stats.items()}, on_step=True,
+                               on_epoch=False, sync_dist=False)
+            self.gauge_stats = {}
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.langevin_steps == 0:
+            rank_zero_warn(f"LangevinLoRA: the fit ended without a Langevin step (global_step {trainer.global_step}, "
+                           f"burn_in_steps={self.burn_in_steps}, {self.skipped_steps} steps skipped for non-finite "
+                           "gradients): the adapters are the optimizer's and the sample bank is empty.")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._uninstall()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        if self._wrapper is not None:
+            self._wrapper.remove()
+            self._wrapper = None
+
+    # -- num_data ----------------------------------------------------------------------------------
+    def _resolve_num_data(self, trainer: Trainer) -> None:
+        if self._beta_arg is not None or self._num_data_arg is not None:
+            return
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        try:
+            sized = dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset)
+            n = len(dataset) if sized else None
+        except TypeError:
+            n = None
+        if not n:
+            raise MisconfigurationException(
+                "LangevinLoRA could not infer num_data: the training dataloader "
+                f"({type(loader).__name__}) has no sized map-style dataset. Pass "
+                "LangevinLoRA(num_data=<number of training examples>) or beta=<inverse temperature>.")
+        if self.num_data is not None and self.num_data != n:
+            rank_zero_warn(f"LangevinLoRA: the checkpoint had num_data={self.num_data}, the dataset has {n}; using {n}")
+        self.num_data = int(n)
+        rank_zero_info(f"LangevinLoRA: inferred num_data={n} from len(train_dataloader.dataset); "
+                       f"beta = num_data / temperature = {self.beta:g}")
+
+    # -- groups ------------------------------------------------------------------------------------
+    def langevin_groups(self) -> list[LangevinGroupView]:
+        """One :class:`~langevin_lora.view.LangevinGroupView` per Langevin group (``lora_A/<adapter>``,
+        ``lora_B/<adapter>``, ``lora_magnitude/<adapter>``, ``head`` when sampled; suffixed ``@pg<i>``
+        when the tensors of a role sit in several optimizer param groups). Empty before ``fit`` starts."""
+        if self.base_beta is None:
+            return []
+        return [LangevinGroupView(name=g.name, params=list(g.params), lr=g.lr, beta=self._group_beta(g),
+                                  weight_decay=g.weight_decay, sampling=self.sampling,
+                                  precond=self.engine.preconditioners(g.names) if self.sampling else None)
+                for g in self._groups]
+
+    # -- the optimizer step ------------------------------------------------------------------------
+    def _on_optimizer_step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
+        if self._trainer is not None and self._trainer.global_step >= self.burn_in_steps:
+            return self._step(original, closure, kwargs)
+        out = original(closure, **kwargs) if closure is not None else original(**kwargs)
+        self._after_burn_in_step()
+        return out
+
+    def _after_burn_in_step(self) -> None:
+        """Balancing after a burn-in optimizer step (counted from 1; the step has just been applied,
+        the next forward pass has not run, so every gradient stays consistent with its point)."""
+        if self.balance is None:
+            return
+        done = self._trainer.global_step + 1
+        opt = self._wrapper.optimizer
+        if self.balance.due(done):
+            self.balance.step(self._module, done, sampling=False, optimizer=opt, adapter_name=self.adapter_name)
+        if done == self.burn_in_steps:
+            self.balance.start_sampling(self._module, optimizer=opt, adapter_name=self.adapter_name)
+
+    @torch.no_grad()
+    def _step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.sampling:
+            self._start_sampling()
+        batches = [self.engine.gather(g.params, g.names, lr=g.lr, beta=self._group_beta(g),
+                                      weight_decay=g.weight_decay, foreach=self.foreach) for g in self._groups]
+        grads = [gr for b in batches for gr in b.grads] + [p.grad for p in self._others if p.grad is not None]
+        if not self.engine.check_finite(grads, stacklevel=5):
+            return loss   # the whole optimizer step is skipped: Langevin tensors and heads alike
+        ready = any(b.params for b in batches)  # False when the training step returned None
+        if ready:
+            for fn in self.step_observers:  # every parameter still holds its pre-step value
+                fn(self._trainer, self._module, self)
+        params = [p for g in self._groups for p in g.params]
+        stash = [p.grad for p in params]
+        for p in params:
+            p.grad = None  # the user's optimizer neither moves nor decays the Langevin tensors
+        try:
+            original(**kwargs)
+        finally:
+            for p, gr in zip(params, stash):
+                p.grad = gr
+        if ready:
+            self._langevin_update(batches)
+        return loss
+
+    def _start_sampling(self) -> None:
+        """Freeze :math:`G` from the user's Adam second moments, jointly over every Langevin tensor
+        (:meth:`LangevinEngine.freeze`), and make the fp32 master copies."""
+        opt = self._wrapper.optimizer
+        raw, fixed, identity = adam_freeze_inputs(opt, self._groups, self.precond_clamp, self.precondition)
+        self._precond_reference = self.engine.freeze(raw, fixed)
+        if self.precondition and identity:
+            rank_zero_warn(f"LangevinLoRA: no Adam second moment for {len(identity)} Langevin tensors "
+                           f"(e.g. {identity[0]!r}; optimizer {type(opt).__name__}, step {self._trainer.global_step}); "
+                           "their preconditioner is the identity (plain SGLD)")
+        self.sampling = True
+        for g in self._groups:
+            for n, p in zip(g.names, g.params):
+                self.engine.work_tensor(n, p)
+        rank_zero_info(f"LangevinLoRA: sampling starts at optimizer step {self._trainer.global_step} "
+                       f"(beta={self.beta:g}, weight_decay={self.weight_decay:g}, "
+                       f"{sum(len(g.params) for g in self._groups)} tensors)")
+
+    @property
+    def adapting(self) -> bool:
+        """``True`` during the ``precond_adapt_steps`` Langevin steps that measure the new ``G``."""
+        return self.sampling and self.langevin_steps < self.precond_adapt_steps
+
+    def _langevin_update(self, batches: list[StepGroup]) -> None:
+        trainer, module = self._trainer, self._module
+        adapting = self.adapting
+        if adapting:  # at the pre-step point, like the gradients
+            self.engine.accumulate(batches)
+        self.engine.step(batches)
+        self.langevin_steps += 1
+        if adapting and not self.adapting:
+            counts = {n: self.precond_adapt_steps for g in self._groups for n in g.names}
+            G = self.engine.refreeze(counts, self._precond_reference, clamp=self.precond_clamp)
+            if G:
+                rank_zero_info(f"LangevinLoRA: preconditioner re-frozen after {self.precond_adapt_steps} adaptation "
+                               f"steps (G in [{min(float(x.min()) for x in G):.3g}, "
+                               f"{max(float(x.max()) for x in G):.3g}], median {self._precond_reference:.3g})")
+        if self.gauge_moves is not None:
+            stats = self.gauge_moves(lora_modules(module, self.adapter_name), beta=self.beta,
+                                     weight_decay=self.weight_decay, sampler=self)
+            self.gauge_stats.update(stats)
+        for fn in self.post_step_observers:
+            fn(trainer, module, self)
+        kept = self.langevin_steps - self.precond_adapt_steps   # adaptation steps are burn-in
+        if self.num_samples > 0 and kept > 0 and kept % self.sample_every == 0:
+            self.sample_bank.add(module, trainer.global_step, write=trainer.is_global_zero)
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Phase, counters, ``num_data``, the engine's state (generators, frozen preconditioners,
+        adaptation sums, fp32 masters, by parameter name) and the sample bank (tensors and builtins
+        only, so ``weights_only`` checkpoint loading works)."""
+        return {"version": 2, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
+                "num_data": self.num_data, "engine": self.engine.state_dict(),
+                "precond_reference": self._precond_reference, "sample_bank": self.sample_bank.state_dict(),
+                "balance": None if self.balance is None else self.balance.state_dict(),
+                "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also version 1, written before the engine existed). Tensors are
+        matched to parameters by name, and moved beside them, once the module is known (``on_train_start``)."""
+        engine = state_dict.get("engine")
+        if engine is None:   # version 1: per-kind dicts of tensors by name
+            per_tensor: dict[str, dict[str, Tensor]] = {}
+            for key, slot in (("precond", "precond"), ("masters", "master"), ("adapt_sq", "adapt_sq")):
+                for n, t in state_dict.get(key, {}).items():
+                    per_tensor.setdefault(n, {})[slot] = t
+            engine = {"generators": state_dict["generators"], "skipped_steps": state_dict["skipped_steps"],
+                      "state": per_tensor}
+        self.engine.load_state_dict(engine)
+        self.sampling = bool(state_dict["sampling"])
+        self.langevin_steps = int(state_dict["langevin_steps"])
+        if self._num_data_arg is None and self._beta_arg is None:
+            self.num_data = state_dict["num_data"]
+        self._precond_reference = float(state_dict.get("precond_reference", 1.0))
+        self.sample_bank.load_state_dict(state_dict["sample_bank"])
+        for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
+            if obj is not None and state_dict.get(key) is not None:
+                obj.load_state_dict(state_dict[key])
+        self._restored = True
