@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from langevin_lora import LangevinSGD
+from langevin_lora import LangevinSGD, weight_decay_from_prior_std
 from langevin_lora.balance import balance_factors
 from langevin_lora.gauge import GaugeMoves
 
@@ -155,7 +155,7 @@ class MiniLMRecipe:
             raise ValueError(f"Invalid head_temperature: {head_temperature!r} (expected a real number >= 0)")
         self.head_temperature = head_temperature
         self.beta = num_train / temperature
-        self.weight_decay = 1.0 / (num_train * prior_std ** 2)
+        self.weight_decay = weight_decay_from_prior_std(prior_std, num_train)
         self.w_observables = tuple(f"logodds{i}" for i in range(num_probe)) + \
             tuple(f"W_sqnorm[{m}]" for m in self.w_modules)
 

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - script mode
     from _common import (ESS_BACKEND, append_results, effective_sample_size, machine_markdown,  # type: ignore
                          machine_record, markdown_table, time_per_call)
 
-from langevin_lora import LangevinAdam, LangevinSGD
+from langevin_lora import LangevinAdam, LangevinSGD, weight_decay_from_prior_std
 
 try:
     from langevin_lora.gauge import GaugeMoves
@@ -350,7 +350,7 @@ def logreg_target(scale: float) -> Target:
     X, y = _breast_cancer()
     N, d = X.shape
     sigma_p = 1.0
-    lam, beta = 1.0 / (N * sigma_p ** 2), float(N)
+    lam, beta = weight_decay_from_prior_std(sigma_p, N), float(N)
     mala_chains = 128 if scale >= 0.5 else 32
     m1, m2, acc, th_map = mala_reference(X, y, lam, beta, chains=mala_chains, n_burn=int(300 * max(scale, 0.2)),
                                          n_keep=int(3000 * scale) + 100)

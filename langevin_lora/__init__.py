@@ -12,7 +12,13 @@ from langevin_lora.functional import adapted_preconditioner, frozen_precondition
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
 from langevin_lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
 from langevin_lora.samples import SampleBank, bma_predict_proba
-from langevin_lora.temperature import effective_beta, noise_std, resolve_base_beta
+from langevin_lora.temperature import (
+    effective_beta,
+    noise_std,
+    prior_std_from_weight_decay,
+    resolve_base_beta,
+    weight_decay_from_prior_std,
+)
 
 __version__ = "0.1.0"
 
@@ -37,5 +43,7 @@ __all__ = [
     "lora_param_groups",
     "lora_parameters",
     "noise_std",
+    "prior_std_from_weight_decay",
     "resolve_base_beta",
+    "weight_decay_from_prior_std",
 ]

@@ -226,7 +226,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             raise ValueError(f"Invalid adapter_name: {adapter_name!r} (expected None or a non-empty str naming "
                              "a PEFT adapter)")
         self.adapter_name = adapter_name
-        sample_dir = check_directory("sample_dir", sample_dir)
+        sample_dir = check_directory("sample_dir", sample_dir, must_write=True)
         if sample_dir is not None and self.num_samples == 0:
             raise ValueError(f"Invalid sample_dir: {str(sample_dir)!r} given with num_samples=0 (expected "
                              "num_samples >= 1 to write samples, or sample_dir=None)")

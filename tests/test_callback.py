@@ -613,8 +613,10 @@ def test_sample_dir_of_an_earlier_run_is_refused_unless_resuming(tmp_path):
     bank = tmp_path / "bank"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
     trainer([_bank_cb(sample_dir=bank), ckpt], 8, enable_checkpointing=True).fit(Tiny(), loader())
-    assert sorted(p.name for p in bank.iterdir()) == ["sample-00000006", "sample-00000007"]
-    with pytest.raises(MisconfigurationException, match=r"sample_dir='.*bank' already holds 2 sample folders of "
+    # the bank holds 6, 7; the step-4 checkpoint's 2, 3 stay on disk while one of the last two saved states lists them
+    assert sorted(p.name for p in bank.iterdir()) == ["sample-00000002", "sample-00000003",
+                                                      "sample-00000006", "sample-00000007"]
+    with pytest.raises(MisconfigurationException, match=r"sample_dir='.*bank' already holds 4 sample folders of "
                                                         r"an earlier run.*does not resume"):
         trainer([_bank_cb(sample_dir=bank)], 8).fit(Tiny(), loader())
     cb = _bank_cb(sample_dir=bank)   # resuming that run is allowed
@@ -627,7 +629,11 @@ def test_sample_dir_is_validated_at_construction_and_setup(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*file\.txt' exists and is not a folder"):
         LangevinLoRA(num_samples=1, sample_dir=f)
-    cb = LangevinLoRA(num_data=N, num_samples=1, sample_dir=f / "bank")   # below a file: cannot be created
+    with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*bank' is not writable"):
+        LangevinLoRA(num_data=N, num_samples=1, sample_dir=f / "bank")   # below a file: cannot be created
+    d = tmp_path / "later"
+    cb = LangevinLoRA(num_data=N, num_samples=1, sample_dir=d / "bank")
+    d.write_text("x")                  # turned into a file after construction: found at setup, before training
     with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*bank' is not writable"):
         trainer([cb], 2).fit(Tiny(), loader())
 
