@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from langevin_lora._rng import NoiseGenerators, draw_standard_normal
+from langevin_lora._rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice
 from langevin_lora.functional import (
     accumulate_potential_grad_sq_,
@@ -135,6 +135,7 @@ class LangevinEngine:
                  state: MutableMapping[Hashable, dict[str, Tensor]] | None = None) -> None:
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.generators = NoiseGenerators(seed)
+        self._noise = NoiseBuffer()   # storage of the per-step draw, reused (no per-tensor work per step)
         self.owner = owner
         self.state: MutableMapping[Hashable, dict[str, Tensor]] = {} if state is None else state
         self.skipped_steps = 0
@@ -278,7 +279,7 @@ class LangevinEngine:
         the master copies are written back into their parameters."""
         stds = [noise_std(g.lr, g.beta) for g in groups]
         noisy = [w for g, std in zip(groups, stds) if std > 0 for w in g.works]
-        draws = iter(draw_standard_normal(noisy, self.generators)) if noisy else iter(())
+        draws = iter(draw_standard_normal(noisy, self.generators, buffer=self._noise)) if noisy else iter(())
         for g, std in zip(groups, stds):
             if not g.works:
                 continue
