@@ -16,8 +16,8 @@ step and warns with the numbers; after ``max_cuts`` cuts it raises :class:`Diver
   ``theta_factor`` :math:`\cdot(\lVert\theta_0\rVert^2 + \sum_g d_g/(\beta_g\lambda_g))`
   (:math:`\theta_0` at the start; the Gibbs measure's prior part has :math:`\mathbb E\lVert\theta\rVert^2`
   of order :math:`\lVert\text{centre}\rVert^2 + d/(\beta\lambda)`);
-- the window mean of :math:`U = \hat L_B + \sum_g \tfrac{\lambda_g}{2}\lVert\theta_g\rVert^2` (the
-  minibatch loss the step returned) above :math:`U_0` + ``energy_factor``
+- the window mean of :math:`U = \hat L_B + \sum_g \tfrac{\lambda_g}{2}\lVert\theta_g - c_g\rVert^2` (the
+  minibatch loss the step returned; :math:`c_g` the prior centre, 0 unless one was set) above :math:`U_0` + ``energy_factor``
   :math:`\cdot(\sum_g d_g/(2\beta_g) + |U_0|)` (at stationarity :math:`\mathbb E U - U^* \approx d_{\mathrm{eff}}/(2\beta)`);
 - the window mean of the virial :math:`\frac1d\sum_g \beta_g(\theta_g - \theta_{g,0})\cdot\nabla U_g`
   above ``virial_limit``: for any fixed :math:`\theta_0` its expectation under :math:`\pi_\beta` is
@@ -203,15 +203,16 @@ class DivergenceGuard:
         zero = torch.zeros((), dtype=torch.float64, device=works[0].device)
         sq, virial, prior = zero, zero, zero
         for g in groups:
-            for key, w, grad in zip(g.keys, g.works, g.grads):
+            centres = self._engine.prior_centres(g.keys, g.works) or [None] * len(g.works)
+            for key, w, grad, c in zip(g.keys, g.works, g.grads, centres):
                 w, grad = _wide(w), _wide(grad)
-                s = w.square().sum().double()
-                sq = sq + s
+                sq = sq + w.square().sum().double()
+                shift = w if c is None else w - _wide(c)   # theta - centre: the prior's force is lambda * shift
                 if g.weight_decay:
-                    prior = prior + s * (g.weight_decay / 2)
+                    prior = prior + shift.square().sum().double() * (g.weight_decay / 2)
                 ref = self._ref.get(key)
                 if ref is not None and not math.isinf(g.beta):
-                    force = grad.add(w, alpha=g.weight_decay) if g.weight_decay else grad
+                    force = grad.add(shift, alpha=g.weight_decay) if g.weight_decay else grad
                     virial = virial + (w - ref).mul_(force).sum().double() * g.beta
         nan = torch.full((), math.nan, dtype=torch.float64, device=zero.device)
         if loss is None:

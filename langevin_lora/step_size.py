@@ -60,6 +60,7 @@ from torch import Tensor
 
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
+from langevin_lora.functional import check_friction
 
 __all__ = ["KINETIC_SAFETY", "OVERDAMPED_SAFETY", "AutoStepSize", "StepSizeEstimate", "auto_step_size",
            "prior_curvature", "step_from_lambda_max"]
@@ -81,7 +82,7 @@ def step_from_lambda_max(lambda_max: float, *, friction: float | None = None, sa
         0.05
     """
     lam = check_real("lambda_max", lambda_max, low=0.0, low_open=True)
-    kinetic = friction is not None
+    kinetic = check_friction(friction) is not None
     c = (KINETIC_SAFETY if kinetic else OVERDAMPED_SAFETY) if safety is None else check_positive("safety", safety)
     return c / math.sqrt(lam) if kinetic else c / lam
 
@@ -138,7 +139,7 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
         params: the sampled tensors (``requires_grad``).
         precond: the frozen :math:`G` per tensor (tensor or number), or ``None`` (:math:`G = 1`).
         weight_decay: :math:`\lambda`, one number or one per tensor.
-        friction: ``None`` (overdamped) or :math:`\gamma > 0` (kinetic: :math:`h = c_k/\sqrt{\lambda_{\max}}`).
+        friction: ``None`` (overdamped) or :math:`\gamma > 0` / ``"auto"`` (kinetic: :math:`h = c_k/\sqrt{\lambda_{\max}}`).
         safety: :math:`c` (overdamped) or :math:`c_k` (kinetic); default :data:`OVERDAMPED_SAFETY` /
             :data:`KINETIC_SAFETY`.
         num_iters, rtol, init, generator: of the power iteration (``init``: a previous ``vector``).
@@ -147,8 +148,7 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
     Raises ``ValueError`` when :math:`\lambda_{\max}` is not a finite positive number (a flat
     potential or a broken loss): then no step follows from the curvature.
     """
-    if friction is not None:
-        check_positive("friction", friction)
+    check_friction(friction)
     with torch.enable_grad():
         res = top_eigenvalue(closure, params, scale=precond, weight_decay=weight_decay, num_iters=num_iters,
                              rtol=rtol, init=init, generator=generator, method=method, fd_eps=fd_eps)

@@ -276,3 +276,104 @@ def test_quick_start_never_diverges_at_any_user_lr(model, monkeypatch, one_threa
         assert r["finite"] and r["cuts"] == 0 and r["samples"] == r["num_samples"], r
         assert r["theta_sq_end"] < 2 * (r["theta_sq_start"] + r["prior_spread"]), r
         assert r["lambda_max"] > 0 and r["grad_evals"] > 0 and r["step_size"] > 0
+
+
+# -- issue 13 item 1 with the kinetic chain, the old behaviour, the fallback, the resume ----------------
+@pytest.mark.parametrize("friction", [None, 2.0, "auto"])
+def test_callback_auto_step_honours_friction(friction):
+    """step_size="auto": h = 0.5/sqrt(lambda_max) for a kinetic (BAOAB) chain, eta = 0.1/lambda_max for
+    the overdamped one; the lambda_max is the same measurement (same probe, same point, same seed)."""
+    cb = LangevinLoRA(num_data=N, burn_in_steps=4, weight_decay=0.2, seed=0, diagnostics=False, friction=friction)
+    trainer([cb], 4 + 5).fit(Tiny(schedule=False), loader())
+    lam = cb.auto_step.lambda_max
+    views = cb.langevin_groups()
+    expected = OVERDAMPED_SAFETY / lam if friction is None else KINETIC_SAFETY / math.sqrt(lam)
+    assert lam > 0 and all(v.lr == pytest.approx(expected, rel=1e-12) for v in views)
+    assert all((v.friction is None) == (friction is None) for v in views)
+    assert all(torch.isfinite(t).all() for t in lora_tensors(cb._module).values())
+
+
+def test_optimizer_step_size_is_the_user_learning_rate():
+    """step_size="optimizer" (the behaviour before issue 13): every Langevin step uses the param group's
+    current lr (the user's schedule included), no curvature is measured and no probe batch is kept."""
+    seen = []
+    cb = LangevinLoRA(num_data=N, burn_in_steps=3, weight_decay=0.2, seed=0, diagnostics=False,
+                      step_size="optimizer")
+    cb.step_observers.append(lambda tr, pl, c: seen.append((c.langevin_groups()[0].lr,
+                                                            tr.optimizers[0].param_groups[0]["lr"])))
+    trainer([cb], 3 + 5).fit(Tiny(), loader())
+    assert len(seen) == 5 and all(a == b for a, b in seen) and len({a for a, _ in seen}) == 5
+    assert cb.auto_step.measurements == 0 and cb.auto_step.lambda_max is None and cb._probe.size == 0
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """x -> x^2 / 2 elementwise with a first derivative only (like fused attention kernels on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square() / 2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x
+
+
+def test_auto_step_falls_back_to_finite_differences_without_double_backward():
+    """A loss built on an op without a second derivative: the "auto" method warns once, measures by central
+    differences of gradients (exact on this quadratic), and AutoStepSize keeps using them afterwards."""
+    K = torch.tensor([1.0, 4.0, 9.0, 30.0], dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def closure():
+        return (K * _NoDoubleBackward.apply(theta)).sum()
+
+    with pytest.raises(RuntimeError):   # the op really has no double backward
+        g, = torch.autograd.grad(closure(), [theta], create_graph=True)
+        torch.autograd.grad(g.sum(), [theta])
+    auto = AutoStepSize(num_iters=200, rtol=1e-10)
+    with pytest.warns(RuntimeWarning, match="falling back to central finite differences"):
+        est = auto.measure(closure, [theta], precond=None, weight_decay=[0.0])
+    assert est.method == "finite_difference" and auto.fallback
+    assert est.lambda_max == pytest.approx(30.0, rel=1e-6) and est.step_size == pytest.approx(0.1 / 30.0, rel=1e-6)
+    assert est.grad_evals == 1 + 2 * est.products   # the failed double-backward attempt evaluated the loss once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no second failed attempt
+        again = auto.measure(closure, [theta], precond=None, weight_decay=[0.0])
+    assert again.method == "finite_difference" and again.products <= auto.warm_iters
+    assert auto.state_dict()["fallback"] is True
+
+
+@pytest.mark.parametrize("friction", [None, 2.0])
+def test_kill_and_resume_with_remeasurements_is_bitwise_identical(tmp_path, friction):
+    """The auto step's state (last lambda_max, the power iteration's vector, the cadence counters, the probe
+    set, each group's lr at sampling start) is in the checkpoint: a run resumed at step k, whose
+    re-measurements fall after k, ends bitwise equal to the uninterrupted run (overdamped and kinetic)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    k, burn = 8, 3
+
+    def make():
+        return LangevinLoRA(num_data=N, burn_in_steps=burn, weight_decay=0.1, seed=4, sample_every=2, num_samples=3,
+                            step_size_every_n_steps=3, friction=friction, diagnostics=False)
+
+    L.seed_everything(0, verbose=False)
+    full, cb_full = Tiny(), make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=k, save_top_k=-1, filename="{step}")
+    trainer([cb_full, ckpt], 2 * k, enable_checkpointing=True).fit(full, loader())
+    state = torch.load(tmp_path / f"step={k}.ckpt", weights_only=True)["callbacks"]
+    saved = next(v for key, v in state.items() if "LangevinLoRA" in key)["step_size"]
+    assert saved["auto"]["measurements"] == 1 + (k - burn) // 3 and saved["auto"]["vector"] is not None
+    assert saved["probe"] is not None and saved["lr0"]
+
+    L.seed_everything(123, verbose=False)
+    resumed, cb_res = Tiny(), make()
+    trainer([cb_res], 2 * k).fit(resumed, loader(), ckpt_path=tmp_path / f"step={k}.ckpt")
+    assert cb_res.auto_step.measurements == cb_full.auto_step.measurements == 1 + (2 * k - burn) // 3
+    assert cb_res.auto_step.lambda_max == cb_full.auto_step.lambda_max
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    for a, b in zip(cb_full.sample_bank, cb_res.sample_bank):
+        assert all(torch.equal(a[n], b[n]) for n in a)
