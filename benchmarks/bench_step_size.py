@@ -4,9 +4,9 @@ For each model and each learning rate of the user's AdamW, two Lightning runs fr
 initialisation, data order and step budget:
 
 - **AdamW alone** (the user's script without the callback): held-out accuracy at the end;
-- **the quick start as written**: the same script plus
-  ``LangevinLoRA(burn_in_steps=40, sample_every=5, num_samples=4)`` (every default: ``step_size="auto"``,
-  the default prior, the divergence guard, the default diagnostics), accuracy of the softmax averaged
+- **the README quick start as written**: the same script plus
+  ``LangevinLoRA(burn_in_steps=40, weight_decay=1e-2, temperature=1.0, sample_every=5, num_samples=4)``
+  (every other argument at its default: ``step_size="auto"``, the divergence guard, the default diagnostics), accuracy of the softmax averaged
   over the 4 samples (``bma_predict_proba``).
 
 Recorded per run: the measured :math:`\\lambda_{\\max}(G^{1/2}\\nabla^2 U G^{1/2})`, the chosen step and
@@ -47,6 +47,9 @@ from langevin_lora.guard import DivergenceWarning
 MODELS = ("minilm", "tiny-bert", "tiny-gpt2", "smollm2")
 LRS = (1e-5, 1e-4, 1e-3, 1e-2)
 FULL = dict(n_train=500, n_test=500, batch_size=16, max_length=64, burn_in_steps=40, sample_every=5, num_samples=4)
+#: The README quick start's other arguments (``LangevinLoRA(burn_in_steps=..., weight_decay=1e-2,
+#: temperature=1.0, sample_every=..., num_samples=...)``); everything else is the default.
+QUICK_START = dict(weight_decay=1e-2, temperature=1.0)
 QUICK = dict(n_train=64, n_test=64, batch_size=8, max_length=16, burn_in_steps=10, sample_every=2, num_samples=4)
 
 
@@ -63,8 +66,9 @@ def sms_texts(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list
     return [texts[i] for i in tr], labels[tr].tolist(), [texts[i] for i in te], labels[te].tolist()
 
 
-def build_model(kind: str) -> tuple[nn.Module, Any]:
-    """A PEFT LoRA (r=8, the README's) sequence classifier and its tokenizer."""
+def build_model(kind: str, top_layers: int | None = None) -> tuple[nn.Module, Any]:
+    """A PEFT LoRA (r=8, the README's) sequence classifier and its tokenizer; ``top_layers``: LoRA on the
+    last that many transformer layers only (a cheaper backward pass, for tests)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -99,6 +103,9 @@ def build_model(kind: str) -> tuple[nn.Module, Any]:
             targets, head, extra = ["c_attn"], ["score"], {"fan_in_fan_out": True}
         else:
             raise ValueError(f"Invalid model: {kind!r} (expected one of {', '.join(MODELS)})")
+    if top_layers is not None:
+        n_layers = base.config.num_hidden_layers
+        extra["layers_to_transform"] = list(range(n_layers - top_layers, n_layers))
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=head,
                                             lora_dropout=0.0, **extra))
     model.train()
@@ -144,18 +151,18 @@ def _lora_sq(module: nn.Module) -> float:
 
 # -- one run ----------------------------------------------------------------------------------------
 def run_one(kind: str, lr: float, *, quick: bool = False, langevin: bool = True, step_size: str = "auto",
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, top_layers: int | None = None, sizes: dict | None = None) -> dict[str, Any]:
     """AdamW at ``lr`` on ``kind`` with (``langevin``) or without the quick-start callback; the measurements
-    of the module docstring."""
-    sizes = QUICK if quick else FULL
+    of the module docstring. ``sizes`` overrides entries of the ``quick``/full sizes."""
+    sizes = dict(QUICK if quick else FULL, **(sizes or {}))
     steps = sizes["burn_in_steps"] + sizes["sample_every"] * sizes["num_samples"]
     L.seed_everything(seed, verbose=False)
-    model, tok = build_model(kind)
+    model, tok = build_model(kind, top_layers)
     train, test, y_test = _loaders(tok, sizes, seed)
     module = Classifier(model, lr)
     callbacks, rec, cb = [], {"sq": []}, None
     if langevin:
-        kwargs = {} if step_size == "auto" else {"step_size": step_size}
+        kwargs = dict(QUICK_START) if step_size == "auto" else dict(QUICK_START, step_size=step_size)
         cb = LangevinLoRA(burn_in_steps=sizes["burn_in_steps"], sample_every=sizes["sample_every"],
                           num_samples=sizes["num_samples"], **kwargs)
         cb.step_observers.append(lambda tr, pl, c: rec["sq"].append(_lora_sq(pl)))
@@ -264,6 +271,19 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _notes(sizes: dict, top_layers: int | None) -> str:
+    steps = sizes["burn_in_steps"] + sizes["sample_every"] * sizes["num_samples"]
+    return (f"Quick start as written: LangevinLoRA(burn_in_steps={sizes['burn_in_steps']}, weight_decay=1e-2, "
+            f"temperature=1.0, sample_every={sizes['sample_every']}, num_samples={sizes['num_samples']}) + the "
+            f"user's AdamW, {steps} steps, batch {sizes['batch_size']}, length {sizes['max_length']}, "
+            f"{sizes['n_train']} SMS messages (held-out {sizes['n_test']}), LoRA r=8 on "
+            f"{'all' if top_layers is None else f'the top {top_layers}'} layers. `acc AdamW`: the same script "
+            "without the callback. `cost`: gradient evaluations of the probe set (64 examples) spent measuring "
+            "λ_max (all measurements), and their wall time; `s per step`: one training step, for scale. "
+            "`guard cuts` 0 = never diverged; β·T_virial: the live diagnostics' last windows (1 at stationarity; "
+            "these runs are far too short to get there).")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--contrast", action="store_true", help="also run step_size='optimizer' (the old behaviour)")
     ap.add_argument("--spread", action="store_true", help="lambda_max spread vs probe size on MiniLM")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--top-layers", type=int, default=None, help="LoRA on the last N transformer layers only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
     ap.add_argument("--no-record", action="store_true")
@@ -279,10 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, results = [], {"runs": [], "spread": []}
     for kind in args.models:
         for lr in args.lrs:
-            base = run_one(kind, lr, quick=args.quick, langevin=False)
-            runs = [run_one(kind, lr, quick=args.quick)]
+            one = dict(quick=args.quick, top_layers=args.top_layers)
+            base = run_one(kind, lr, langevin=False, **one)
+            runs = [run_one(kind, lr, **one)]
             if args.contrast:
-                runs.append(run_one(kind, lr, quick=args.quick, step_size="optimizer"))
+                runs.append(run_one(kind, lr, step_size="optimizer", **one))
             for r in runs:
                 r["acc_adamw"] = base["acc"]
                 results["runs"].append(r)
@@ -313,11 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         append_results("Automatic step size and divergence guard: the README quick start at any user lr "
                        "(bench_step_size.py)", table, cmd.strip(), machine=machine_record(),
                        path=args.results,
-                       notes="Quick start as written: LangevinLoRA(burn_in_steps=40, sample_every=5, num_samples=4) "
-                             "+ the user's AdamW, 60 steps, batch 16, 500 SMS messages (held-out 500). `acc AdamW`: "
-                             "the same script without the callback. `cost`: gradient evaluations of the probe set "
-                             "(64 examples) spent measuring λ_max, and their wall time; `s per step`: one training "
-                             "step, for scale. `guard cuts` 0 = never diverged.")
+                       notes=_notes(QUICK if args.quick else FULL, args.top_layers))
     return results
 
 

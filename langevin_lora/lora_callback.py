@@ -127,7 +127,8 @@ after Langevin steps (no forward pass; they leave :math:`\pi_\beta` invariant) a
 This module is longer than ~400 lines because ~170 of them are the user contract (this docstring
 and the class's); the sampling itself is the engine's, the step wrapper lives in
 :mod:`langevin_lora._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
-in :mod:`langevin_lora._user_optimizer`.
+in :mod:`langevin_lora._user_optimizer`, the step size's measurement in :mod:`langevin_lora.step_size`,
+the probe's replays in :mod:`langevin_lora._replay` and the divergence guard in :mod:`langevin_lora.guard`.
 """
 from __future__ import annotations
 

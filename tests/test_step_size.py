@@ -377,3 +377,43 @@ def test_kill_and_resume_with_remeasurements_is_bitwise_identical(tmp_path, fric
         assert torch.equal(a, b), n
     for a, b in zip(cb_full.sample_bank, cb_res.sample_bank):
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# -- the README quick start on the packaged MiniLM at the extremes of the user's lr range -----------------
+@pytest.mark.slow
+def test_readme_quick_start_on_minilm_neither_diverges_nor_loses_accuracy(monkeypatch):
+    """Issue 13 "done when": the README callback quick start (LangevinLoRA(burn_in_steps, weight_decay=1e-2,
+    temperature=1.0, sample_every, num_samples), every other argument default: step_size="auto", the guard)
+    in a Lightning script on the packaged MiniLM (LoRA r=8 on query/value of the top 2 layers, to keep the
+    test short), 64 SMS messages, 16 burn-in steps (AdamW has arrived: a shorter burn-in compares a chain
+    started before AdamW learnt with AdamW after it), 4 samples one step apart, the user's AdamW at lr 1e-2
+    and 1e-5: no DivergenceWarning, finite adapters and posterior probabilities, |theta|^2 bounded by its
+    start plus the prior's d/(beta lambda), and the posterior average's held-out accuracy (128 messages) no
+    worse than AdamW alone (same script, no callback) beyond 3 binomial sd. About 100 s on 2 shared cores."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = importlib.import_module("benchmarks.bench_step_size")
+    sizes = dict(n_test=128, burn_in_steps=16, sample_every=1, num_samples=4)
+    assert bench.QUICK_START == dict(weight_decay=1e-2, temperature=1.0)   # the README's arguments
+    for lr in (1e-2, 1e-5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DivergenceWarning)
+            r = bench.run_one("minilm", lr, quick=True, top_layers=2, sizes=sizes)
+        alone = bench.run_one("minilm", lr, quick=True, top_layers=2, sizes=sizes, langevin=False)
+        assert r["finite"] and r["cuts"] == 0 and r["samples"] == r["num_samples"], r
+        assert r["theta_sq_end"] < 2 * (r["theta_sq_start"] + r["prior_spread"]), r
+        p = alone["acc"]
+        assert r["acc"] >= p - 3 * math.sqrt(max(p * (1 - p), 0.05 * 0.95) / 128), (r, alone)
+        assert r["lambda_max"] > 0 and r["grad_evals"] > 0 and r["step_size"] > 0
+
+
+def test_bench_step_size_smoke(monkeypatch, tmp_path, one_thread):
+    """benchmarks/bench_step_size.py end to end at its smallest (tiny random BERT, one lr, --quick): one table
+    row per run with the columns the results table promises, appended to the given results file."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = importlib.import_module("benchmarks.bench_step_size")
+    results = tmp_path / "RESULTS.md"
+    out = bench.main(["--quick", "--models", "tiny-bert", "--lrs", "1e-3", "--results", str(results)])
+    (run,) = out["runs"]
+    assert run["finite"] and run["cuts"] == 0 and run["lambda_max"] > 0 and run["grad_evals"] > 0
+    text = results.read_text()
+    assert "bench_step_size" in text and "| tiny-bert | 0.001 | auto |" in text and "cost: grad evals" in text
