@@ -20,10 +20,12 @@ step) with the guard on, to show what the guard has to rescue. ``--spread`` meas
 
 Models: ``minilm`` (packaged all-MiniLM-L6-v2), ``tiny-bert`` and ``tiny-gpt2`` (random, built from
 configs: no download), ``smollm2`` (packaged SmolLM2-135M as a sequence classifier). Data: the UCI SMS
-Spam Collection, 500 training and 500 held-out messages (stratified, fixed seed).
+Spam Collection (stratified, fixed seed): 64 training and 128 held-out messages by default (``--size``).
 
-Usage: ``python -m benchmarks.bench_step_size [--models ...] [--lrs ...] [--contrast] [--spread] [--quick]``
-(``--quick``: tiny sizes for a smoke test). Results are appended to benchmarks/RESULTS.md.
+Usage: ``python -m benchmarks.bench_step_size [--models ...] [--lrs ...] [--size small|full|quick]
+[--top-layers N] [--contrast] [--spread] [--threads 1]`` (default: sizes :data:`SMALL`, LoRA on the top 2
+layers, ~10 min on one core for the four models and four lrs; ``--quick``: tiny sizes for a smoke test).
+Results are appended to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ FULL = dict(n_train=500, n_test=500, batch_size=16, max_length=64, burn_in_steps
 #: temperature=1.0, sample_every=..., num_samples=...)``); everything else is the default.
 QUICK_START = dict(weight_decay=1e-2, temperature=1.0)
 QUICK = dict(n_train=64, n_test=64, batch_size=8, max_length=16, burn_in_steps=10, sample_every=2, num_samples=4)
+#: The default of the script (the MiniLM quick-start test's sizes): small enough for ~10 min over four models
+#: and four learning rates on one core (LoRA on the top 2 layers), with a burn-in long enough for AdamW to
+#: arrive (a shorter one compares a chain started before AdamW learnt with AdamW after it).
+SMALL = dict(n_train=64, n_test=128, batch_size=8, max_length=16, burn_in_steps=16, sample_every=1, num_samples=4)
+SIZES = {"quick": QUICK, "small": SMALL, "full": FULL}
 
 
 # -- data and models --------------------------------------------------------------------------------
@@ -153,7 +160,7 @@ def _lora_sq(module: nn.Module) -> float:
 def run_one(kind: str, lr: float, *, quick: bool = False, langevin: bool = True, step_size: str = "auto",
             seed: int = 0, top_layers: int | None = None, sizes: dict | None = None) -> dict[str, Any]:
     """AdamW at ``lr`` on ``kind`` with (``langevin``) or without the quick-start callback; the measurements
-    of the module docstring. ``sizes`` overrides entries of the ``quick``/full sizes."""
+    of the module docstring. ``sizes``: a dict overriding entries of :data:`QUICK` (``quick``) or :data:`FULL`."""
     sizes = dict(QUICK if quick else FULL, **(sizes or {}))
     steps = sizes["burn_in_steps"] + sizes["sample_every"] * sizes["num_samples"]
     L.seed_everything(seed, verbose=False)
@@ -290,17 +297,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
     ap.add_argument("--contrast", action="store_true", help="also run step_size='optimizer' (the old behaviour)")
     ap.add_argument("--spread", action="store_true", help="lambda_max spread vs probe size on MiniLM")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    ap.add_argument("--top-layers", type=int, default=None, help="LoRA on the last N transformer layers only")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small", help="data and step sizes (default small)")
+    ap.add_argument("--quick", action="store_true", help="--size quick (smoke test)")
+    ap.add_argument("--top-layers", type=int, default=2, help="LoRA on the last N transformer layers only "
+                                                              "(0: all layers; default 2)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sizes = SIZES["quick" if args.quick else args.size]
+    top_layers = args.top_layers or None
     rows, results = [], {"runs": [], "spread": []}
     for kind in args.models:
         for lr in args.lrs:
-            one = dict(quick=args.quick, top_layers=args.top_layers)
+            one = dict(sizes=sizes, top_layers=top_layers)
             base = run_one(kind, lr, langevin=False, **one)
             runs = [run_one(kind, lr, **one)]
             if args.contrast:
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         append_results("Automatic step size and divergence guard: the README quick start at any user lr "
                        "(bench_step_size.py)", table, cmd.strip(), machine=machine_record(),
                        path=args.results,
-                       notes=_notes(QUICK if args.quick else FULL, args.top_layers))
+                       notes=_notes(sizes, top_layers))
     return results
 
 
