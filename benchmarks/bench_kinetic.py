@@ -176,6 +176,8 @@ def run(t: Target, obs_fn, *, lr: float, friction: float | None, chains: int, ma
         for p in params:
             p.grad = None
         loss = t.loss_fn(params)
+        if not bool(torch.isfinite(loss).all()):   # a run-away chain: report it, do not judge it
+            return _diverged(t, step, chains, time.perf_counter() - start)
         loss.sum().backward()
         with torch.no_grad():
             if step % thin == 0:
@@ -214,6 +216,12 @@ def run(t: Target, obs_fn, *, lr: float, friction: float | None, chains: int, ma
     z = (per_chain.mean(0) - t.info["truth"]) / se
     return dict(grads_to_pass=passed_at, ess_per_grad=ess, thin=thin, verdicts=verdicts, z=z,
                 estimate=per_chain.mean(0), us_per_step=1e6 * seconds / max_steps)
+
+
+def _diverged(t: Target, step: int, chains: int, seconds: float) -> dict:
+    nan = {name: math.nan for name in ["U"] + t.info["obs_names"]}
+    return dict(grads_to_pass=None, diverged_at=step, ess_per_grad=nan, thin=1, verdicts=[],
+                z=np.full(len(t.info["obs_names"]), math.nan), estimate=None, us_per_step=1e6 * seconds / max(step, 1))
 
 
 def verdict(t: Target, buf: np.ndarray, steps_at: np.ndarray, marks: dict, n: int, chains: int) -> dict:
@@ -268,6 +276,8 @@ def bench(name: str, *, chains: int, cap_overdamped: int, cap_kinetic: int, seed
 
 
 def _fmt_grads(r: dict) -> str:
+    if r.get("diverged_at") is not None:
+        return f"diverged (step {r['diverged_at']})"
     return f"> {r['cap']}" if r["grads_to_pass"] is None else str(r["grads_to_pass"])
 
 
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_text = markdown_table(
             ["target", "gamma / 2 sqrt(lambda_min)", "gamma", "gradients to pass", "min ESS/grad"],
             [[s["target"], f"{s['factor']:g}", f"{s['friction']:.3g}",
-              "> %d" % cap_k if s["grads_to_pass"] is None else str(s["grads_to_pass"]),
+              _fmt_grads(dict(s, cap=cap_k)),
               f"{min(s['ess_per_grad'].values()):.4g}"] for s in sweeps])
     total = time.perf_counter() - t0
     print("\n" + text + ("\n\n" + sweep_text if sweep_text else ""))

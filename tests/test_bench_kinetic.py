@@ -62,3 +62,15 @@ def test_bench_kinetic_verdict_on_known_cases(bench):
     shifted[0] += 3 * L @ torch.ones(d, dtype=torch.float64)
     bad = verdict_of(shifted)
     assert not bad["pass"] and max(bad["rhat"].values()) > 1.01
+
+
+def test_bench_kinetic_reports_a_runaway_chain_instead_of_crashing(bench, one_thread):
+    """A kinetic step beyond BAOAB's stability limit (h sqrt(lambda_max) = 3 > 2) runs away: the run stops at the
+    first non-finite loss and is reported as diverged (the full benchmark once crashed there on lora-rank1)."""
+    t, names, obs, truth = bench.quadratic()
+    t.info.update(obs_names=names, truth=truth)
+    r = bench.run(t, obs, lr=3.0 / math.sqrt(100.0), friction=2.0, chains=4, max_steps=4096, first=64, seed=0)
+    assert r["diverged_at"] is not None and r["grads_to_pass"] is None
+    assert bench._fmt_grads(dict(r, cap=4096)).startswith("diverged")
+    stable = bench.run(t, obs, lr=0.5 / math.sqrt(100.0), friction=2.0, chains=4, max_steps=128, first=64, seed=0)
+    assert stable.get("diverged_at") is None
