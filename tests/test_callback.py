@@ -553,7 +553,9 @@ def test_minilm_lora_takes_langevin_steps(minilm_lora_factory):
 
     clf = Clf()
     frozen = {n: p.detach().clone() for n, p in clf.named_parameters() if not p.requires_grad}
-    cb = LangevinLoRA(burn_in_steps=2, weight_decay=1e-2, num_samples=2, sample_every=1, seed=0)
+    # a fixed step: the automatic one is measured by double backward through the whole MiniLM (~17 HVPs,
+    # minutes on 2 CPU cores); tests/test_step_size.py covers it on MiniLM's top layers
+    cb = LangevinLoRA(burn_in_steps=2, weight_decay=1e-2, num_samples=2, sample_every=1, seed=0, step_size=1e-5)
     moved = []
     cb.step_observers.append(lambda tr, pl, c: moved.append(lora_tensors(pl)))
     torch.set_num_threads(2)
