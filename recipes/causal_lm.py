@@ -274,7 +274,6 @@ class LoRAChoiceLM(AdapterCheckpoints, LightningModule):
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"Invalid num_labels: {num_labels!r} (expected an integer >= 2)")
         self.save_hyperparameters()
-        self.strict_loading = False   # adapter-only checkpoints
         self.model = self._build()
         self.register_buffer("choice_ids", torch.tensor(choice_token_ids or [], dtype=torch.long), persistent=False)
         self.num_data: int | None = None

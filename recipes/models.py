@@ -67,8 +67,8 @@ def _check_nonneg(name: str, value: Any, positive: bool = False) -> float:
 class AdapterCheckpoints:
     """LightningModule mixin: checkpoints hold the trainable tensors only (LoRA factors, heads) and
     the optimizer/loop state, not the frozen base model (rebuilt from its name). Loading checks that
-    every trainable tensor is in the checkpoint (the module sets ``strict_loading = False`` so that the
-    absent frozen tensors keep their pretrained values)."""
+    every trainable tensor is in the checkpoint and completes it with the module's own frozen
+    tensors, so the (strict) ``load_state_dict`` sees every key."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -80,6 +80,9 @@ class AdapterCheckpoints:
         if missing:
             raise ValueError(f"Invalid checkpoint: {len(missing)} trainable tensors of {type(self).__name__} are not "
                              f"in it (e.g. {missing[0]!r}); was it written by another model configuration?")
+        if checkpoint.get("adapter_only"):
+            for name, value in self.state_dict().items():
+                checkpoint["state_dict"].setdefault(name, value)
 
 
 class LoRAClassifier(AdapterCheckpoints, LightningModule):
@@ -139,7 +142,6 @@ class LoRAClassifier(AdapterCheckpoints, LightningModule):
         if not isinstance(cache_lower_layers, bool):
             raise ValueError(f"Invalid cache_lower_layers: {cache_lower_layers!r} (expected true or false)")
         self.save_hyperparameters()
-        self.strict_loading = False   # adapter-only checkpoints (AdapterCheckpoints)
         self.model = self._build()
         self.top: TopLayersForward | None = None
         if adapt_top_layers is not None and cache_lower_layers:
