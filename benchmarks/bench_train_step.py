@@ -113,6 +113,27 @@ def smollm2_setup(batch: int, length: int):
     return build, data
 
 
+def bert_random_setup(batch: int, length: int, hidden: int = 768, layers: int = 12):
+    """A BERT-base-sized encoder with random weights (nothing to download: GPU timing runs on machines
+    without the packaged checkpoint) and random token ids; LoRA r=8 on query/value, as for MiniLM."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch, length), generator=g)
+    data = TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (batch,), generator=g))
+
+    def build():
+        torch.manual_seed(0)
+        cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         intermediate_size=4 * hidden, num_labels=2)
+        model = get_peft_model(BertForSequenceClassification(cfg), LoraConfig(
+            r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, modules_to_save=["classifier"]))
+        return _Clf(model.train(), lambda m, x: m(input_ids=x[0], attention_mask=x[1]).logits)
+
+    return build, data
+
+
 class _StepTimer(L.Callback):
     def __init__(self, skip: int):
         self.skip, self.times, self._t0 = skip, [], None
@@ -140,7 +161,7 @@ def _arms(num_data: int) -> dict[str, callable]:
 
 
 def run_model(name: str, setup, batch: int, length: int, steps: int, warmup: int, repeats: int,
-              only: list[str] | None = None) -> list[list]:
+              only: list[str] | None = None, accelerator: str = "cpu", precision: str = "32-true") -> list[list]:
     build, data = setup(batch, length)
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     arms = {k: v for k, v in _arms(num_data=1000).items() if k == "adamw" or not only or k in only}
@@ -150,7 +171,7 @@ def run_model(name: str, setup, batch: int, length: int, steps: int, warmup: int
             timer = _StepTimer(skip=warmup)
             trainer = L.Trainer(max_steps=warmup + steps, callbacks=[*callbacks(), timer], logger=False,
                                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                                accelerator="cpu", devices=1, max_epochs=-1)
+                                accelerator=accelerator, devices=1, max_epochs=-1, precision=precision)
             trainer.fit(build(), loader)
             times[arm] += timer.times
             print(f"  {name} round {rnd + 1}/{repeats} {arm}: median {statistics.median(timer.times) * 1e3:.1f} ms/step",
@@ -165,7 +186,9 @@ def run_model(name: str, setup, batch: int, length: int, steps: int, warmup: int
 
 def main(argv: list[str] | None = None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["minilm"], choices=["minilm", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=["minilm"], choices=["minilm", "smollm2", "bert-random"])
+    parser.add_argument("--accelerator", default="cpu", help="cpu (default) or gpu")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
@@ -181,22 +204,25 @@ def main(argv: list[str] | None = None) -> list[list]:
         args.batch, args.length, args.steps, args.repeats = 8, 32, 3, 1
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    setups = {"minilm": minilm_setup, "smollm2": smollm2_setup}
+    setups = {"minilm": minilm_setup, "smollm2": smollm2_setup, "bert-random": bert_random_setup}
     labels = {"off": "langevin, diagnostics off", "default": "langevin, default diagnostics",
               "every": "langevin, diagnostics every step"}
     only = None if args.arms is None else [labels[a] for a in args.arms]
     rows = []
     for name in args.models:
-        rows += run_model(name, setups[name], args.batch, args.length, args.steps, args.warmup, args.repeats, only)
+        rows += run_model(name, setups[name], args.batch, args.length, args.steps, args.warmup, args.repeats, only,
+                          accelerator=args.accelerator, precision=args.precision)
     header = ["model", "arm", "median ms/step", "throughput vs AdamW", "timed steps"]
     table = markdown_table(header, rows)
     print(machine_markdown())
-    print(f"batch {args.batch}, length {args.length}, {args.threads} threads, {args.repeats} interleaved rounds")
+    print(f"batch {args.batch}, length {args.length}, {args.threads} threads, {args.repeats} interleaved rounds, "
+          f"{args.accelerator}, precision {args.precision}")
     print(table)
     if args.append_results:
         append_results("End-to-end training step: AdamW LoRA vs LangevinLoRA (bench_train_step.py)", table,
                        "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-                       notes=f"batch {args.batch}, length {args.length}, {args.threads} threads, {args.steps} timed "
+                       notes=f"{args.accelerator}, precision {args.precision}; "
+                             f"batch {args.batch}, length {args.length}, {args.threads} threads, {args.steps} timed "
                              f"steps x {args.repeats} interleaved rounds per arm; goals >= 0.99 (off), >= 0.97 "
                              "(default). The timed steps hold no HVP event (every 400 / 4000 sampling steps at the "
                              "default cadence); bench_diagnostics_overhead.py times those and amortises them.")

@@ -97,31 +97,67 @@ class NoiseGenerators:
         self._pending_states = {k: v.clone() for k, v in state["states"].items()}
 
 
-def draw_standard_normal(tensors: list[torch.Tensor], generators: NoiseGenerators,
-                         dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
-    """One :math:`N(0, I)` draw shaped like each tensor.
+class NoiseBuffer:
+    """Storage reused by :func:`draw_standard_normal` from one step to the next.
 
-    Tensors are drawn in order, one ``randn`` call per (device, dtype) bucket, then split, so
-    the single-tensor and foreach update paths consume the same noise and a bucket costs one
-    kernel launch instead of one per tensor.
+    The per-tensor views of each (device, dtype) bucket are built once for a given list of tensors
+    (identified by their ``id`` and shape) and refilled in place at every draw, so a step with
+    hundreds of adapter tensors pays one ``normal_`` per bucket and no per-tensor Python work. The
+    views returned by a draw are valid until the next draw through the same buffer: a sampler
+    consumes its noise within the step. The numbers are those of a fresh draw (``torch.randn`` is
+    ``empty().normal_()`` on every backend), so using a buffer never changes a chain.
     """
-    dtypes = dtypes or [t.dtype for t in tensors]
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._flats: list[tuple[torch.Tensor, torch.device]] = []
+        self._views: list[torch.Tensor] = []
+
+    def views(self, tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> tuple[list, list[torch.Tensor]]:
+        key = tuple((id(t), t.shape, dt) for t, dt in zip(tensors, dtypes))
+        if key != self._key:
+            self._flats, self._views = _plan(tensors, dtypes)
+            self._key = key
+        return self._flats, self._views
+
+
+def _plan(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> tuple[list, list[torch.Tensor]]:
+    """One flat buffer per (device, dtype) bucket, in order of first appearance, and a view of it
+    shaped like each tensor (tensors of a bucket are laid out in their order)."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, (t, dt) in enumerate(zip(tensors, dtypes)):
         buckets.setdefault((t.device, dt), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
+    flats, out = [], [None] * len(tensors)
     for (device, dtype), idx in buckets.items():
         sizes = [tensors[i].numel() for i in idx]
-        flat = _randn(sum(sizes), generators, device, dtype)
+        flat = torch.empty(sum(sizes), device=device, dtype=dtype)
+        flats.append((flat, device))
         for i, chunk in zip(idx, torch.split(flat, sizes)):
             out[i] = chunk.view(tensors[i].shape)
-    return out  # type: ignore[return-value]
+    return flats, out  # type: ignore[return-value]
 
 
-def _randn(numel: int, generators: NoiseGenerators, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if device.type != "cpu" or numel < PARALLEL_MIN_NUMEL:
-        return torch.randn(numel, generator=generators.get(device), device=device, dtype=dtype)
-    flat = torch.empty(numel, device=device, dtype=dtype)
+def draw_standard_normal(tensors: list[torch.Tensor], generators: NoiseGenerators,
+                         dtypes: list[torch.dtype] | None = None,
+                         buffer: NoiseBuffer | None = None) -> list[torch.Tensor]:
+    """One :math:`N(0, I)` draw shaped like each tensor.
+
+    Tensors are drawn in order, one fill per (device, dtype) bucket, then split, so the
+    single-tensor and foreach update paths consume the same noise and a bucket costs one kernel
+    launch instead of one per tensor. With a :class:`NoiseBuffer` the storage and views are reused
+    (valid until its next draw); without one, every call returns fresh tensors.
+    """
+    dtypes = dtypes or [t.dtype for t in tensors]
+    flats, views = (buffer or NoiseBuffer()).views(tensors, dtypes)
+    for flat, device in flats:
+        _fill_standard_normal(flat, generators, device)
+    return list(views)
+
+
+def _fill_standard_normal(flat: torch.Tensor, generators: NoiseGenerators, device: torch.device) -> None:
+    if device.type != "cpu" or flat.numel() < PARALLEL_MIN_NUMEL:
+        flat.normal_(generator=generators.get(device))
+        return
     chunks = torch.tensor_split(flat, CPU_STREAMS)
     gens = [generators.get(device, k) for k in range(CPU_STREAMS)]
     workers = min(CPU_STREAMS, torch.get_num_threads())
@@ -135,4 +171,3 @@ def _randn(numel: int, generators: NoiseGenerators, device: torch.device, dtype:
                 _POOL[0].shutdown(wait=False)
             _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="langevin-noise"), workers)
         list(_POOL[0].map(lambda cg: cg[0].normal_(generator=cg[1]), zip(chunks, gens)))
-    return flat

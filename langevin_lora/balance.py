@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from langevin_lora._validation import check_bool, check_choice, check_int
 from langevin_lora.engine import work_tensor_of
-from langevin_lora.gauge import _check_pair, _matrix_views, _work_dtype
+from langevin_lora.gauge import CENTRE_REFUSAL, _check_pair, _matrix_views, _work_dtype
 from langevin_lora.param_groups import lora_modules
 
 __all__ = ["BalanceSchedule", "SAMPLING_REFUSAL", "balance_factors", "balance_lora_"]
@@ -114,6 +114,9 @@ def _refuse_frozen_preconditioner(optimizer: Any, params: Iterable[Tensor]) -> N
         return
     for p in params:
         st = _optimizer_state(optimizer, p)
+        if st is not None and "prior_centre" in st:
+            raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} samples a prior centred away from 0 "
+                             "(prior_centre='start'); balancing assumes a prior centred at 0: " + CENTRE_REFUSAL)
         if st is not None and "precond" in st:
             raise ValueError(
                 f"Invalid optimizer: {type(optimizer).__name__} is sampling with a frozen preconditioner. "
@@ -204,7 +207,8 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
     Raises:
         ValueError: if ``optimizer`` is sampling with a frozen preconditioner (LangevinAdam after
             ``start_sampling``): the frozen :math:`G` was measured in the old coordinates and
-            balancing while sampling changes the law being sampled.
+            balancing while sampling changes the law being sampled; or if it holds a prior centre
+            (``prior_centre="start"``): the gauge symmetry that balancing uses assumes a prior centred at 0.
     """
     check_choice("moments", moments, _MOMENT_POLICIES)
     factors = lora_modules(model, adapter_name)

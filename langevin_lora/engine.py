@@ -22,18 +22,33 @@ diagonal :math:`G` (none: :math:`G = 1`).
   (:meth:`~LangevinEngine.freeze`, :meth:`~LangevinEngine.refreeze`).
 - ``"adapt_sq"``: running sum of :math:`(g + \lambda\theta)^2` while adapting :math:`G`
   (:meth:`~LangevinEngine.accumulate`).
-- reserved for the next samplers: ``"momentum"`` (kinetic Langevin: one buffer per tensor, drawn
-  from the same generators) and ``"prior_centre"`` (a prior :math:`N(\theta_0, (\beta\lambda)^{-1})`:
-  the drift's :math:`\lambda\theta` becomes :math:`\lambda(\theta - \theta_0)`); both live beside
-  :math:`G` and are saved with it.
+- ``"momentum"``: the kinetic (BAOAB) momentum :math:`p` of a group with a ``friction``
+  (:func:`~langevin_lora.functional.kinetic_step_`; :math:`p` stands for :math:`G\cdot p`, mass
+  :math:`G^{-1}`), in the work dtype. Drawn from its stationary law :math:`N(0, G/\beta)` from the
+  engine's generators at the tensor's first kinetic step (:math:`p = 0` at :math:`\beta = \infty`),
+  so every data-parallel rank holds the same momenta. Stored *before* the closing half kick of the
+  last step, which the next step's kick completes; rescaled by :math:`\sqrt{G_{new}/G_{old}}` when
+  :math:`G` is re-frozen (the law :math:`N(0, G/\beta)` follows the new mass). Dropped when its group
+  steps overdamped again.
+- ``"prior_centre"``: the centre :math:`\theta_0` of the prior :math:`N(\theta_0, (\beta\lambda)^{-1})`
+  (:meth:`~LangevinEngine.set_prior_centre`): the potential is
+  :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2` and the drift's
+  :math:`\lambda\theta` becomes :math:`\lambda(\theta - \theta_0)`, in both steps. Absent: :math:`\theta_0 = 0`.
+
+Per group, :attr:`LangevinEngine.kinetic_lr` keeps the step size :math:`h_{t-1}` of each kinetic
+group's last step (by :attr:`StepGroup.name`), so that the kick at step :math:`t` is
+:math:`(h_{t-1} + h_t)/2\cdot G\nabla U` and an LR schedule keeps BAOAB's splitting consistent; it
+is saved in :meth:`~LangevinEngine.state_dict`.
 
 The key of a tensor is the front-end's: the callback keys by parameter name (its checkpoints are
 matched by name), the optimizers hand over their own ``Optimizer.state`` (keyed by the parameter,
 torch.optim's convention), so ``opt.state[p]["precond"]`` and ``Optimizer.state_dict()`` carry it.
 
-**One step** (:meth:`~LangevinEngine.step`): one Gaussian draw for all noisy tensors of all groups
+**One step** (:meth:`~LangevinEngine.step`): the initial momenta of kinetic tensors taking their
+first step (one draw), then one Gaussian draw for all noisy tensors of all groups
 (:func:`langevin_lora._rng.draw_standard_normal`, explicit per-device generators), then one
-:func:`~langevin_lora.functional.langevin_step_` per (group, device, dtype) bucket, as torch.optim
+:func:`~langevin_lora.functional.langevin_step_` (``friction=None``) or
+:func:`~langevin_lora.functional.kinetic_step_` per (group, device, dtype) bucket, as torch.optim
 groups its foreach kernels. Front-ends that present the same tensors, gradients, groups and seed
 therefore produce bitwise-identical chains.
 
@@ -53,12 +68,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from langevin_lora._rng import NoiseGenerators, draw_standard_normal
+from langevin_lora._rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice
 from langevin_lora.functional import (
+    FRICTION_AUTO,
     accumulate_potential_grad_sq_,
     adapted_preconditioner,
     all_finite,
+    auto_friction,
+    kinetic_coefficients,
+    kinetic_step_,
     langevin_step_,
     median_scale,
 )
@@ -79,7 +98,9 @@ class NonFiniteGradientWarning(UserWarning):
 @dataclass
 class StepGroup:
     """One group's share of a step: the tensors that have a gradient, their work tensors and
-    gradients (in the update dtype), and the group's hyperparameters read at this step."""
+    gradients (in the update dtype), and the group's hyperparameters read at this step
+    (``friction``: ``None`` for the overdamped step, :math:`\gamma > 0` or ``"auto"`` for BAOAB;
+    ``name`` keys the group's last kinetic step size)."""
 
     keys: list
     params: list[Tensor]
@@ -90,6 +111,8 @@ class StepGroup:
     weight_decay: float = 0.0
     foreach: bool | None = None
     mixed: bool = False   # the work tensors span several (device, dtype) buckets
+    friction: float | str | None = None
+    name: str = ""
 
 
 def work_tensor_of(sampler: Any, p: Tensor) -> Tensor:
@@ -135,9 +158,12 @@ class LangevinEngine:
                  state: MutableMapping[Hashable, dict[str, Tensor]] | None = None) -> None:
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.generators = NoiseGenerators(seed)
+        self._noise = NoiseBuffer()   # storage of the per-step draw, reused (no per-tensor work per step)
         self.owner = owner
         self.state: MutableMapping[Hashable, dict[str, Tensor]] = {} if state is None else state
         self.skipped_steps = 0
+        self.kinetic_lr: dict[str, float] = {}   # group name -> h of its last kinetic step
+        self._auto: dict[str, tuple[list[Tensor] | None, float, float]] = {}   # "auto" friction, cached
 
     # -- per-tensor state ----------------------------------------------------------------------------
     def _slot(self, key: Hashable) -> dict[str, Tensor]:
@@ -200,6 +226,39 @@ class LangevinEngine:
             out.append(G)
         return out
 
+    def prior_centres(self, keys: Sequence[Hashable], works: Sequence[Tensor] | None = None) -> list[Tensor] | None:
+        """The prior centres :math:`\theta_0` of ``keys``, or ``None`` when none has one; a key without a
+        centre among keys with one gets an explicit zero (shaped like its work tensor in ``works``)."""
+        state = self.state
+        found = [state.get(k, {}).get("prior_centre") for k in keys]
+        if all(c is None for c in found):
+            return None
+        if any(c is None for c in found):
+            if works is None:
+                raise ValueError(f"{self.owner}: some tensors have a prior centre and others not")
+            found = [torch.zeros_like(w) if c is None else c for c, w in zip(found, works)]
+        return found
+
+    def set_prior_centre(self, keys: Sequence[Hashable], works: Sequence[Tensor]) -> None:
+        """Centre the prior of each key at (a copy of) its work tensor's current value (THEORY §6)."""
+        for key, w in zip(keys, works):
+            self._slot(key)["prior_centre"] = w.detach().clone()
+
+    @property
+    def has_prior_centre(self) -> bool:
+        """Whether any tensor's prior is centred away from 0 (gauge moves and balancing refuse it)."""
+        return any("prior_centre" in slot for slot in self.state.values())
+
+    def momenta(self, keys: Iterable[Hashable]) -> list[Tensor] | None:
+        """The kinetic momenta of ``keys``, or ``None`` unless all of them have one."""
+        out = []
+        for key in keys:
+            m = self.state.get(key, {}).get("momentum")
+            if m is None:
+                return None
+            out.append(m)
+        return out
+
     def masters(self) -> dict[Hashable, Tensor]:
         """The fp32 master copies, by key."""
         return {k: s["master"] for k, s in self.state.items() if "master" in s}
@@ -227,6 +286,10 @@ class LangevinEngine:
     # -- the preconditioner ----------------------------------------------------------------------------
     def _set_precond(self, key: Hashable, G: Tensor) -> None:
         slot = self._slot(key)
+        momentum = slot.get("momentum")
+        if momentum is not None:   # keep p ~ N(0, G/beta) under the new mass G^-1
+            old = slot.get("precond")
+            momentum.mul_((G / old).sqrt() if old is not None else G.sqrt())
         slot["precond"] = G
         slot["precond_sqrt"] = G.sqrt()
 
@@ -245,7 +308,7 @@ class LangevinEngine:
         return reference
 
     def accumulate(self, groups: Iterable[StepGroup]) -> None:
-        r"""Add :math:`(g + \lambda\theta)^2` at the pre-step point to each tensor's adaptation sum."""
+        r"""Add :math:`(g + \lambda(\theta - \theta_0))^2` at the pre-step point to each tensor's adaptation sum."""
         for g in groups:
             if not g.works:
                 continue
@@ -255,7 +318,7 @@ class LangevinEngine:
                 if "adapt_sq" not in slot:
                     slot["adapt_sq"] = torch.zeros_like(w)
                 sums.append(slot["adapt_sq"])
-            accumulate_potential_grad_sq_(sums, g.grads, g.works, g.weight_decay)
+            accumulate_potential_grad_sq_(sums, g.grads, g.works, g.weight_decay, self.prior_centres(g.keys, g.works))
 
     def refreeze(self, counts: Mapping[Hashable, int], reference: float, *, eps: float = 1e-8,
                  clamp: tuple[float, float] = (0.01, 100.0)) -> list[Tensor]:
@@ -273,24 +336,79 @@ class LangevinEngine:
         return G
 
     # -- the step --------------------------------------------------------------------------------------
+    def friction(self, group: StepGroup) -> float | None:
+        """The group's :math:`\gamma` (``"auto"`` resolved by :func:`~langevin_lora.functional.auto_friction`
+        from its weight decay and frozen :math:`G`, cached until either changes)."""
+        if group.friction != FRICTION_AUTO:
+            return group.friction
+        precond = self.preconditioners(group.keys)
+        cached = self._auto.get(group.name)
+        if (cached is None or cached[1] != group.weight_decay or (cached[0] is None) != (precond is None)
+                or (precond is not None and (len(precond) != len(cached[0])
+                                             or any(a is not b for a, b in zip(precond, cached[0]))))):
+            cached = self._auto[group.name] = (precond, group.weight_decay, auto_friction(group.weight_decay, precond))
+        return cached[2]
+
+    def _init_momenta(self, groups: Sequence[StepGroup]) -> None:
+        """Draw :math:`p \sim N(0, G/\beta)` for every kinetic tensor without a momentum (one draw)."""
+        fresh = [(g, key, w) for g in groups for key, w in zip(g.keys, g.works)
+                 if "momentum" not in self.state.get(key, {})]
+        noisy = [(g, key, w) for g, key, w in fresh if not math.isinf(g.beta)]
+        draws = draw_standard_normal([w for _, _, w in noisy], self.generators) if noisy else []
+        for g, key, w in fresh:
+            self._slot(key)["momentum"] = torch.zeros_like(w)
+        for (g, key, _), xi in zip(noisy, draws):
+            slot = self.state[key]
+            G_sqrt = slot.get("precond_sqrt")
+            p = xi.mul_(1.0 / math.sqrt(g.beta))
+            slot["momentum"] = p.mul_(G_sqrt) if G_sqrt is not None else p
+
+    def _noise_std(self, group: StepGroup, friction: float | None) -> float:
+        if friction is None:
+            return noise_std(group.lr, group.beta)
+        return kinetic_coefficients(group.lr, friction, group.beta)[1]
+
     def step(self, groups: Sequence[StepGroup]) -> None:
-        """One Langevin step of every group (one noise draw over all of them, in group order), then
-        the master copies are written back into their parameters."""
-        stds = [noise_std(g.lr, g.beta) for g in groups]
+        """One Langevin step of every group (one noise draw over all of them, in group order): the
+        overdamped step, or BAOAB for groups with a friction; then the master copies are written back
+        into their parameters."""
+        frictions = [self.friction(g) if g.works else None for g in groups]
+        kinetic = [g for g, f in zip(groups, frictions) if f is not None]
+        if kinetic:
+            kicks = {id(g): [g.lr / 2 if "momentum" not in self.state.get(k, {}) else
+                             (self.kinetic_lr.get(g.name, g.lr) + g.lr) / 2 for k in g.keys] for g in kinetic}
+            self._init_momenta(kinetic)
+        stds = [self._noise_std(g, f) for g, f in zip(groups, frictions)]
         noisy = [w for g, std in zip(groups, stds) if std > 0 for w in g.works]
-        draws = iter(draw_standard_normal(noisy, self.generators)) if noisy else iter(())
-        for g, std in zip(groups, stds):
+        draws = iter(draw_standard_normal(noisy, self.generators, buffer=self._noise)) if noisy else iter(())
+        for g, std, friction in zip(groups, stds, frictions):
             if not g.works:
                 continue
             noise = list(itertools.islice(draws, len(g.works))) if std > 0 else None
             precond = self.preconditioners(g.keys)
             precond_sqrt = None if precond is None else [self.state[k]["precond_sqrt"] for k in g.keys]
-            lists = [g.works, g.grads, noise or [], precond or [], precond_sqrt or []]
-            buckets = Optimizer._group_tensors_by_device_and_dtype(lists) if g.mixed else {None: (lists, None)}
-            for (works, grads, nz, pre, pre_sqrt), _ in buckets.values():
-                langevin_step_(works, grads, nz or None, lr=g.lr, noise_std=std, weight_decay=g.weight_decay,
-                               precond=pre or None, precond_sqrt=pre_sqrt or None, foreach=g.foreach)
+            centre = self.prior_centres(g.keys, g.works)
+            if friction is None:
+                for k in g.keys:
+                    self.state.get(k, {}).pop("momentum", None)
+                lists = [g.works, g.grads, noise or [], precond or [], precond_sqrt or [], centre or []]
+            else:
+                lists = [g.works, g.grads, noise or [], precond or [], precond_sqrt or [], centre or [],
+                         self.momenta(g.keys)]
+                damping = kinetic_coefficients(g.lr, friction, g.beta)[0]
+            buckets = (Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True) if g.mixed
+                       else {None: (lists, list(range(len(g.works))))})
+            for (works, grads, nz, pre, pre_sqrt, cen, *mom), index in buckets.values():
+                common = dict(noise_std=std, weight_decay=g.weight_decay, precond=pre or None,
+                              precond_sqrt=pre_sqrt or None, prior_centre=cen or None, foreach=g.foreach)
+                if friction is None:
+                    langevin_step_(works, grads, nz or None, lr=g.lr, **common)
+                else:
+                    kick = [kicks[id(g)][i] for i in index]
+                    kinetic_step_(works, grads, mom[0], nz or None, lr=g.lr, kick=kick, damping=damping, **common)
             self.write_back(g)
+        for g in kinetic:
+            self.kinetic_lr[g.name] = g.lr
 
     # -- state -----------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -298,11 +416,14 @@ class LangevinEngine:
         self.state.clear()
         self.generators.reset()
         self.skipped_steps = 0
+        self.kinetic_lr.clear()
+        self._auto.clear()
 
     def state_dict(self, per_tensor: bool = True) -> dict[str, Any]:
         """Generators, skipped-step count and (``per_tensor``) the per-tensor state, cloned, without
         the tensors derived on load (:math:`\\sqrt G`). Tensors and builtins only."""
-        out: dict[str, Any] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps}
+        out: dict[str, Any] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps,
+                               "kinetic_lr": dict(self.kinetic_lr)}
         if per_tensor:
             out["state"] = {k: {n: t.clone() for n, t in s.items() if n not in _DERIVED}
                             for k, s in self.state.items() if s}
@@ -313,6 +434,7 @@ class LangevinEngine:
         :meth:`bind` places them beside their parameters."""
         self.generators.load_state_dict(state["generators"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.kinetic_lr = {str(k): float(v) for k, v in state.get("kinetic_lr", {}).items()}
         if "state" in state:
             self.state.clear()
             for key, slot in state["state"].items():

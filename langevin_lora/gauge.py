@@ -39,6 +39,7 @@ from langevin_lora.engine import work_tensor_of
 from langevin_lora.param_groups import LoraFactors
 
 __all__ = [
+    "CENTRE_REFUSAL",
     "GaugeMoves",
     "gauge_imbalance",
     "gl_gauge_move_",
@@ -47,6 +48,14 @@ __all__ = [
     "haar_orthogonal",
     "orthogonal_gauge_move_",
 ]
+
+
+#: Why gauge moves (and balancing while a centre is set) are refused with a prior centred away from 0.
+CENTRE_REFUSAL = (
+    "the LoRA gauge symmetry (A, B) -> (gA, B g^-1) leaves U invariant only for a prior centred at 0; with "
+    "U = L + (lambda/2)|theta - theta_0|^2 and theta_0 != 0 the prior term changes along the orbit, so the "
+    "orthogonal move is no longer exact and the GL acceptance ratio (THEORY §4) is wrong. Use "
+    "prior_centre='zero' (or None) with gauge moves and balancing, or no gauge moves.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +258,8 @@ class GaugeMoves:
     Gauge moves preserve :math:`\pi_\beta`, not the discretised dynamics, and are valid with a
     frozen preconditioner (see the module docstring). With a momentum sampler they act on
     :math:`\theta` only, which keeps the product law of :math:`(\theta, m)` and acts as a partial
-    momentum refresh. Noise comes from explicit per-device generators seeded by ``seed`` (saved in
+    momentum refresh. They need a prior centred at 0: a sampler whose engine holds a prior centre
+    (``prior_centre="start"``/``"burn_in"``) is refused with ``ValueError``. Noise comes from explicit per-device generators seeded by ``seed`` (saved in
     :meth:`state_dict`).
 
     Args:
@@ -303,6 +313,9 @@ class GaugeMoves:
         "gauge/gl_acceptance": acceptance rate of this call, "gauge/gl_acceptance_mean": since
         the start}`` (the GL keys only when ``gl_step > 0``).
         """
+        engine = getattr(sampler, "engine", None)
+        if engine is not None and getattr(engine, "has_prior_centre", False):
+            raise ValueError("Invalid sampler for GaugeMoves: its prior is centred away from 0: " + CENTRE_REFUSAL)
         self.calls += 1
         if self.calls % self.every_n_steps != 0:
             return {}

@@ -124,15 +124,18 @@ from langevin_lora._validation import (
 )
 from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
 from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
-from langevin_lora.functional import check_clamp
-from langevin_lora.gauge import GaugeMoves
+from langevin_lora.functional import check_clamp, check_friction
+from langevin_lora.gauge import CENTRE_REFUSAL, GaugeMoves
 from langevin_lora.optim.base import LangevinOptimizer
 from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
 from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
 from langevin_lora.temperature import effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
 
-__all__ = ["LangevinLoRA", "SHARDED_STRATEGIES"]
+__all__ = ["LangevinLoRA", "PRIOR_CENTRES", "SHARDED_STRATEGIES"]
+
+#: ``prior_centre`` of :class:`LangevinLoRA`: at 0, or at the tensors when burn-in ends.
+PRIOR_CENTRES = ("zero", "burn_in")
 
 #: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
 #: identical across world sizes.
@@ -180,6 +183,17 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         balance: a :class:`~langevin_lora.balance.BalanceSchedule`: balance the factors during burn-in
             (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
         gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
+        friction: ``None`` (default: the overdamped step), :math:`\gamma > 0` or ``"auto"``: kinetic
+            Langevin (BAOAB, THEORY §2b) with time step :math:`h` = the group's learning rate and mass
+            :math:`G^{-1}` (:func:`~langevin_lora.functional.kinetic_step_`); momenta drawn from
+            :math:`N(0, G/\beta)` when sampling starts and saved in the checkpoint. ``"auto"``:
+            :math:`\gamma = 2\sqrt{\lambda\min G}` per group (:func:`~langevin_lora.functional.auto_friction`).
+        prior_centre: ``"zero"`` (default: :math:`U = \hat L + \tfrac\lambda2\lVert\theta\rVert^2`) or
+            ``"burn_in"``: :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2` with
+            :math:`\theta_0` the LoRA tensors (and sampled heads) when sampling starts: a local posterior
+            around where burn-in arrived (THEORY §6). Exact gauge moves assume a prior centred at 0 and
+            are refused with ``"burn_in"`` (balancing during burn-in is allowed: it happens before
+            :math:`\theta_0` is taken).
         diagnostics: ``True`` (default) attaches the registered default diagnostics
             (:func:`langevin_lora.view.default_diagnostics_factory`: :mod:`langevin_lora.diagnostics`'
             ``GibbsDiagnostics``, cheap estimators every step, the end-of-fit stationarity report saved
@@ -204,7 +218,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
                  foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
                  gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
-                 precond_adapt_steps: int = 0) -> None:
+                 precond_adapt_steps: int = 0, friction: float | str | None = None,
+                 prior_centre: str = "zero") -> None:
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         self._num_data_arg = check_int("num_data", num_data, low=1, allow_none=True)
@@ -237,6 +252,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if balance is not None and balance.every_n_steps is not None and self.burn_in_steps == 0:
             raise ValueError(f"Invalid balance: every_n_steps={balance.every_n_steps} with burn_in_steps=0 would "
                              "balance during sampling: " + SAMPLING_REFUSAL)
+        self.friction = check_friction(friction)
+        self.prior_centre = check_choice("prior_centre", prior_centre, PRIOR_CENTRES)
+        if gauge_moves is not None and self.prior_centre != "zero":
+            raise ValueError(f"Invalid gauge_moves with prior_centre={self.prior_centre!r}: " + CENTRE_REFUSAL)
         if not isinstance(diagnostics, (bool, Callback)):
             raise ValueError(f"Invalid diagnostics: {diagnostics!r} (expected True, False or a lightning "
                              "Callback instance, e.g. langevin_lora.diagnostics.GibbsDiagnostics(...))")
@@ -452,10 +471,22 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         when the tensors of a role sit in several optimizer param groups). Empty before ``fit`` starts."""
         if self.base_beta is None:
             return []
-        return [LangevinGroupView(name=g.name, params=list(g.params), lr=g.lr, beta=self._group_beta(g),
-                                  weight_decay=g.weight_decay, sampling=self.sampling,
-                                  precond=self.engine.preconditioners(g.names) if self.sampling else None)
-                for g in self._groups]
+        out = []
+        for g in self._groups:
+            friction = self.engine.friction(self._step_group(g, gather=False)) if self.sampling else None
+            out.append(LangevinGroupView(
+                name=g.name, params=list(g.params), lr=g.lr, beta=self._group_beta(g), weight_decay=g.weight_decay,
+                sampling=self.sampling, precond=self.engine.preconditioners(g.names) if self.sampling else None,
+                friction=friction, momentum=None if friction is None else self.engine.momenta(g.names),
+                prior_centre=self.engine.prior_centres(g.names, g.params) if self.sampling else None))
+        return out
+
+    def _step_group(self, g: LangevinGroup, gather: bool = True) -> StepGroup:
+        """The engine's view of group ``g`` at this step: its tensors with a gradient (``gather``), or
+        only its keys and hyperparameters."""
+        hyper = dict(lr=g.lr, beta=self._group_beta(g), weight_decay=g.weight_decay, foreach=self.foreach,
+                     friction=self.friction, name=g.name)
+        return self.engine.gather(g.params, g.names, **hyper) if gather else StepGroup(list(g.names), [], [], [], **hyper)
 
     # -- the optimizer step ------------------------------------------------------------------------
     def _on_optimizer_step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
@@ -485,8 +516,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 loss = closure()
         if not self.sampling:
             self._start_sampling()
-        batches = [self.engine.gather(g.params, g.names, lr=g.lr, beta=self._group_beta(g),
-                                      weight_decay=g.weight_decay, foreach=self.foreach) for g in self._groups]
+        batches = [self._step_group(g) for g in self._groups]
         grads = [gr for b in batches for gr in b.grads] + [p.grad for p in self._others if p.grad is not None]
         if not self.engine.check_finite(grads, stacklevel=5):
             return loss   # the whole optimizer step is skipped: Langevin tensors and heads alike
@@ -519,8 +549,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                            "their preconditioner is the identity (plain SGLD)")
         self.sampling = True
         for g in self._groups:
-            for n, p in zip(g.names, g.params):
-                self.engine.work_tensor(n, p)
+            works = [self.engine.work_tensor(n, p) for n, p in zip(g.names, g.params)]
+            if self.prior_centre == "burn_in":
+                self.engine.set_prior_centre(g.names, works)
         rank_zero_info(f"LangevinLoRA: sampling starts at optimizer step {self._trainer.global_step} "
                        f"(beta={self.beta:g}, weight_decay={self.weight_decay:g}, "
                        f"{sum(len(g.params) for g in self._groups)} tensors)")

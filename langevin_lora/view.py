@@ -26,6 +26,11 @@ class LangevinGroupView:
         weight_decay: :math:`\\lambda` (coupled).
         precond: the frozen diagonal preconditioner :math:`G` per tensor, or ``None`` (identity).
         sampling: ``True`` when the group takes Langevin steps now (``False`` during warm-up/burn-in).
+        friction: :math:`\gamma` of a kinetic (BAOAB) group, ``None`` for the overdamped step.
+        momentum: the kinetic momenta :math:`p` (standing for :math:`G\cdot p`, stationary law
+            :math:`N(0, G/\beta)`) per tensor, ``None`` before the first kinetic step or when overdamped.
+        prior_centre: the prior centre :math:`\theta_0` per tensor (``None``: :math:`\theta_0 = 0`), so
+            :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`.
     """
 
     name: str
@@ -35,6 +40,9 @@ class LangevinGroupView:
     weight_decay: float
     precond: list[Tensor] | None
     sampling: bool
+    friction: float | None = None
+    momentum: list[Tensor] | None = None
+    prior_centre: list[Tensor] | None = None
 
 
 @runtime_checkable

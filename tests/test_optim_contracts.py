@@ -963,3 +963,24 @@ def test_numpy_numbers_are_accepted(opt_cls):
         opt.step()
     assert opt.langevin_groups()[0].beta == 200.0
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_noise_buffer_reuses_storage_and_draws_the_same_numbers():
+    """A NoiseBuffer refills the same per-tensor views in place; its numbers equal fresh draws from the
+    same generator states (CPU streams included), and another tensor list gets its own plan."""
+    from langevin_lora._rng import PARALLEL_MIN_NUMEL, NoiseBuffer
+
+    ts = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64), torch.zeros(PARALLEL_MIN_NUMEL + 7), torch.zeros(2)]
+    buf = NoiseBuffer()
+    g_fresh, g_buf = NoiseGenerators(3), NoiseGenerators(3)
+    ptrs = None
+    for _ in range(3):
+        fresh = draw_standard_normal(ts, g_fresh)
+        drawn = draw_standard_normal(ts, g_buf, buffer=buf)
+        ptrs = ptrs or [x.data_ptr() for x in drawn]
+        assert [x.data_ptr() for x in drawn] == ptrs            # storage reused
+        assert all(torch.equal(a, b) and b.shape == t.shape and b.dtype == t.dtype for a, b, t in zip(fresh, drawn, ts))
+    ts2 = [torch.zeros(4, 3), torch.zeros(6)]
+    fresh, drawn = draw_standard_normal(ts2, g_fresh), draw_standard_normal(ts2, g_buf, buffer=buf)
+    assert [x.shape for x in drawn] == [t.shape for t in ts2]
+    assert all(torch.equal(a, b) for a, b in zip(fresh, drawn))

@@ -232,6 +232,17 @@ def check_virial_temperature(ev: Evidence) -> list[Check]:
     return [_temperature(ev, "virial_temperature", x, se)]
 
 
+def check_kinetic_temperature(ev: Evidence) -> list[Check]:
+    r"""Kinetic chains (BAOAB): :math:`\beta\,p^\top G^{-1}p/d` of the stored momentum, 1 exactly on a
+    Gaussian target at any stable step, :math:`1 + O(h^2)` otherwise (nothing to check for overdamped chains)."""
+    x = ev.traces.get("kinetic_temperature")
+    if x is None or not x.size:
+        return []
+    mean, se = _trace_stats(x)
+    return [_temperature(ev, "kinetic_temperature", mean, se, "momentum before the closing half kick: exact on "
+                                                              "Gaussian targets, O(h^2) otherwise")]
+
+
 def check_noise_ratio(ev: Evidence) -> list[Check]:
     rho, cap = ev.noise_ratio, ev.noise_ratio_max
     if rho is None:
@@ -328,7 +339,8 @@ def info_effective_dimension(ev: Evidence) -> list[Check]:
 
 
 CHECKS: tuple[Callable[[Evidence], list[Check]], ...] = (
-    check_effective_sample_size, check_geweke, check_split_rhat, check_virial_temperature, check_noise_ratio,
+    check_effective_sample_size, check_geweke, check_split_rhat, check_virial_temperature, check_kinetic_temperature,
+    check_noise_ratio,
     check_config_temperature, check_step_size, check_mean_force, check_gauge, info_poincare,
     info_effective_dimension,
 )

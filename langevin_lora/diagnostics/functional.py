@@ -74,7 +74,7 @@ __all__ = [
 
 
 def _force(params: Sequence[Tensor], grads: Sequence[Tensor], weight_decay: float) -> list[Tensor]:
-    """:math:`g + \lambda\theta` per tensor (one fused pass)."""
+    r""":math:`g + \lambda\theta` per tensor (one fused pass)."""
     if weight_decay == 0:
         return list(grads)
     return list(torch._foreach_add(list(grads), list(params), alpha=weight_decay))

@@ -1,7 +1,8 @@
 """Which tensors a :class:`~langevin_lora.diagnostics.GibbsRecorder` watches, and what one row holds.
 
 A :class:`Layout` is built from the sampler's group views (and the LoRA modules whose two factors
-are both sampled): the tensors in order, per-tensor hyperparameters as float64 vectors, the index
+are both sampled, with a prior centred at 0: a centred prior :math:`\theta_0 \neq 0` breaks the gauge
+identity, so such modules get no gauge gap): the tensors in order, per-tensor hyperparameters as float64 vectors, the index
 maps tensor -> group and module -> (A, B), and the names of the row's columns. It is rebuilt when
 the views change (a group starts sampling, a preconditioner is re-frozen, a temperature changes);
 the recorder's running state follows the :attr:`Layout.signature` (group names and tensor shapes).
@@ -15,11 +16,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "LoraModule", "build_layout", "lora_modules_of", "views_key", "precond_of", "BASE_COLUMNS"]
+__all__ = ["Layout", "LoraModule", "build_layout", "lora_modules_of", "views_key", "precond_of", "centres_of",
+           "momenta_of", "BASE_COLUMNS", "KINETIC_COLUMN"]
 
 # Columns of every row; then the virial temperature per group and per module, the gauge gap per
 # module and their mean.
 BASE_COLUMNS = ("virial_temperature", "virial_temperature_raw", "theta_sq", "prior", "grad_sq", "rho", "loss")
+#: Column after the base ones when some group is kinetic: :math:`\beta p^\top G^{-1}p/d` of its momenta.
+KINETIC_COLUMN = "kinetic_temperature"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Layout:
     decay: list[float]          # per tensor
     lr: list[float]             # per tensor, re-read at every step (schedules)
     precond: list[Tensor | None]
+    friction: list[float | None]    # per tensor: gamma of a kinetic group, None when overdamped
+    centred: bool                   # some tensor has a prior centre (forces use theta - theta_0)
     beta: Tensor                # per tensor, float64
     lam: Tensor
     numel: Tensor
@@ -73,12 +79,31 @@ def lora_modules_of(model: torch.nn.Module) -> list[LoraModule]:
 def views_key(views: Sequence[Any]) -> tuple:
     """Changes whenever the layout must be rebuilt (tensors, hyperparameters, preconditioners)."""
     return tuple((v.name, v.beta, v.weight_decay, tuple(id(p) for p in v.params),
-                  None if v.precond is None else tuple(id(G) for G in v.precond)) for v in views)
+                  None if v.precond is None else tuple(id(G) for G in v.precond), getattr(v, "friction", None),
+                  getattr(v, "prior_centre", None) is not None) for v in views)
 
 
 def precond_of(views: Sequence[Any]) -> list[Tensor | None]:
     """The frozen preconditioner of every tensor (``None``: identity)."""
     return [G for v in views for G in (v.precond if v.precond is not None else [None] * len(v.params))]
+
+
+def centres_of(views: Sequence[Any]) -> list[Tensor | None]:
+    """The prior centre :math:`\theta_0` of every tensor (``None``: 0)."""
+    out = []
+    for v in views:
+        c = getattr(v, "prior_centre", None)
+        out += list(c) if c is not None else [None] * len(v.params)
+    return out
+
+
+def momenta_of(views: Sequence[Any]) -> list[Tensor | None]:
+    """The kinetic momentum of every tensor (``None``: overdamped, or before its first kinetic step)."""
+    out = []
+    for v in views:
+        m = getattr(v, "momentum", None)
+        out += list(m) if m is not None else [None] * len(v.params)
+    return out
 
 
 def signature_of(views: Sequence[Any]) -> tuple:
@@ -92,17 +117,20 @@ def build_layout(views: Sequence[Any], modules: Iterable[LoraModule], key: tuple
     are left out."""
     params = [p for v in views for p in v.params]
     device = params[0].device
+    centred = [c is not None for c in centres_of(views)]
     index = {id(p): i for i, p in enumerate(params)}
     mods = []
     for m in modules:
         ia, ib = index.get(id(m.A)), index.get(id(m.B))
-        if ia is not None and ib is not None:
+        if ia is not None and ib is not None and not (centred[ia] or centred[ib]):
             mods.append((m.name, ia, ib, m.A.shape[0], m.A[0].numel(), m.B.shape[0]))
     slices, start = [], 0
     for v in views:
         slices.append(slice(start, start + len(v.params)))
         start += len(v.params)
-    columns = (list(BASE_COLUMNS) + [f"virial_temperature/{v.name}" for v in views]
+    friction = [getattr(v, "friction", None) for v in views for _ in v.params]
+    columns = (list(BASE_COLUMNS) + ([KINETIC_COLUMN] if any(f is not None for f in friction) else [])
+               + [f"virial_temperature/{v.name}" for v in views]
                + [f"virial_temperature/{m[0]}" for m in mods] + [f"gauge_gap/{m[0]}" for m in mods]
                + (["gauge_gap"] if mods else []))
     t64 = dict(device=device, dtype=torch.float64)
@@ -118,6 +146,7 @@ def build_layout(views: Sequence[Any], modules: Iterable[LoraModule], key: tuple
     return Layout(
         key=views_key(views) if key is None else key, signature=signature_of(views), params=params,
         group_slices=slices, decay=per_tensor("weight_decay"), lr=per_tensor("lr"), precond=precond_of(views),
+        friction=friction, centred=any(centred),
         beta=torch.tensor(per_tensor("beta"), **t64), lam=torch.tensor(per_tensor("weight_decay"), **t64),
         numel=numel, group_of=group_of, group_numel=torch.zeros(len(views), **t64).index_add_(0, group_of, numel),
         mod_a=torch.tensor([m[1] for m in mods], dtype=torch.long, device=device),

@@ -19,10 +19,30 @@ the window means. A custom loop::
     report = stationarity_report(**rec.report_arguments())
 
 Per step (no extra forward pass): the centred virial temperature (global, per group, per LoRA
-module), the potential :math:`U = \hat L + \sum\tfrac{\lambda}{2}\lVert\theta\rVert^2`,
+module), the potential :math:`U = \hat L + \sum\tfrac{\lambda}{2}\lVert\theta - \theta_0\rVert^2`,
 :math:`\lVert\theta\rVert^2`, the mean-force blocks, the gauge gap per LoRA module, and
 :math:`\lVert\nabla U\rVert^2` (unbiased, with :math:`\rho`, when two or more gradient estimates
-were given through :meth:`~GibbsRecorder.observe_micro_batch` or ``micro_grads``). The Laplacian and
+were given through :meth:`~GibbsRecorder.observe_micro_batch` or ``micro_grads``).
+
+**Prior centre** (a view's ``prior_centre`` :math:`\theta_0`, THEORY §6): the force is
+:math:`\nabla U = g + \lambda(\theta - \theta_0)` and every identity that needs only
+:math:`\nabla U` keeps its value (virial and configurational temperatures, mean force: the master
+identity holds for any :math:`U`); they are computed in the shifted coordinates
+:math:`\theta - \theta_0`. The gauge identity does not hold (the centred prior is not invariant
+under :math:`(A, B) \mapsto (gA, Bg^{-1})`): modules with a centre get no gauge gap.
+
+**Kinetic groups** (a view's ``friction``, BAOAB): the configuration :math:`\theta` recorded at the
+pre-step point has law :math:`\pi_\beta` (exactly on Gaussian targets), so the identities above keep
+their values. Added: the kinetic temperature :math:`\beta\,p^\top G^{-1}p/d` over the kinetic
+tensors (``kinetic_temperature``; the stored momentum, taken before the closing half kick, is exactly
+:math:`N(0, G/\beta)` on a Gaussian target at every stable :math:`h`, so its value is 1 up to
+:math:`O(h^2)` on other targets and minibatch noise). The noise ratio of a kinetic tensor is
+:math:`\rho = (h/\gamma)\beta\operatorname{tr}(G\Sigma_B)/(2d)` (the configurational temperature
+rises by :math:`\rho`: one step injects :math:`h^2 G\Sigma_B G` into :math:`p` against the O-step's
+:math:`(1-e^{-2\gamma h})G/\beta \approx 2\gamma h\,G/\beta`), and the step-size number is
+:math:`(h^2/2)\lambda_{\max}` (:meth:`~GibbsRecorder.step_scale`: BAOAB is stable for
+:math:`h^2\lambda_{\max}/4 < 1`, as the overdamped step for :math:`\eta\lambda_{\max}/2 < 1`, and in
+the high-friction limit it is the overdamped step with :math:`\eta = h^2/2`). The Laplacian and
 :math:`\eta\lambda_{\max}` come from :mod:`langevin_lora.diagnostics.probes`
 (:meth:`~GibbsRecorder.add_laplacian`, :meth:`~GibbsRecorder.set_eta_lambda_max`).
 
@@ -43,7 +63,16 @@ from langevin_lora._validation import check_choice, check_int
 from langevin_lora.curvature import batched_dot
 from langevin_lora.diagnostics import functional as F
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
-from langevin_lora.diagnostics.layout import Layout, LoraModule, build_layout, precond_of, views_key
+from langevin_lora.diagnostics.layout import (
+    KINETIC_COLUMN,
+    Layout,
+    LoraModule,
+    build_layout,
+    centres_of,
+    momenta_of,
+    precond_of,
+    views_key,
+)
 
 __all__ = ["GibbsRecorder", "LoraModule"]
 
@@ -106,9 +135,13 @@ class GibbsRecorder:
         return [] if self._layout is None else self._layout.decay
 
     def step_scale(self) -> list[Tensor | float]:
-        r"""Per tensor :math:`\eta G` (or :math:`\eta`): the scale of :math:`\eta\lambda_{\max}`."""
+        r"""Per tensor :math:`\eta G` (or :math:`\eta`): the scale of :math:`\eta\lambda_{\max}`; for a kinetic
+        tensor :math:`(h^2/2) G`, the overdamped step with the same stability margin (module docstring)."""
         lay = self._layout
-        return [] if lay is None else [lr if G is None else lr * G for lr, G in zip(lay.lr, lay.precond)]
+        if lay is None:
+            return []
+        eta = [lr if f is None else 0.5 * lr * lr for lr, f in zip(lay.lr, lay.friction)]
+        return [e if G is None else e * G for e, G in zip(eta, lay.precond)]
 
     @property
     def noise_ratio(self) -> float | None:
@@ -149,7 +182,7 @@ class GibbsRecorder:
         views = self.sampling_groups(views)
         if not views:
             return
-        thetas = [p.detach() for v in views for p in v.params]
+        thetas = self._shifted(views, [p.detach() for v in views for p in v.params])
         self._micro.add(thetas, grads, precond_of(views), [v.weight_decay for v in views for _ in v.params], nominal)
 
     def discard_micro_batches(self) -> None:
@@ -191,29 +224,35 @@ class GibbsRecorder:
         lay.lr = [v.lr for v in views for _ in v.params]
         params = lay.params
         thetas = [p.detach() for p in params]
+        shifted = self._shifted(views, thetas) if lay.centred else thetas   # theta - theta_0
         if grads is None:
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-        centers = self._center(thetas)
+        centers = self._center(shifted)
         forces: list[Tensor] = []
         for v, sl in zip(views, lay.group_slices):
-            forces += F.mean_force(thetas[sl], grads[sl], weight_decay=v.weight_decay)
-        dots = F.virial_sum(thetas, forces, centers, per_tensor=True).double()
+            forces += F.mean_force(shifted[sl], grads[sl], weight_decay=v.weight_decay)
+        dots = F.virial_sum(shifted, forces, centers, per_tensor=True).double()
         tsq = batched_dot(thetas, thetas, per_tensor=True).double()
+        csq = batched_dot(shifted, shifted, per_tensor=True).double() if lay.centred else tsq
         beta, numel = lay.beta, lay.numel
         total = numel.sum()
         group_virial = torch.zeros_like(lay.group_numel).index_add_(0, lay.group_of, beta * dots) / lay.group_numel
-        trace, grad_sq = self._noise_and_gradient_square(thetas, forces, micro_grads)
+        trace, grad_sq = self._noise_and_gradient_square(shifted, forces, micro_grads)
         rho = torch.full((), math.nan, dtype=torch.float64, device=dots.device)
-        if trace is not None:
-            lr = torch.tensor(lay.lr, dtype=torch.float64, device=dots.device)
+        if trace is not None:   # a kinetic tensor's noise ratio has h / gamma in place of eta
+            lr = torch.tensor([lr if f is None else lr / f for lr, f in zip(lay.lr, lay.friction)],
+                              dtype=torch.float64, device=dots.device)
             rho = F.noise_ratio_from_traces(trace, lr=lr, beta=beta, num_coordinates=total).sum()
         grad_sq = (beta * grad_sq).sum()
         self._grad_sq_sum = grad_sq if self._grad_sq_sum is None else self._grad_sq_sum + grad_sq
         self._grad_sq_count += 1
         loss_t = (torch.full((), math.nan, dtype=torch.float64, device=dots.device) if loss is None else
                   torch.as_tensor(loss).detach().to(device=dots.device, dtype=torch.float64).reshape(()))
-        head = torch.stack([(beta * dots).sum() / total, dots.sum() / total, tsq.sum(), (0.5 * lay.lam * tsq).sum(),
-                            grad_sq, rho, loss_t])
+        head = [(beta * dots).sum() / total, dots.sum() / total, tsq.sum(), (0.5 * lay.lam * csq).sum(), grad_sq,
+                rho, loss_t]
+        if KINETIC_COLUMN in lay.columns:
+            head.append(self._kinetic_temperature(views, dots.device))
+        head = torch.stack(head)
         cols = [head, group_virial]
         if lay.mod_a.numel():
             a, b = lay.mod_a, lay.mod_b
@@ -225,6 +264,23 @@ class GibbsRecorder:
         self._blocks.update(forces)
         self.sampling_steps += 1
         return flushed
+
+    @staticmethod
+    def _shifted(views: Sequence[Any], thetas: list[Tensor]) -> list[Tensor]:
+        """:math:`\theta - \theta_0` per tensor (``thetas`` itself where the prior is centred at 0)."""
+        return [t if c is None else t - c.to(t.dtype) for t, c in zip(thetas, centres_of(views))]
+
+    def _kinetic_temperature(self, views: Sequence[Any], device: torch.device) -> Tensor:
+        r""":math:`\sum_i \beta_i p_i^\top G_i^{-1} p_i / \sum_i d_i` over the tensors with a momentum (NaN: none yet)."""
+        lay = self._layout
+        idx = [i for i, m in enumerate(momenta_of(views)) if m is not None]
+        if not idx:
+            return torch.full((), math.nan, dtype=torch.float64, device=device)
+        moms = [m for m in momenta_of(views) if m is not None]
+        scaled = [m if lay.precond[i] is None else m / lay.precond[i] for i, m in zip(idx, moms)]
+        sq = batched_dot(moms, scaled, per_tensor=True).double()
+        sel = torch.tensor(idx, dtype=torch.long, device=lay.beta.device)
+        return (lay.beta[sel] * sq).sum() / lay.numel[sel].sum()
 
     def _noise_and_gradient_square(self, thetas: list[Tensor], forces: list[Tensor],
                                    micro_grads: Sequence[Sequence[Tensor]] | None) -> tuple[Tensor | None, Tensor]:
@@ -337,10 +393,13 @@ class GibbsRecorder:
         beta = lr = wd = None
         relax: dict[str, float] = {}
         if lay is not None:
-            beta, lr, wd = float(lay.beta[0]), lay.lr[0], lay.decay[0]
+            # The autocorrelation Poincare bounds and the gauge relaxation time 1/(2 lambda eta) are those of
+            # the overdamped dynamics: not passed for kinetic chains.
+            kinetic = any(f is not None for f in lay.friction)
+            beta, lr, wd = float(lay.beta[0]), None if kinetic else lay.lr[0], lay.decay[0]
             names = [c.split("/", 1)[1] for c in lay.columns if c.startswith("gauge_gap/")]
             for name, a, b in zip(names, lay.mod_a.tolist(), lay.mod_b.tolist()):
-                if lay.decay[a] > 0 and lay.precond[a] is None and lay.precond[b] is None:
+                if lay.decay[a] > 0 and lay.precond[a] is None and lay.precond[b] is None and not kinetic:
                     relax[name] = 1.0 / (2 * lay.decay[a] * lay.lr[a])
         return dict(traces=self.traces, beta=beta, lr=lr, weight_decay=wd, noise_ratio=self.noise_ratio,
                     config_temperature=self.config_temperature(), eta_lambda_max=self.eta_lambda_max,

@@ -57,6 +57,8 @@ class LangevinAdam(LangevinOptimizer):
             (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
             burn-in: discard them. Recommended when the warm-up's path gradients are not a
             curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``).
+        friction: ``None`` (overdamped sampling), :math:`\gamma > 0` or ``"auto"`` (kinetic, BAOAB).
+        prior_centre: ``None`` (centre 0) or ``"start"`` (the parameters when sampling starts).
 
     Sampling starts right after the ``warmup_steps``-th Adam step (``warmup_steps=0``: the first
     step already samples, with :math:`G \equiv 1`). With ``adapt_steps > 0`` the first
@@ -64,16 +66,27 @@ class LangevinAdam(LangevinOptimizer):
     (:attr:`adapting` is ``True`` until then).
 
     Stability: keep :math:`\eta\,\lambda_{\max}(G^{1/2}\nabla^2 U\, G^{1/2}) \lesssim 0.1`.
+
+    **Kinetic sampling** (``friction`` :math:`\gamma > 0` or ``"auto"``): after the freeze, the BAOAB
+    step of :class:`~langevin_lora.LangevinSGD` with mass :math:`G^{-1}` (THEORY §2b), time step
+    :math:`h` = ``lr``: kicks :math:`p \mathrel{-}= \tfrac{h_{t-1}+h_t}{2} G\odot\nabla U`, O-step noise
+    :math:`\sqrt{(1-e^{-2\gamma h})/\beta}\,\sqrt G\odot\xi`, momenta drawn from :math:`N(0, G/\beta)`
+    at the first sampling step (and rescaled when ``adapt_steps`` re-freezes :math:`G`). Exact
+    :math:`\theta`-law on Gaussian targets for every :math:`h\sqrt{\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})} < 2`;
+    take :math:`h \approx 0.5/\sqrt{\lambda_{\max}}`. ``prior_centre="start"`` centres the prior at the
+    parameters of the freeze (the first sampling step), as in :class:`~langevin_lora.LangevinSGD`.
     """
 
     def __init__(self, params: Iterable, lr: float, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, num_data: int | None = None, temperature: float = 1.0,
                  beta: float | None = None, weight_decay: float = 0.0, warmup_steps: int | None = 100,
                  precond_clamp: tuple[float, float] = (0.01, 100.0), adapt_steps: int = 0,
-                 seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip") -> None:
+                 seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
+                 friction: float | str | None = None, prior_centre: str | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, temperature=temperature, weight_decay=weight_decay,
                         warmup_steps=warmup_steps, precond_clamp=precond_clamp, adapt_steps=adapt_steps,
-                        foreach=foreach, sampling=False, step=0, adapted=0, precond_reference=None)
+                        foreach=foreach, sampling=False, step=0, adapted=0, precond_reference=None,
+                        friction=friction, prior_centre=prior_centre)
         super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -163,6 +176,7 @@ class LangevinAdam(LangevinOptimizer):
             else:
                 self._adam(group, batch)
                 self.engine.write_back(batch)
+        self._centre_priors(group for group, _ in sampling)
         adapting = [(group, batch) for group, batch in sampling if self._adapting(group)]
         self.engine.accumulate(batch for _, batch in adapting)   # at the pre-step point
         self.engine.step([batch for _, batch in sampling])

@@ -8,22 +8,28 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from langevin_lora._validation import check_bool, check_non_negative, check_positive
+from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
 from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
+from langevin_lora.functional import check_friction
 from langevin_lora.temperature import effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
-__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning"]
+__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES"]
+
+#: ``prior_centre`` of a param group: ``None`` (the prior is centred at 0) or ``"start"`` (at the
+#: parameters of the group's first sampling step).
+PRIOR_CENTRES = (None, "start")
 
 
 class LangevinOptimizer(EngineFrontEnd, Optimizer):
     """Base class: subclasses implement :meth:`_update` (the step once every gradient is known finite).
 
     Every hyperparameter lives in the param group and is read at each step, so LR schedulers
-    and per-group overrides (e.g. ``{"params": head, "temperature": 0.0}``) work unchanged. The
-    engine's per-tensor state (fp32 masters, frozen ``G``, adaptation sums) is ``self.state[p]``,
-    saved by :meth:`state_dict` as torch.optim saves its moments; generator states and the
-    skipped-step count go under ``state_dict()["langevin"]``.
+    and per-group overrides (e.g. ``{"params": head, "temperature": 0.0}``,
+    ``{"params": lora_B, "friction": 5.0}``) work unchanged. The engine's per-tensor state (fp32
+    masters, frozen ``G``, adaptation sums, kinetic momenta, prior centres) is ``self.state[p]``,
+    saved by :meth:`state_dict` as torch.optim saves its moments; generator states, the
+    skipped-step count and the kinetic groups' last step sizes go under ``state_dict()["langevin"]``.
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, num_data: int | None,
@@ -54,6 +60,8 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         check_non_negative("weight_decay", group["weight_decay"])
         check_positive("beta", group["base_beta"])
         check_bool("foreach", group["foreach"], allow_none=True)
+        group["friction"] = check_friction(group.get("friction"))
+        check_choice("prior_centre", group.get("prior_centre"), PRIOR_CENTRES)
 
     @staticmethod
     def group_beta(group: dict[str, Any]) -> float:
@@ -72,8 +80,9 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches = [self.engine.gather(group["params"], lr=group["lr"], beta=self.group_beta(group),
-                                      weight_decay=group["weight_decay"], foreach=group["foreach"])
-                   for group in self.param_groups]
+                                      weight_decay=group["weight_decay"], foreach=group["foreach"],
+                                      friction=group["friction"], name=str(i))
+                   for i, group in enumerate(self.param_groups)]
         if self.engine.check_finite([g for b in batches for g in b.grads], stacklevel=4):
             self._update(batches)
         return loss
@@ -82,14 +91,29 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         """Update every group (``batches[i]`` belongs to ``self.param_groups[i]``)."""
         raise NotImplementedError
 
+    def _centre_priors(self, groups: Iterable[dict[str, Any]]) -> None:
+        """``prior_centre="start"``: centre the prior of every tensor of ``groups`` (sampling now) that has
+        no centre yet at its current value (the first sampling step's pre-step point)."""
+        for group in groups:
+            if group["prior_centre"] != "start":
+                continue
+            todo = [p for p in group["params"] if "prior_centre" not in self.state.get(p, {})]
+            if todo:
+                self.engine.set_prior_centre(todo, [self.engine.work_tensor(p, p) for p in todo])
+
     def langevin_groups(self) -> list[LangevinGroupView]:
         """The :class:`~langevin_lora.view.LangevinGroupView` of every param group (for diagnostics)."""
         views = []
         for i, group in enumerate(self.param_groups):
+            params = list(group["params"])
+            friction = self.engine.friction(StepGroup(params, [], [], [], weight_decay=group["weight_decay"],
+                                                      friction=group["friction"], name=str(i)))
             views.append(LangevinGroupView(
-                name=group.get("name", f"group{i}"), params=list(group["params"]), lr=group["lr"],
+                name=group.get("name", f"group{i}"), params=params, lr=group["lr"],
                 beta=self.group_beta(group), weight_decay=group["weight_decay"],
-                precond=self.engine.preconditioners(group["params"]), sampling=group.get("sampling", True)))
+                precond=self.engine.preconditioners(params), sampling=group.get("sampling", True),
+                friction=friction, momentum=self.engine.momenta(params) if friction is not None else None,
+                prior_centre=self.engine.prior_centres(params, params)))
         return views
 
     # -- state -------------------------------------------------------------------------------

@@ -22,6 +22,29 @@ class LangevinSGD(LangevinOptimizer):
     (coupled) ``weight_decay``. The step size is read from the group at every step, so an LR
     scheduler changes drift and noise together and the chain keeps its target.
 
+    **Kinetic Langevin** (``friction`` :math:`\gamma > 0`): the same target sampled by the BAOAB
+    splitting of underdamped Langevin with momentum :math:`p` (:func:`~langevin_lora.functional.kinetic_step_`,
+    THEORY §2b), one gradient per step, time step :math:`h` = ``lr``:
+
+    .. math::
+        p \leftarrow p - \tfrac{h_{t-1}+h_t}{2}\nabla U,\quad \theta \leftarrow \theta + \tfrac h2 p,\quad
+        p \leftarrow e^{-\gamma h}p + \sqrt{(1-e^{-2\gamma h})/\beta}\,\xi,\quad \theta \leftarrow \theta + \tfrac h2 p .
+
+    Its :math:`\theta`-law is *exact* on Gaussian targets at every stable :math:`h`
+    (:math:`h\sqrt{\lambda_{\max}} < 2`), and it relaxes the slowest mode (curvature
+    :math:`\lambda_{\min}`) at about :math:`h\sqrt{\lambda_{\min}}` per step instead of
+    :math:`\eta\lambda_{\min}`: :math:`\sqrt\kappa` times fewer steps. Note that ``lr`` is then
+    :math:`h`, a time step whose stable scale is :math:`1/\sqrt{\lambda_{\max}}` (take
+    :math:`h \approx 0.5/\sqrt{\lambda_{\max}}`), not :math:`1/\lambda_{\max}`. Choose
+    :math:`\gamma \approx 2\sqrt{\lambda_{\min}}` (critical damping of the slowest mode), or
+    ``"auto"``: :math:`2\sqrt{\lambda}`, the slowest prior-dominated mode
+    (:func:`~langevin_lora.functional.auto_friction`). Momenta start from their stationary law
+    :math:`N(0, I/\beta)` at the first step and are saved in :meth:`state_dict`.
+
+    **Prior centre** (``prior_centre="start"``): :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`
+    with :math:`\theta_0` the parameters at the group's first step (a local posterior, THEORY §6;
+    saved in :meth:`state_dict`).
+
     Known biases (THEORY §3): the discretisation inflates the temperature by about
     :math:`1 + \tfrac{\eta}{2}\operatorname{tr}H^2/\operatorname{tr}H`; minibatch gradient noise by
     :math:`1 + \rho`, :math:`\rho = \eta\beta\operatorname{tr}\Sigma_B/(2d)`. Keep
@@ -39,6 +62,9 @@ class LangevinSGD(LangevinOptimizer):
         foreach: ``None`` (auto), ``True`` or ``False``.
         nonfinite: ``"skip"`` (default: warn, update nothing, draw no noise) or ``"raise"``
             (:class:`FloatingPointError`) when a gradient holds inf/NaN.
+        friction: ``None`` (default: the overdamped step above), :math:`\gamma > 0` or ``"auto"``:
+            kinetic Langevin (BAOAB) with time step ``lr``.
+        prior_centre: ``None`` (default: the prior is centred at 0) or ``"start"``.
 
     Parameters whose ``.grad`` is ``None`` are left untouched. fp16/bf16 parameters are updated
     through an fp32 master copy kept in the optimizer state, so noise far below the
@@ -54,9 +80,12 @@ class LangevinSGD(LangevinOptimizer):
 
     def __init__(self, params: Iterable, lr: float, *, num_data: int | None = None,
                  temperature: float = 1.0, beta: float | None = None, weight_decay: float = 0.0,
-                 seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip") -> None:
-        defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach)
+                 seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
+                 friction: float | str | None = None, prior_centre: str | None = None) -> None:
+        defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach, friction=friction,
+                        prior_centre=prior_centre)
         super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
 
     def _update(self, batches: list[StepGroup]) -> None:
+        self._centre_priors(self.param_groups)
         self.engine.step(batches)
