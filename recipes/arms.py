@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from recipes.calibration import apply_temperature, fit_temperature
-from recipes.callbacks import LossTrace, ScaleLearningRate, ValidationSelection, swapped_in
+from recipes.callbacks import LossTrace, NoDropout, ScaleLearningRate, ValidationSelection, swapped_in
 from recipes.compare_config import LangevinSettings, SelectionSettings
 from recipes.config_check import ConfigError
 from recipes.metrics import classification_metrics
@@ -272,6 +272,17 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
                                 report_dir=str(run_dir), plots=True, seed=seed, **s.diagnostics)
     loss = LossTrace()
     callbacks = [loss, lcb, diag] + ([ScaleLearningRate(s.lr_scale)] if s.lr_scale != 1 else [])
+    if not s.dropout:
+        callbacks.append(NoDropout(from_step=plan["burn_in_steps"]))
+    measured = None
+    if s.step_constant is not None:   # STOP-GAP until step_size="auto" (recipes/_measured_step.py)
+        import itertools
+
+        from recipes._measured_step import MeasuredStep
+        pl.seed_everything(seed, workers=True, verbose=False)
+        probe = list(itertools.islice(iter(shared.datamodule.train_dataloader()), max(1, 256 // shared.batch_size)))
+        measured = MeasuredStep(probe, shared.forward_fn, s.step_constant)
+        lcb.step_observers.append(measured)
     trainer = shared.trainer(run_dir, callbacks, max_steps=plan["burn_in_steps"] + plan["sampling_steps"],
                              max_epochs=-1)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -288,6 +299,8 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     if report is not None:
         report.save(run_dir, stem="stationarity_samples", plots=False)
     probes = diag.probes.evaluations + int(getattr(lcb, "probe_evaluations", 0))
+    if measured is not None:
+        probes += measured.probe_evaluations
     best = plan["burn_in_mode"] == "best"
     adamw_steps = run.steps if best else plan["burn_in_steps"]
     grads = ((adamw_steps + trainer.global_step - plan["burn_in_steps"]) * shared.accumulate + probes
@@ -302,7 +315,9 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
               "optimizer_steps": trainer.global_step, "peak_memory_mb": max(run.peak_mb, mem.peak),
               "converged": conv["converged"], "ess_val_loglik": conv["ess"],
               **{f"plan_{k}": v for k, v in plan.items()}, "temperature": s.temperature, "num_data": n,
-              "langevin_kwargs": s.callback_kwargs(n), "lr_scale": s.lr_scale}
+              "langevin_kwargs": s.callback_kwargs(n), "lr_scale": s.lr_scale,
+              "step_size": measured.step_size if measured is not None else None,
+              "lambda_max": measured.lambda_max if measured is not None else None}
     if full is not None:
         common["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in full.checks}
     rows, probs = [], {}
@@ -318,5 +333,6 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
                                  wall_time_s=wall + time.perf_counter() - t1, **common))
     vt = list(diag.traces.get("virial_temperature", []))
     extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
+              "step_size": common["step_size"], "lambda_max": common["lambda_max"],
               "beta": plan["beta"] if math.isfinite(plan["beta"]) else None}
     return rows, probs, extras

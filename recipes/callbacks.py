@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-__all__ = ["ValidationSelection", "ScaleLearningRate", "LossTrace", "trainable_state", "swapped_in"]
+__all__ = ["ValidationSelection", "ScaleLearningRate", "LossTrace", "NoDropout", "trainable_state", "swapped_in"]
 
 
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:
@@ -152,6 +152,21 @@ class ScaleLearningRate(Callback):
         for config in trainer.lr_scheduler_configs:
             if hasattr(config.scheduler, "base_lrs"):
                 config.scheduler.base_lrs = [b * self.factor for b in config.scheduler.base_lrs]
+
+
+class NoDropout(Callback):
+    r"""The LightningModule in eval mode (no dropout) at every training step from ``from_step`` on:
+    the Langevin target is then the posterior of the deterministic network,
+    :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`; with dropout on, the gradient
+    would carry a multiplicative noise the temperature does not account for, and the chain would
+    sample a different (dropout-averaged) target."""
+
+    def __init__(self, from_step: int = 0) -> None:
+        self.from_step = int(from_step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.from_step:
+            pl_module.eval()
 
 
 class LossTrace(Callback):

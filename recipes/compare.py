@@ -193,7 +193,11 @@ def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras:
                      f"burn-in {p['burn_in_steps']} AdamW steps ({'best validation' if p['burn_in_mode'] == 'best' else 'fixed'}), "
                      f"{p['sampling_steps']} sampling steps{' (extended beyond the AdamW budget)' if p['extended'] else ''}, "
                      f"a sample every {p['sample_every']} steps ({p['num_samples']} samples); LangevinLoRA arguments "
-                     f"{settings.callback_kwargs(dm.num_train_examples)}; lr x {settings.lr_scale} while sampling.")
+                     f"{settings.callback_kwargs(dm.num_train_examples)}; "
+                     + (f"step h = {e['step_size']:.4g} from λ_max(G^½∇²UG^½) = {e['lambda_max']:.4g}; "
+                        if e.get("step_size") else "")
+                     + f"lr x {settings.lr_scale} while sampling; dropout {'on' if settings.dropout else 'off'} "
+                     "while sampling.")
     return notes
 
 
