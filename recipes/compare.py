@@ -109,7 +109,8 @@ def _module(shared: Shared, seed: int, previous: Any = None):
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int] | None = None, output_dir: str | None = None,
                    methods: list[str] | None = None, command: str | None = None, quiet: bool = False
                    ) -> dict[str, Any]:
-    """Run every arm for every seed, write the report and return ``{"rows", "summary", "paths"}``
+    """Run every arm for every seed, write the report and return ``{"rows", "summary", "paths",
+    "convergence"}`` (``convergence``: :func:`~recipes.convergence.sample_convergence` per seed)
     (``threads`` of the config applies inside; the previous torch thread count is restored)."""
     cfg = copy.deepcopy(cfg)
     if seeds is not None:
@@ -161,7 +162,7 @@ def _run(cfg: dict[str, Any], settings: LangevinSettings, seeds: list[int], meth
             predictions = {m: (p, shared.test_labels) for m, p in seed_probs.items()}
             traces = seed_traces
     if not rows:
-        return {"rows": [], "summary": [], "paths": {}}
+        return {"rows": [], "summary": [], "paths": {}, "convergence": {}}
     cfg_out = cfg | {"seeds": seeds, "methods": methods, "langevin": settings.as_dict()}
     paths = write_report(out_dir, rows, config=cfg_out, predictions=predictions, traces=traces,
                          convergence={s: e["convergence"] for s, e in extras.items()}, command=command,
@@ -170,7 +171,8 @@ def _run(cfg: dict[str, Any], settings: LangevinSettings, seeds: list[int], meth
     if not quiet:
         print(format_table(summary))
         print(f"[compare] wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": rows, "summary": summary, "paths": paths}
+    return {"rows": rows, "summary": summary, "paths": paths,
+            "convergence": {s: e["convergence"] for s, e in extras.items()}}
 
 
 def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras: dict[int, dict]) -> list[str]:

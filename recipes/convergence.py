@@ -21,6 +21,12 @@ validation split (never the test split):
   :math:`|\Delta| > \mathrm{se}`: the average was still moving, so more samples (or a longer chain)
   would still change the predictions; otherwise the average has settled at the resolution of the
   validation set.
+- how much more sampling would still change them: the NLL of a finite average of exchangeable
+  samples approaches its limit as :math:`\mathrm{NLL}(\bar p_S) \approx \mathrm{NLL}_\infty + c/S`
+  (the average's excess loss is its variance term), so the gain still to come from :math:`S` to
+  :math:`\infty` samples equals the gain from :math:`S/2` to :math:`S`:
+  :math:`\mathrm{NLL}_\infty \approx \mathrm{NLL}(\bar p_S) + \Delta` (Richardson extrapolation);
+  :func:`convergence_sentence` says it in words.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["sample_convergence"]
+__all__ = ["sample_convergence", "convergence_sentence"]
 
 _TINY = 1e-12
 
@@ -43,7 +49,8 @@ def _example_nll(probs: Tensor, labels: Tensor) -> Tensor:
 def sample_convergence(sample_probs: Tensor, labels: Tensor) -> dict[str, Any]:
     """``sample_probs`` ``(S, n, K)``: validation probabilities of each sample in chain order;
     ``labels`` ``(n,)``. Returns the running NLL curve, per-sample log-likelihoods, ESS, ``delta``,
-    ``delta_se`` and ``converged`` (``None`` with fewer than 2 samples)."""
+    ``delta_se``, ``converged`` and ``extrapolated_nll`` (:math:`\mathrm{NLL}_\infty`; ``None`` with
+    fewer than 2 samples)."""
     if sample_probs.ndim != 3 or sample_probs.shape[1] != labels.shape[0]:
         raise ValueError(f"Invalid sample_probs: expected shape (samples, {labels.shape[0]}, classes), got "
                          f"{tuple(sample_probs.shape)}")
@@ -53,7 +60,7 @@ def sample_convergence(sample_probs: Tensor, labels: Tensor) -> dict[str, Any]:
     curve = [float(_example_nll(running[m], labels).mean()) for m in range(S)]
     loglik = [float(-_example_nll(p[s], labels).mean()) for s in range(S)]
     out: dict[str, Any] = {"num_samples": S, "running_val_nll": curve, "sample_val_loglik": loglik,
-                           "ess": None, "delta": None, "delta_se": None, "converged": None}
+                           "ess": None, "delta": None, "delta_se": None, "converged": None, "extrapolated_nll": None}
     if S >= 4:
         from langevin_lora.diagnostics import effective_sample_size
         series = np.asarray(loglik)
@@ -62,5 +69,24 @@ def sample_convergence(sample_probs: Tensor, labels: Tensor) -> dict[str, Any]:
         d = _example_nll(running[-1], labels) - _example_nll(running[S // 2 - 1], labels)
         delta = float(d.mean())
         se = float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-        out.update(delta=delta, delta_se=se, converged=bool(abs(delta) <= se))
+        out.update(delta=delta, delta_se=se, converged=bool(abs(delta) <= se), extrapolated_nll=curve[-1] + delta)
     return out
+
+
+def convergence_sentence(c: dict[str, Any]) -> str:
+    """Whether more sampling would still change the predictions, in one sentence, from
+    :func:`sample_convergence`'s result."""
+    S = c["num_samples"]
+    if c["converged"] is None:
+        return f"{S} sample(s): too few to judge whether more sampling would change the predictions."
+    nll, delta, se = c["running_val_nll"][-1], c["delta"], c["delta_se"]
+    ess = "" if c["ess"] is None else f", worth {c['ess']:.0f} independent draws"
+    if c["converged"]:
+        return (f"The posterior average of {S} samples{ess} has settled: the last {S - S // 2} moved the validation "
+                f"NLL by {delta:+.4f}, within its standard error {se:.4f}; more sampling would not change the "
+                "predictions measurably.")
+    change = "lower" if delta < 0 else "raise"
+    return (f"The posterior average of {S} samples{ess} is still moving: the last {S - S // 2} moved the validation "
+            f"NLL by {delta:+.4f} (standard error {se:.4f}), so about {2 * S} samples would {change} it by about "
+            f"{abs(delta):.4f} more ({100 * abs(delta) / nll:.1f}% of {nll:.4f}; extrapolated limit "
+            f"{c['extrapolated_nll']:.4f}).")

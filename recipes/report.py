@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from recipes.convergence import convergence_sentence
+
 __all__ = ["REPORT_COLUMNS", "NUMERIC_COLUMNS", "summarize", "format_table", "write_report", "machine_info",
            "reliability_curve"]
 
@@ -178,6 +180,8 @@ def convergence_lines(convergence: dict[Any, dict[str, Any]]) -> list[str]:
         verdict = {True: "settled", False: "still moving: sample longer", None: "too few samples"}[c["converged"]]
         lines.append(f"| {seed} | " + " | ".join(f"{v:.4f}" for v in pick) + f" | {S} | {fmt(c['ess'], '{:.1f}')} | "
                      f"{fmt(c['delta'], '{:+.5f}')} | {fmt(c['delta_se'], '{:.5f}')} | {verdict} |")
+    lines.append("")
+    lines += [f"- seed {seed}: {convergence_sentence(c)}" for seed, c in convergence.items()]
     return lines + [""]
 
 

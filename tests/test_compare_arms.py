@@ -56,6 +56,30 @@ def test_sample_convergence_running_average_and_verdict():
     assert moving["delta"] < -5 * moving["delta_se"] and moving["converged"] is False
 
 
+def test_convergence_extrapolates_a_one_over_s_law_and_says_so():
+    """Averages whose NLL follows NLL_inf + c/S: NLL(S) + Delta recovers NLL_inf exactly; the sentence
+    names the verdict, the expected further change and the limit."""
+    from recipes.convergence import convergence_sentence, sample_convergence
+
+    # two-point averages: p_s alternates between q + e and q - e; NLL(mean of the first m) is exact below
+    y = torch.zeros(3, dtype=torch.long)
+    q, e = 0.5, 0.3
+    probs = torch.tensor([[[q + e, 1 - q - e]] * 3, [[q - e, 1 - q + e]] * 3] * 4)   # S = 8, in chain order
+    out = sample_convergence(probs, y)
+    nll = lambda p: -math.log(p)   # noqa: E731
+    assert out["running_val_nll"][-1] == pytest.approx(nll(q)) and out["delta"] == pytest.approx(0.0)
+    assert out["extrapolated_nll"] == pytest.approx(nll(q))
+    assert "has settled" in convergence_sentence(out)
+    # a synthetic 1/S curve through the formula itself
+    c = {"num_samples": 32, "running_val_nll": [0.65 + 0.1 / m for m in range(1, 33)], "ess": 20.0,
+         "delta": 0.1 / 32 - 0.1 / 16, "delta_se": 0.0005, "converged": False}
+    c["extrapolated_nll"] = c["running_val_nll"][-1] + c["delta"]
+    assert c["extrapolated_nll"] == pytest.approx(0.65)
+    text = convergence_sentence(c)
+    assert "still moving" in text and "about 64 samples would lower it by about 0.0031" in text and "0.6500" in text
+    assert "too few" in convergence_sentence({"num_samples": 1, "converged": None})
+
+
 # -- the langevin section: recipe keys + LangevinLoRA's arguments ----------------------------------
 def test_langevin_settings_map_onto_langevin_lora(monkeypatch):
     from recipes.compare_config import LangevinSettings
@@ -75,6 +99,11 @@ def test_langevin_settings_map_onto_langevin_lora(monkeypatch):
         LangevinSettings(nonfinite="ignore")
     with pytest.raises(ConfigError, match="Invalid langevin.burn_in: 'worst'"):
         LangevinSettings(burn_in="worst")
+    assert s.dropout is False and s.step_constant is None
+    with pytest.raises(ConfigError, match="Invalid langevin.dropout: 'no'"):
+        LangevinSettings(dropout="no")
+    with pytest.raises(ConfigError, match=r"Invalid langevin.step_constant: 2.5 \(expected a real number in \(0, 2\)"):
+        LangevinSettings(step_constant=2.5)
 
     # an argument LangevinLoRA gains later is a config key at once (no change in the recipes)
     import langevin_lora.callback as cb
@@ -102,6 +131,21 @@ def test_plan_for_best_and_fixed_burn_in():
     assert LangevinSettings(burn_in=30, sampling_steps=10).plan(total_steps=100, num_data=10)["sampling_steps"] == 10
 
 
+def test_no_dropout_from_the_sampling_step_on():
+    """langevin.dropout false: eval mode (no dropout) at every training step from the first Langevin
+    step on, also after Lightning puts the module back in train mode at an epoch start."""
+    from types import SimpleNamespace
+
+    from recipes.callbacks import NoDropout
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    cb = NoDropout(from_step=3)
+    for step in range(6):
+        module.train()   # what Lightning does at an epoch start
+        cb.on_train_batch_start(SimpleNamespace(global_step=step), module, None, 0)
+        assert module[1].training == (step < 3), step
+
+
 # -- end to end -------------------------------------------------------------------------------------
 def test_all_arms_from_one_adamw_run(tmp_path, monkeypatch):
     """burn_in 'best': the Langevin run starts at the best-validation step from that checkpoint's
@@ -118,6 +162,7 @@ def test_all_arms_from_one_adamw_run(tmp_path, monkeypatch):
         def _start_sampling(self):
             opt = self._wrapper.optimizer
             seen["step"] = self._trainer.global_step
+            seen["training"] = self._module.training
             seen["weights"] = {n: p.detach().clone() for n, p in self._module.named_parameters() if p.requires_grad}
             seen["exp_avg_sq"] = [opt.state[p]["exp_avg_sq"].clone() for p in opt.param_groups[0]["params"]]
             super()._start_sampling()
@@ -129,6 +174,7 @@ def test_all_arms_from_one_adamw_run(tmp_path, monkeypatch):
     assert list(runs) == ["adamw", "adamw_best", "adamw_ts", "langevin", "langevin_ts"]
     best = runs["adamw_best"]["selected_step"]
     assert runs["langevin"]["plan_burn_in_steps"] == best == seen["step"]
+    assert seen["training"] is False   # langevin.dropout false: the deterministic network's posterior
     ckpt = torch.load(tmp_path / "seed0" / "adamw" / "checkpoints" / "best.ckpt", weights_only=False)
     assert ckpt["global_step"] == best
     for n, v in seen["weights"].items():
