@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--full", action="store_true",
                         help="run the config as written (the default config: 30 epochs, 2400 sampling steps, "
-                             "32 samples, 1000 validation and 2000 test tweets) instead of the demo's sizes")
+                             "32 samples, 1000 validation and all 9,311 test tweets) instead of the demo's sizes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

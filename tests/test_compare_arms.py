@@ -215,3 +215,22 @@ def test_causal_lm_comparison_smoke(tmp_path):
     assert runs["langevin"]["num_samples"] == 2 and all(math.isfinite(r["nll"]) for r in out["rows"])
     ckpt = torch.load(tmp_path / "seed0" / "adamw" / "checkpoints" / "best.ckpt", weights_only=False)
     assert ckpt["adapter_only"] and all("lora_" in k for k in ckpt["state_dict"])   # not the 135M base
+
+
+def test_bench_quality_verdicts_per_langevin_arm(monkeypatch):
+    """bench_quality's goal checks of issue 14, from the per-method means, for either Langevin arm."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("benchmarks.bench_quality")
+
+    def row(method, acc, ece, nll, stationarity="n/a"):
+        return {"method": method, "accuracy_mean": acc, "ece_mean": ece, "nll_mean": nll, "stationarity": stationarity}
+
+    summary = [row("adamw", .696, .189, 1.058), row("adamw_best", .721, .049, .674), row("adamw_ts", .696, .015, .714),
+               row("langevin", .728, .022, .655, "3/3 pass"), row("langevin_ts", .728, .0147, .6526, "2/3 pass")]
+    lg = bench.verdicts(summary)
+    assert [ok for ok, _ in lg.values()] == [True, True, True, False, True]   # ECE .022 > .015 + .005
+    ts = bench.verdicts(summary, "langevin_ts")
+    assert [ok for ok, _ in ts.values()] == [True, True, True, True, False]   # one seed not stationary
+    assert bench.verdicts(summary, "missing") == {}
