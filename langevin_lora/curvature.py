@@ -299,7 +299,8 @@ def power_iteration(hvp: Callable[[Sequence[Tensor]], Sequence[Tensor]], params:
                          device=generator.device if generator is not None else p.device).to(p.device) for p in params]
 
     def normalise(xs: list[Tensor]) -> list[Tensor]:
-        n = batched_dot(xs, xs, bd).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        n = batched_dot(xs, xs, bd).sqrt()
+        n = n.clamp_min(torch.finfo(n.dtype).tiny)   # the float64 tiny would round to 0 in float32: 0/0
         return [x / expand(n, x) for x in xs]
 
     def apply(xs: list[Tensor]) -> list[Tensor]:

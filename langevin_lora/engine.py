@@ -55,6 +55,10 @@ therefore produce bitwise-identical chains.
 **Non-finite gradients** (:meth:`~LangevinEngine.check_finite`): ``"skip"`` warns
 (:class:`NonFiniteGradientWarning`) and the front-end updates nothing and draws no noise;
 ``"raise"`` raises :class:`FloatingPointError`.
+
+**Snapshots** (:meth:`~LangevinEngine.snapshot`, :meth:`~LangevinEngine.restore`): a copy of the work
+tensors and of every slot of chosen keys, whatever the slots are, and its restoration; the divergence
+guard (:mod:`langevin_lora.guard`) returns a chain to its last good position with them.
 """
 from __future__ import annotations
 
@@ -409,6 +413,41 @@ class LangevinEngine:
             self.write_back(g)
         for g in kinetic:
             self.kinetic_lr[g.name] = g.lr
+
+    # -- snapshots (the divergence guard) --------------------------------------------------------------
+    def snapshot(self, params: Mapping[Hashable, Tensor]) -> dict[str, Any]:
+        """A copy of the chain's position for the keys of ``params`` (key -> parameter): each work tensor
+        (:meth:`work_tensor`) and every per-tensor state slot (preconditioner, momenta, masters, ...),
+        tensors cloned, other values copied. :meth:`restore` returns to it. Generators are not part of
+        it: a chain restored after a divergence draws fresh noise."""
+        works = {k: self.work_tensor(k, p).detach().clone() for k, p in params.items()}
+        state = {}
+        for k in params:
+            slot = self.state.get(k)
+            state[k] = {n: t.clone() if torch.is_tensor(t) else t for n, t in (slot or {}).items()}
+        return {"works": works, "state": state}
+
+    @torch.no_grad()
+    def restore(self, snapshot: Mapping[str, Any], params: Mapping[Hashable, Tensor]) -> None:
+        """Return the keys of ``params`` to :meth:`snapshot`'s copy: every state slot takes its saved
+        value (in place when shape, dtype and device agree, so references stay valid), slots made since
+        are dropped, and each work tensor and its parameter receive the saved position."""
+        for k, p in params.items():
+            saved = snapshot["state"].get(k, {})
+            slot = self._slot(k)
+            for name in [n for n in slot if n not in saved]:
+                del slot[name]
+            for name, value in saved.items():
+                live = slot.get(name)
+                if (torch.is_tensor(value) and torch.is_tensor(live) and live.shape == value.shape
+                        and live.dtype == value.dtype and live.device == value.device):
+                    live.copy_(value)
+                else:
+                    slot[name] = value.clone() if torch.is_tensor(value) else value
+            work = self.work_tensor(k, p)
+            work.copy_(snapshot["works"][k])
+            if work is not p:
+                p.copy_(work)
 
     # -- state -----------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -3,8 +3,7 @@ r"""``LangevinLoRA``: the Lightning front-end of the sampling engine, for PEFT L
 Add one callback to a Trainer whose LightningModule holds a PEFT LoRA model and configures its
 own optimizer (typically AdamW)::
 
-    trainer = Trainer(callbacks=[LangevinLoRA(burn_in_steps=500, weight_decay=1e-2,
-                                              sample_every=50, num_samples=20)])
+    trainer = Trainer(callbacks=[LangevinLoRA(burn_in_steps=500, sample_every=50, num_samples=20)])
 
 **Target.** After burn-in the LoRA tensors :math:`\theta` sample the Gibbs measure
 
@@ -17,6 +16,12 @@ with :math:`\hat L` the mean training loss the LightningModule returns, :math:`\
 :math:`T` = ``temperature`` (see :mod:`langevin_lora.temperature`). ``num_data=N, temperature=1``
 is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(train_dataset)``.
 
+**The prior.** ``weight_decay=None`` (default) is the prior :math:`N(0, \sigma_p^2 I)` with
+:math:`\sigma_p` = ``prior_std`` (default :data:`~langevin_lora.temperature.DEFAULT_PRIOR_STD` = 0.1),
+i.e. :math:`\lambda = 1/(N\sigma_p^2)` once :math:`N` is known (:math:`\beta_0` in place of
+:math:`N` when ``beta`` is given). ``weight_decay=0`` with ``temperature > 0`` is refused: the Gibbs
+measure of LoRA factors is improper without a prior (:func:`~langevin_lora.temperature.check_proper_prior`).
+
 **The contract with the user's optimizer.**
 
 - *Burn-in* (optimizer steps ``0 .. burn_in_steps-1``, counted as ``trainer.global_step``): the
@@ -28,8 +33,7 @@ is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(tra
   .. math::
       \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi,
 
-  :math:`\eta` the **current** learning rate of the user's param group holding the tensor (LR
-  schedules keep applying), :math:`G = \operatorname{clamp}(1/(\sqrt{\hat v}+\epsilon))` frozen
+  :math:`\eta` the Langevin step (**Step size** below), :math:`G = \operatorname{clamp}(1/(\sqrt{\hat v}+\epsilon))` frozen
   once from the user's Adam/AdamW ``exp_avg_sq`` (its ``betas[1]``, ``eps``, ``step``) when
   sampling starts, or :math:`G = 1` (SGLD) for optimizers without a second moment or with
   ``precondition=False``. Weight decay is *coupled* (through :math:`G`); the user's own
@@ -42,6 +46,31 @@ is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(tra
 - *Heads* (every other trainable tensor, e.g. a classifier in ``modules_to_save``) keep the user's
   optimizer, noise-free. With ``head_temperature > 0`` they join the Langevin step instead, at
   :math:`\beta_0/T_{head}` with ``head_weight_decay`` (default ``weight_decay``).
+
+**Step size** (``step_size``). ``"auto"`` (default): when sampling starts the callback measures
+:math:`\lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})` by power iteration on Hessian-vector products
+of the training loss on a fixed probe set (the last burn-in batches holding ``probe_examples``
+examples, replayed with fixed dropout masks and no trace in the user's logs or metrics;
+:mod:`langevin_lora._replay`) and takes :math:`\eta_{\mathrm{auto}} = c/\lambda_{\max}`, :math:`c = 0.1`
+(kinetic, ``friction`` set: :math:`h = c_k/\sqrt{\lambda_{\max}}`, :math:`c_k = 0.5`;
+:mod:`langevin_lora.step_size` gives the measured bias: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`
+overdamped, below 1% on a MiniLM LoRA posterior for both), re-measured every
+``step_size_every_n_steps`` Langevin steps (warm-started). A float fixes :math:`\eta` at sampling
+start; ``"optimizer"`` is the user's learning rate itself (the behaviour before issue 13: AdamW's
+:math:`\eta G` is a descent step, often far too long for a stable chain). With ``"auto"`` or a float
+the user's LR schedule still applies, as a relative factor from sampling start:
+:math:`\eta_t = \eta_{\mathrm{auto}}\,\mathrm{lr}_t/\mathrm{lr}_{t_0}` per param group.
+``langevin/step_size`` (the first group's current :math:`\eta`), ``langevin/lambda_max`` and
+``langevin/step_size_grad_evals`` (gradient evaluations of the probe set spent so far) go to the
+Trainer's loggers and ``callback_metrics``.
+
+**Divergence guard** (``guard=True``, :mod:`langevin_lora.guard`). A chain whose
+:math:`\lVert\theta\rVert^2`, :math:`U` or virial temperature runs away, whose parameters turn
+non-finite, or that skips three steps in a row for non-finite gradients, is returned to its last
+good snapshot (parameters, masters, every per-tensor state), its step is cut by 4 (and
+:math:`\lambda_{\max}` re-measured when automatic) with a :class:`~langevin_lora.guard.DivergenceWarning`
+giving the numbers; after 5 cuts :class:`~langevin_lora.guard.DivergenceError` stops the fit. Under
+DDP the energy statistic (a rank's own minibatch loss) is left out so every rank decides alike.
 
 **One noise draw per optimizer step.** The callback wraps the torch optimizer's ``step``
 (:mod:`langevin_lora._step_wrapper`): the wrapper runs Lightning's closure (forward, backward,
@@ -98,12 +127,14 @@ after Langevin steps (no forward pass; they leave :math:`\pi_\beta` invariant) a
 This module is longer than ~400 lines because ~170 of them are the user contract (this docstring
 and the class's); the sampling itself is the engine's, the step wrapper lives in
 :mod:`langevin_lora._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
-in :mod:`langevin_lora._user_optimizer`.
+in :mod:`langevin_lora._user_optimizer`, the step size's measurement in :mod:`langevin_lora.step_size`,
+the probe's replays in :mod:`langevin_lora._replay` and the divergence guard in :mod:`langevin_lora.guard`.
 """
 from __future__ import annotations
 
 import math
 import os
+from numbers import Real
 from typing import Any, Callable
 
 import torch
@@ -112,6 +143,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from langevin_lora._replay import ProbeBatches, replayed_training_loss
 from langevin_lora._step_wrapper import StepWrapper
 from langevin_lora._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
 from langevin_lora._validation import (
@@ -126,10 +158,12 @@ from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
 from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
 from langevin_lora.functional import check_clamp, check_friction
 from langevin_lora.gauge import CENTRE_REFUSAL, GaugeMoves
+from langevin_lora.guard import Divergence, DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
 from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
-from langevin_lora.temperature import effective_beta, resolve_base_beta
+from langevin_lora.step_size import AutoStepSize, step_from_lambda_max
+from langevin_lora.temperature import DEFAULT_PRIOR_STD, effective_beta, resolve_base_beta, weight_decay_from_prior_std
 from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
 
 __all__ = ["LangevinLoRA", "PRIOR_CENTRES", "SHARDED_STRATEGIES"]
@@ -142,6 +176,9 @@ PRIOR_CENTRES = ("zero", "burn_in")
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
+
+#: The named values of ``step_size`` (else a float).
+STEP_SIZE_MODES = ("auto", "optimizer")
 
 
 class LangevinLoRA(EngineFrontEnd, Callback):
@@ -156,7 +193,23 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             LM loss); ``None`` infers ``len(trainer.train_dataloader.dataset)``.
         temperature: :math:`T \ge 0` (``0``: noise-free descent on :math:`U`).
         beta: :math:`\beta_0 > 0` directly, instead of ``num_data``.
-        weight_decay: :math:`\lambda \ge 0`, coupled L2 prior on the LoRA tensors.
+        weight_decay: :math:`\lambda > 0`, coupled L2 prior on the LoRA tensors; ``None`` (default): the
+            prior ``prior_std`` (module docstring); ``0`` only at ``temperature=0``.
+        prior_std: :math:`\sigma_p > 0` of the default prior (``None``: ``DEFAULT_PRIOR_STD`` = 0.1);
+            only with ``weight_decay=None``.
+        step_size: ``"auto"`` (default), a float :math:`\eta > 0` (at sampling start) or ``"optimizer"``
+            (the param group's learning rate); module docstring.
+        step_safety: :math:`c` of :math:`\eta = c/\lambda_{\max}` (:math:`c_k` of :math:`h = c_k/\sqrt{\lambda_{\max}}`
+            with friction); ``None``: 0.1 (0.5 kinetic).
+        step_size_every_n_steps: Langevin steps between re-measurements of :math:`\lambda_{\max}`
+            (``"auto"`` only; 0: only at sampling start).
+        probe_examples: examples of the probe set (the newest burn-in batches holding at least that many;
+            at least one batch).
+        loss_fn: optional ``(pl_module, batch) -> loss`` for the probe, instead of replaying
+            ``training_step`` (pass it when the training step has side effects beyond ``self.log`` and
+            torchmetrics, e.g. appends to a list).
+        guard: ``True`` (default) for a :class:`~langevin_lora.guard.DivergenceGuard` with its defaults,
+            your own instance to configure it, ``False`` for none.
         burn_in_steps: optimizer steps (``trainer.global_step``) run by the user's optimizer alone.
             A warning says so when the Trainer's planned steps leave no room for sampling, and at
             the end of a fit that took no Langevin step.
@@ -209,29 +262,57 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         step_observers, post_step_observers: lists of ``fn(trainer, pl_module, callback)``.
         langevin_steps, skipped_steps: Langevin steps taken / optimizer steps skipped for non-finite
             gradients.
+        auto_step: the :class:`~langevin_lora.step_size.AutoStepSize` (``lambda_max``, ``grad_evals``).
+        guard: the :class:`~langevin_lora.guard.DivergenceGuard` or ``None``.
     """
 
     def __init__(self, num_data: int | None = None, temperature: float = 1.0, beta: float | None = None,
-                 weight_decay: float = 0.0, burn_in_steps: int = 0, sample_every: int = 1, num_samples: int = 0,
+                 weight_decay: float | None = None, burn_in_steps: int = 0, sample_every: int = 1, num_samples: int = 0,
                  seed: int | None = 0, adapter_name: str | None = None, head_temperature: float = 0.0,
                  precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
                  foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
                  gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
                  precond_adapt_steps: int = 0, friction: float | str | None = None,
-                 prior_centre: str = "zero") -> None:
+                 prior_centre: str = "zero", prior_std: float | None = None, step_size: str | float = "auto",
+                 step_safety: float | None = None, step_size_every_n_steps: int = 1000, probe_examples: int = 64,
+                 loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+                 guard: bool | DivergenceGuard = True) -> None:
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         self._num_data_arg = check_int("num_data", num_data, low=1, allow_none=True)
         self._beta_arg = None if beta is None else check_positive("beta", beta)
         self.temperature = check_non_negative("temperature", temperature)
-        self.weight_decay = check_non_negative("weight_decay", weight_decay)
+        self._weight_decay_arg = None if weight_decay is None else check_non_negative("weight_decay", weight_decay)
+        if self._weight_decay_arg is not None and prior_std is not None:
+            raise ValueError(f"Invalid prior_std: {prior_std!r} given with weight_decay={weight_decay!r} (expected one "
+                             "of them: prior_std sets weight_decay = 1/(num_data * prior_std**2))")
+        self.prior_std = DEFAULT_PRIOR_STD if prior_std is None else check_positive("prior_std", prior_std)
+        if self._weight_decay_arg == 0 and self.temperature > 0:
+            raise ValueError(f"Invalid weight_decay: 0 at temperature {self.temperature:g} > 0 (expected weight_decay > 0, "
+                             "or None for the default prior N(0, prior_std^2)): without a prior the Gibbs measure of "
+                             "LoRA factors is improper (their gauge orbits and the loss's null directions are not "
+                             "normalisable). Use temperature=0 for noise-free descent.")
+        self.weight_decay: float | None = self._weight_decay_arg  # resolved from prior_std once N is known
         self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, low=0)
         self.sample_every = check_int("sample_every", sample_every, low=1)
         self.num_samples = check_int("num_samples", num_samples, low=0)
         self.head_temperature = check_non_negative("head_temperature", head_temperature)
-        self.head_weight_decay = (self.weight_decay if head_weight_decay is None
-                                  else check_non_negative("head_weight_decay", head_weight_decay))
+        self._head_weight_decay_arg = (None if head_weight_decay is None
+                                       else check_non_negative("head_weight_decay", head_weight_decay))
+        self.head_weight_decay = self._head_weight_decay_arg if head_weight_decay is not None else self.weight_decay
+        if not (step_size in STEP_SIZE_MODES or (isinstance(step_size, Real) and not isinstance(step_size, bool))):
+            raise ValueError(f"Invalid step_size: {step_size!r} (expected 'auto', 'optimizer' or a float > 0)")
+        self.step_size = step_size if isinstance(step_size, str) else check_positive("step_size", step_size)
+        self.probe_examples = check_int("probe_examples", probe_examples, low=1)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (expected a callable (pl_module, batch) -> loss)")
+        self.loss_fn = loss_fn
+        self.auto_step = AutoStepSize(safety=step_safety, every_n_steps=step_size_every_n_steps,
+                                      seed=0 if seed is None else check_int("seed", seed, low=0))
+        if not isinstance(guard, (bool, DivergenceGuard)):
+            raise ValueError(f"Invalid guard: {guard!r} (expected True, False or a langevin_lora.DivergenceGuard)")
+        self.guard = DivergenceGuard(owner="LangevinLoRA") if guard is True else guard or None
         self.precondition = check_bool("precondition", precondition)
         self.precond_clamp = check_clamp(precond_clamp)
         self.precond_adapt_steps = check_int("precond_adapt_steps", precond_adapt_steps, low=0)
@@ -278,6 +359,11 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._trainer: Trainer | None = None
         self._module: LightningModule | None = None
         self._wrapper: StepWrapper | None = None
+        self._probe = ProbeBatches(self.probe_examples)
+        self._base_step: float | None = None         # eta at sampling start (auto or float), before the guard's cuts
+        self._lr0: dict[str, float] = {}             # each group's optimizer lr at sampling start
+        self._metrics: dict[str, float] = {}         # to log at the end of the batch
+        self._probe_state: dict[str, Any] | None = None  # a checkpoint's probe set, until on_train_start
 
     # -- the engine's work tensors -----------------------------------------------------------------
     def work_tensor(self, p: Tensor) -> Tensor:
@@ -351,6 +437,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self.engine.reset()
         self.sample_bank.clear()
         self.gauge_stats = {}
+        self.weight_decay = self._weight_decay_arg
+        self.head_weight_decay = self._head_weight_decay_arg if self._head_weight_decay_arg is not None \
+            else self._weight_decay_arg
+        self.auto_step.reset()
+        if self.guard is not None:
+            self.guard.reset()
+        self._probe.clear()
+        self._base_step, self._lr0, self._metrics, self._probe_state = None, {}, {}, None
         for schedule in (self.balance, self.gauge_moves):
             if schedule is not None:
                 schedule.reset()
@@ -403,6 +497,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 "(the noise would be added twice). Use AdamW/Adam/SGD with the callback, or the optimizer alone.")
         self._trainer, self._module = trainer, pl_module
         self._resolve_num_data(trainer)
+        self._resolve_weight_decay()
+        if self._probe_state is not None:
+            self._probe.load_state_dict(self._probe_state, pl_module.device)
+            self._probe_state = None
         self._groups = langevin_groups_in(pl_module, opt, self.adapter_name, temperature=self.temperature,
                                           weight_decay=self.weight_decay, head_temperature=self.head_temperature,
                                           head_weight_decay=self.head_weight_decay)
@@ -418,12 +516,28 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._uninstall()
         self._wrapper = StepWrapper(opt, self._on_optimizer_step)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.step_size == "auto":
+            self._probe.add(batch, batch_idx)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._metrics:
+            metrics = {f"langevin/{k}": float(v) for k, v in self._metrics.items()}
+            self._metrics = {}
+            if not trainer.barebones:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False, prog_bar=False, batch_size=1)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         if self.gauge_stats:
             pl_module.log_dict({f"langevin/{k}": v for k, v in self.gauge_stats.items()}, on_step=True,
                                on_epoch=False, sync_dist=False)
             self.gauge_stats = {}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.guard is not None and self.sampling:
+            with torch.no_grad():
+                self.guard.finish()   # a runaway in the last, partial window: restored and warned
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.langevin_steps == 0:
@@ -464,6 +578,17 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         rank_zero_info(f"LangevinLoRA: inferred num_data={n} from len(train_dataloader.dataset); "
                        f"beta = num_data / temperature = {self.beta:g}")
 
+    def _resolve_weight_decay(self) -> None:
+        """``weight_decay=None``: the prior ``prior_std``, :math:`\\lambda = 1/(\\beta_0\\sigma_p^2)`
+        (:math:`\\beta_0 = N` with ``num_data``); the heads' default follows it."""
+        if self._weight_decay_arg is not None:
+            return
+        self.weight_decay = weight_decay_from_prior_std(self.prior_std, self.base_beta)
+        if self._head_weight_decay_arg is None:
+            self.head_weight_decay = self.weight_decay
+        rank_zero_info(f"LangevinLoRA: weight_decay={self.weight_decay:.4g} from the default prior "
+                       f"N(0, {self.prior_std:g}^2) and num_data={self.base_beta:g}")
+
     # -- groups ------------------------------------------------------------------------------------
     def langevin_groups(self) -> list[LangevinGroupView]:
         """One :class:`~langevin_lora.view.LangevinGroupView` per Langevin group (``lora_A/<adapter>``,
@@ -475,7 +600,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         for g in self._groups:
             friction = self.engine.friction(self._step_group(g, gather=False)) if self.sampling else None
             out.append(LangevinGroupView(
-                name=g.name, params=list(g.params), lr=g.lr, beta=self._group_beta(g), weight_decay=g.weight_decay,
+                name=g.name, params=list(g.params), lr=self.group_step(g), beta=self._group_beta(g),
+                weight_decay=g.weight_decay,
                 sampling=self.sampling, precond=self.engine.preconditioners(g.names) if self.sampling else None,
                 friction=friction, momentum=None if friction is None else self.engine.momenta(g.names),
                 prior_centre=self.engine.prior_centres(g.names, g.params) if self.sampling else None))
@@ -484,9 +610,59 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _step_group(self, g: LangevinGroup, gather: bool = True) -> StepGroup:
         """The engine's view of group ``g`` at this step: its tensors with a gradient (``gather``), or
         only its keys and hyperparameters."""
-        hyper = dict(lr=g.lr, beta=self._group_beta(g), weight_decay=g.weight_decay, foreach=self.foreach,
+        hyper = dict(lr=self.group_step(g), beta=self._group_beta(g), weight_decay=g.weight_decay, foreach=self.foreach,
                      friction=self.friction, name=g.name)
         return self.engine.gather(g.params, g.names, **hyper) if gather else StepGroup(list(g.names), [], [], [], **hyper)
+
+    # -- the step size -----------------------------------------------------------------------------
+    def group_step(self, group: LangevinGroup) -> float:
+        r"""The Langevin step :math:`\eta_t` of ``group`` now: the optimizer's lr before sampling and with
+        ``step_size="optimizer"``, else :math:`\eta_{t_0}\,\mathrm{lr}_t/\mathrm{lr}_{t_0}`; times the
+        guard's cut factor while sampling."""
+        lr = group.lr
+        if not self.sampling:
+            return lr
+        lr0 = self._lr0.get(group.name)
+        if self._base_step is not None and lr0:
+            lr = self._base_step * lr / lr0
+        return lr * (self.guard.scale if self.guard is not None else 1.0)
+
+    def _probe_loss(self):
+        """The probe closure (:func:`~langevin_lora._replay.replayed_training_loss` over the probe set)."""
+        return replayed_training_loss(self._trainer, self._module, self._probe.batches, loss_fn=self.loss_fn,
+                                      owner="LangevinLoRA")
+
+    def _measure_step(self, cold: bool = False) -> None:
+        """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` on the probe set and set the base step
+        (the largest value over DDP ranks, so every replica takes the same step)."""
+        params, scale, decay = [], [], []
+        for g in self._groups:
+            G = self.engine.preconditioners(g.names)
+            params += g.params
+            scale += G if G is not None else [1.0] * len(g.params)
+            decay += [g.weight_decay] * len(g.params)
+        with self._probe_loss() as closure:
+            est = self.auto_step.measure(closure, params, precond=scale, weight_decay=decay,
+                                         friction=getattr(self, "friction", None), cold=cold)
+        lam = est.lambda_max
+        strategy = self._trainer.strategy
+        if getattr(self._trainer, "world_size", 1) > 1:
+            lam = float(strategy.reduce(torch.tensor(lam, device=strategy.root_device), reduce_op="max"))
+            self.auto_step.lambda_max = lam
+            self.auto_step.step_size = step_from_lambda_max(lam, friction=getattr(self, "friction", None),
+                                                            safety=self.auto_step.safety)
+        self._base_step = self.auto_step.step_size
+        self._metrics.update({"lambda_max": lam, "step_size_grad_evals": float(self.auto_step.grad_evals)})
+        rank_zero_info(f"LangevinLoRA: lambda_max(G^1/2 Hess U G^1/2) = {lam:.4g} on {self._probe.size} probe examples "
+                       f"({est.grad_evals} gradient evaluations, {est.method}); step size {self._base_step:.4g}")
+
+    def _recover(self, event: Divergence) -> None:
+        """The guard saw a runaway: restore, cut, re-measure (``"auto"``); raises past its last cut."""
+        first = self._groups[0] if self._groups else None
+        self.guard.recover(event, step_size=self.group_step(first) if first is not None else None)
+        if self.step_size == "auto":
+            self._measure_step()
+        self._metrics["step_cuts"] = float(self.guard.cuts)
 
     # -- the optimizer step ------------------------------------------------------------------------
     def _on_optimizer_step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
@@ -518,7 +694,12 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self._start_sampling()
         batches = [self._step_group(g) for g in self._groups]
         grads = [gr for b in batches for gr in b.grads] + [p.grad for p in self._others if p.grad is not None]
+        if self.guard is not None and not self.guard.started:
+            self.guard.start(self.engine, {n: p for g in self._groups for n, p in zip(g.names, g.params)}, batches)
         if not self.engine.check_finite(grads, stacklevel=5):
+            event = self.guard.skipped() if self.guard is not None else None
+            if event is not None:
+                self._recover(event)
             return loss   # the whole optimizer step is skipped: Langevin tensors and heads alike
         ready = any(b.params for b in batches)  # False when the training step returned None
         if ready:
@@ -534,7 +715,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             for p, gr in zip(params, stash):
                 p.grad = gr
         if ready:
-            self._langevin_update(batches)
+            self._langevin_update(batches, loss)
         return loss
 
     def _start_sampling(self) -> None:
@@ -552,22 +733,38 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             works = [self.engine.work_tensor(n, p) for n, p in zip(g.names, g.params)]
             if self.prior_centre == "burn_in":
                 self.engine.set_prior_centre(g.names, works)
+        self._lr0 = {g.name: g.lr for g in self._groups}
+        self._probe.freeze()
+        if self.step_size == "auto":
+            self._measure_step(cold=True)
+        elif self.step_size != "optimizer":
+            self._base_step = float(self.step_size)
+        if self._groups:
+            self._metrics["step_size"] = self.group_step(self._groups[0])
         rank_zero_info(f"LangevinLoRA: sampling starts at optimizer step {self._trainer.global_step} "
                        f"(beta={self.beta:g}, weight_decay={self.weight_decay:g}, "
-                       f"{sum(len(g.params) for g in self._groups)} tensors)")
+                       f"{sum(len(g.params) for g in self._groups)} tensors, step size "
+                       f"{self.group_step(self._groups[0]) if self._groups else math.nan:.4g})")
 
     @property
     def adapting(self) -> bool:
         """``True`` during the ``precond_adapt_steps`` Langevin steps that measure the new ``G``."""
         return self.sampling and self.langevin_steps < self.precond_adapt_steps
 
-    def _langevin_update(self, batches: list[StepGroup]) -> None:
+    def _langevin_update(self, batches: list[StepGroup], loss: Tensor | None) -> None:
         trainer, module = self._trainer, self._module
         adapting = self.adapting
         if adapting:  # at the pre-step point, like the gradients
             self.engine.accumulate(batches)
+        guard = self.guard
+        if guard is not None:
+            use_loss = loss is not None and getattr(trainer, "world_size", 1) == 1  # ranks must decide alike
+            guard.observe(batches, loss * trainer.accumulate_grad_batches if use_loss else None)
         self.engine.step(batches)
         self.langevin_steps += 1
+        event = guard.check([w for b in batches for w in b.works]) if guard is not None else None
+        if event is not None:
+            self._recover(event)
         if adapting and not self.adapting:
             counts = {n: self.precond_adapt_steps for g in self._groups for n in g.names}
             G = self.engine.refreeze(counts, self._precond_reference, clamp=self.precond_clamp)
@@ -575,6 +772,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 rank_zero_info(f"LangevinLoRA: preconditioner re-frozen after {self.precond_adapt_steps} adaptation "
                                f"steps (G in [{min(float(x.min()) for x in G):.3g}, "
                                f"{max(float(x.max()) for x in G):.3g}], median {self._precond_reference:.3g})")
+                if self.step_size == "auto":
+                    self._measure_step()
+                if guard is not None:
+                    guard.mark_good()
+        elif self.step_size == "auto" and self.auto_step.due(self.langevin_steps):
+            self._measure_step()
+        if self._groups and (self._metrics or self.langevin_steps % max(1, trainer.log_every_n_steps) == 0):
+            self._metrics["step_size"] = self.group_step(self._groups[0])
         if self.gauge_moves is not None:
             stats = self.gauge_moves(lora_modules(module, self.adapter_name), beta=self.beta,
                                      weight_decay=self.weight_decay, sampler=self)
@@ -588,10 +793,18 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Phase, counters, ``num_data``, the engine's state (generators, frozen preconditioners,
-        adaptation sums, fp32 masters, by parameter name) and the sample bank (tensors and builtins
-        only, so ``weights_only`` checkpoint loading works)."""
-        return {"version": 2, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
+        adaptation sums, fp32 masters, by parameter name), the step size (base step, each group's lr at
+        sampling start, the last :math:`\\lambda_{\\max}` and its eigenvector, the guard's cut factor) and
+        the sample bank (tensors and builtins only, so ``weights_only`` checkpoint loading works), and the
+        probe set when its batches are tensors in plain containers (else a resumed run collects a new one
+        from the batches after the resume). The guard's snapshots are not saved: it restarts its
+        references where the run resumes."""
+        return {"version": 3, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
                 "num_data": self.num_data, "engine": self.engine.state_dict(),
+                "step_size": {"base": self._base_step, "lr0": dict(self._lr0), "auto": self.auto_step.state_dict(),
+                              "probe": self._probe.state_dict() if self.step_size == "auto" else None,
+                              "guard": None if self.guard is None else {"scale": self.guard.scale,
+                                                                        "cuts": self.guard.cuts}},
                 "precond_reference": self._precond_reference, "sample_bank": self.sample_bank.state_dict(),
                 "balance": None if self.balance is None else self.balance.state_dict(),
                 "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict()}
@@ -613,6 +826,13 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if self._num_data_arg is None and self._beta_arg is None:
             self.num_data = state_dict["num_data"]
         self._precond_reference = float(state_dict.get("precond_reference", 1.0))
+        step = state_dict.get("step_size")   # absent before version 3: the optimizer's lr was the step
+        if step is not None:
+            self._base_step, self._lr0 = step["base"], dict(step["lr0"])
+            self.auto_step.load_state_dict(step["auto"])
+            self._probe_state = step.get("probe")   # moved to the module's device in on_train_start
+            if self.guard is not None and step["guard"] is not None:
+                self.guard.scale, self.guard.cuts = float(step["guard"]["scale"]), int(step["guard"]["cuts"])
         self.sample_bank.load_state_dict(state_dict["sample_bank"])
         for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
             if obj is not None and state_dict.get(key) is not None:

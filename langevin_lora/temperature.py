@@ -33,6 +33,15 @@ temperature :math:`T` the Gibbs measure tempers the prior too: its Gaussian fact
 :math:`\exp(-\beta\tfrac{\lambda}{2}\lVert\theta\rVert^2)` has variance :math:`(\beta\lambda)^{-1}
 = T\sigma_p^2` per coordinate. With ``beta`` given directly, pass :math:`\beta_0` as ``num_data``
 to read :math:`\sigma_p` as the prior of :math:`\exp(-\beta_0 U)`.
+
+**No improper target.** At :math:`T > 0` the Gibbs measure needs :math:`\lambda > 0` for LoRA
+tensors: the factors' gauge orbits :math:`(A, B) \to (gA, Bg^{-1})` leave :math:`\hat L`
+unchanged, and so do the loss's null directions, so :math:`\exp(-\beta\hat L)` alone is not
+normalisable (the seed paper's "mild regularisation"). :class:`~langevin_lora.LangevinLoRA` therefore
+defaults to the prior :math:`\sigma_p` = :data:`DEFAULT_PRIOR_STD` (:math:`\lambda = 1/(N\sigma_p^2)`,
+resolved once :math:`N` is known), and :func:`check_proper_prior` refuses :math:`\lambda = 0` at
+:math:`T > 0` for the LoRA groups of the optimizers. A generic group may sample with
+:math:`\lambda = 0`: its target is proper only if the loss confines every direction.
 """
 from __future__ import annotations
 
@@ -40,8 +49,19 @@ import math
 
 from langevin_lora._validation import check_int, check_non_negative, check_positive
 
-__all__ = ["effective_beta", "noise_std", "prior_std_from_weight_decay", "resolve_base_beta",
-           "weight_decay_from_prior_std"]
+__all__ = ["DEFAULT_PRIOR_STD", "LORA_ROLES", "check_proper_prior", "effective_beta", "noise_std",
+           "prior_std_from_weight_decay", "resolve_base_beta", "weight_decay_from_prior_std"]
+
+#: The default prior standard deviation :math:`\sigma_p` of :class:`~langevin_lora.LangevinLoRA`
+#: (``weight_decay=None``): a Gaussian :math:`N(0, \sigma_p^2 I)` on every LoRA coordinate, the value
+#: the recipes used (issue 13). A research helper found :math:`\sigma_p = 0.05` good for a posterior
+#: centred at the burn-in weights on MiniLM/Twitter (THEORY §6); how to choose it well is the
+#: calibration issue's subject, and this default may change.
+DEFAULT_PRIOR_STD = 0.1
+
+#: Param-group name prefixes (:func:`~langevin_lora.lora_param_groups`) of LoRA tensors, whose Gibbs
+#: measure is improper without a prior.
+LORA_ROLES = ("lora_A/", "lora_B/", "lora_magnitude/")
 
 
 def resolve_base_beta(num_data: int | None, beta: float | None) -> float:
@@ -90,3 +110,15 @@ def prior_std_from_weight_decay(weight_decay: float, num_data: float) -> float:
     """
     lam = check_positive("weight_decay", weight_decay)
     return 1.0 / math.sqrt(check_positive("num_data", num_data) * lam)
+
+
+def check_proper_prior(group: str | None, temperature: float, weight_decay: float) -> None:
+    r"""Refuse :math:`\lambda = 0` at :math:`T > 0` for a LoRA group (name starting with one of
+    :data:`LORA_ROLES`, e.g. ``"lora_A/default"``): its Gibbs measure would be improper (module
+    docstring). Other groups pass: they are proper if their loss confines them."""
+    if weight_decay == 0 and temperature > 0 and isinstance(group, str) and group.startswith(LORA_ROLES):
+        raise ValueError(
+            f"Invalid weight_decay: 0 for the LoRA group {group!r} at temperature {temperature:g} > 0 (expected "
+            "weight_decay > 0): without a prior the Gibbs measure of LoRA factors is improper (their gauge orbits "
+            "and the loss's null directions are not normalisable). Use e.g. weight_decay_from_prior_std(0.1, "
+            "num_data), or temperature=0 for noise-free descent.")

@@ -227,7 +227,8 @@ def test_sampling_step_is_the_frozen_preconditioner_langevin_step():
     lr, coupled decay, sqrt(2 lr / beta) sqrt(G) xi with xi from an independent generator of the
     same seed; heads follow AdamW; the user's AdamW state of LoRA tensors stays frozen; grads intact."""
     burn, seed, lam, temp = 4, 11, 0.3, 0.5
-    cb = LangevinLoRA(temperature=temp, weight_decay=lam, burn_in_steps=burn, seed=seed, precond_clamp=(0.2, 5.0))
+    cb = LangevinLoRA(temperature=temp, weight_decay=lam, burn_in_steps=burn, seed=seed, precond_clamp=(0.2, 5.0),
+                      step_size="optimizer")
     mod = Tiny()
     ref_gen = NoiseGenerators(seed)
     log = {"checked": 0}
@@ -380,7 +381,8 @@ def test_gradient_accumulation_draws_one_noise_per_optimizer_step():
     seed, steps = 5, 6
     res = {}
     for k, bs in ((1, 8), (2, 4)):
-        cb = LangevinLoRA(num_data=N, seed=seed, precondition=False)
+        # weight_decay=1e-12: a proper prior whose decay (lr * 1e-12 * theta) is below fp32 rounding
+        cb = LangevinLoRA(num_data=N, seed=seed, precondition=False, step_size="optimizer", weight_decay=1e-12)
         mod = Tiny(optimizer="sgd", schedule=False, zero_loss=True)
         start = lora_tensors(mod)
         trainer([cb], steps, accumulate_grad_batches=k).fit(mod, loader(batch_size=bs))

@@ -72,7 +72,7 @@ def test_optimizer_and_callback_give_bitwise_identical_chains(preconditioned):
     trainer([], STEPS).fit(opt_mod, loader())
 
     cb = LangevinLoRA(num_data=N, weight_decay=WD, seed=SEED, burn_in_steps=0, precondition=preconditioned,
-                      diagnostics=False)
+                      step_size="optimizer", diagnostics=False)
     if preconditioned:
         def inject(tr, pl, c):   # the callback froze no G (SGD has no second moment): give it the same one
             if c.langevin_steps == 0:

@@ -396,7 +396,7 @@ def test_callback_and_optimizer_give_the_same_kinetic_chain(preconditioned):
     opt_mod = KineticLoraOnly("langevin_adam" if preconditioned else "langevin_sgd", precond=G, friction=3.0)
     trainer([], STEPS).fit(opt_mod, loader())
     cb = LangevinLoRA(num_data=N, weight_decay=WD, seed=SEED, burn_in_steps=0, precondition=preconditioned,
-                      diagnostics=False, friction=3.0)
+                      diagnostics=False, friction=3.0, step_size="optimizer")
     if preconditioned:
         def inject(tr, pl, c):
             if c.langevin_steps == 0:

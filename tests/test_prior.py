@@ -43,3 +43,45 @@ def test_compare_plan_uses_the_prior_helper():
     plan = LangevinSettings(prior_std=0.05).plan(total_steps=40, num_data=1234)
     assert plan["weight_decay"] == weight_decay_from_prior_std(0.05, 1234)
     assert LangevinSettings(weight_decay=0.3).plan(total_steps=40, num_data=1234)["weight_decay"] == 0.3
+
+
+# -- issue 13 item 3: no improper target by default ----------------------------------------------------
+def test_lora_callback_refuses_an_improper_prior_and_defaults_to_a_proper_one():
+    """weight_decay=0 at T > 0 is refused (the message names weight_decay and the allowed range); at T = 0
+    it is noise-free descent and allowed; weight_decay=None (default) resolves to 1/(N sigma_p^2) with the
+    documented DEFAULT_PRIOR_STD, or with prior_std; prior_std beside weight_decay is refused."""
+    from test_callback import N, Tiny, loader, trainer
+
+    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.temperature import DEFAULT_PRIOR_STD
+
+    with pytest.raises(ValueError, match=r"Invalid weight_decay: 0 at temperature 1 > 0 \(expected weight_decay > 0"):
+        LangevinLoRA(weight_decay=0.0)
+    LangevinLoRA(weight_decay=0.0, temperature=0.0)
+    with pytest.raises(ValueError, match="Invalid prior_std"):
+        LangevinLoRA(weight_decay=0.1, prior_std=0.1)
+    with pytest.raises(ValueError, match="Invalid prior_std"):
+        LangevinLoRA(prior_std=0.0)
+    assert DEFAULT_PRIOR_STD == 0.1
+    for prior_std, sigma in ((None, DEFAULT_PRIOR_STD), (0.05, 0.05)):
+        cb = LangevinLoRA(burn_in_steps=2, prior_std=prior_std, diagnostics=False)
+        trainer([cb], 4).fit(Tiny(schedule=False), loader())
+        assert cb.num_data == N and cb.weight_decay == pytest.approx(weight_decay_from_prior_std(sigma, N), rel=1e-12)
+        assert all(v.weight_decay == cb.weight_decay for v in cb.langevin_groups())
+
+
+def test_langevin_optimizers_refuse_an_improper_prior_for_lora_groups():
+    """LangevinSGD/LangevinAdam over lora_param_groups: weight_decay=0 at T > 0 is refused for the LoRA
+    groups, naming the group; a generic group (possibly confined by its loss) may sample with 0."""
+    from peft import LoraConfig, get_peft_model
+    from test_callback import Base
+
+    from langevin_lora import LangevinAdam, LangevinSGD, lora_param_groups
+
+    model = get_peft_model(Base(), LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], modules_to_save=["head"]))
+    for cls in (LangevinSGD, LangevinAdam):
+        with pytest.raises(ValueError, match=r"Invalid weight_decay: 0 for the LoRA group 'lora_A/default'"):
+            cls(lora_param_groups(model), lr=1e-3, num_data=10, weight_decay=0.0)
+        cls(lora_param_groups(model, lora_temperature=0.0), lr=1e-3, num_data=10, weight_decay=0.0)
+        cls(lora_param_groups(model), lr=1e-3, num_data=10, weight_decay=1e-2)
+    LangevinSGD([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, num_data=10, weight_decay=0.0)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -52,6 +52,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from langevin_lora._replay import isolated_training_step, loss_tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
 from langevin_lora.curvature import LOW_PRECISION, RngSnapshot
 from langevin_lora.diagnostics.probes import CurvatureProbes
@@ -59,7 +60,6 @@ from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
-from langevin_lora.diagnostics.replay import isolated_training_step
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 
@@ -336,8 +336,8 @@ class GibbsDiagnostics(Callback):
 
     def _loss_of(self, pl_module: LightningModule, batch: Any, batch_idx: int) -> Tensor:
         out = self.loss_fn(pl_module, batch) if self.loss_fn is not None else pl_module.training_step(batch, batch_idx)
-        loss = out.get("loss") if isinstance(out, Mapping) else out
-        if not isinstance(loss, Tensor):
+        loss = loss_tensor(out)
+        if loss is None:
             raise MisconfigurationException(
                 "GibbsDiagnostics: training_step returned no loss tensor to differentiate; pass loss_fn=...")
         return loss

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
 from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.functional import check_friction
-from langevin_lora.temperature import effective_beta, resolve_base_beta
+from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
 __all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES"]
@@ -58,6 +58,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         check_positive("lr", group["lr"])
         check_non_negative("temperature", group["temperature"])
         check_non_negative("weight_decay", group["weight_decay"])
+        check_proper_prior(group.get("name"), group["temperature"], group["weight_decay"])
         check_positive("beta", group["base_beta"])
         check_bool("foreach", group["foreach"], allow_none=True)
         group["friction"] = check_friction(group.get("friction"))

@@ -56,7 +56,10 @@ class LangevinSGD(LangevinOptimizer):
         num_data: number of training examples :math:`N` (Bayesian reading, :math:`\beta_0 = N`).
         temperature: :math:`T \ge 0`; :math:`\beta = \beta_0/T`.
         beta: :math:`\beta_0 > 0` given directly. Exactly one of ``num_data`` / ``beta``.
-        weight_decay: :math:`\lambda \ge 0`, the Gaussian prior precision per example.
+        weight_decay: :math:`\lambda \ge 0`, the Gaussian prior precision per example. ``0`` at
+            :math:`T > 0` is refused for LoRA groups (named ``lora_A/…``, ``lora_B/…``,
+            ``lora_magnitude/…`` by :func:`~langevin_lora.lora_param_groups`): their Gibbs measure is
+            improper without a prior; other groups may use it (proper only if the loss confines them).
         seed: seed of the noise generators (saved in ``state_dict``). Pass it for reproducible
             runs; under ``torch.distributed`` an unseeded optimizer takes rank 0's seed.
         foreach: ``None`` (auto), ``True`` or ``False``.

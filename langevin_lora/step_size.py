@@ -1,0 +1,251 @@
+r"""The Langevin step size from the measured curvature (THEORY §2–3).
+
+A Langevin chain's stable step is set by the top eigenvalue of the preconditioned Hessian of the
+potential, :math:`\lambda_{\max} = \lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})`,
+:math:`U = \hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2`, not by an optimiser's learning rate
+(AdamW's :math:`\eta G` is a descent step, 10–100× too long for a stable chain; on the MiniLM LoRA of
+issue 13 with :math:`G` frozen from AdamW, up to 1000× too long). The automatic step is
+
+.. math::
+    \eta = \frac{c}{\lambda_{\max}} \quad\text{(overdamped, } c = 0.1\text{)}, \qquad
+    h = \frac{c_k}{\sqrt{\lambda_{\max}}} \quad\text{(kinetic BAOAB, friction } \gamma > 0,\ c_k = 0.5\text{)}.
+
+**The bias these constants buy.** Overdamped ULA on a Gaussian (Hessian :math:`H`) is stable for
+:math:`\eta\lambda_{\max} < 2` and samples :math:`N(\mu, \beta^{-1}[H(I - \eta H/2)]^{-1})` (THEORY §5):
+the configurational temperature is :math:`\beta T_{\mathrm{conf}} \approx 1 + \tfrac{\eta}{2}
+\operatorname{tr}(H^2)/\operatorname{tr}(H) \le 1 + \tfrac{\eta\lambda_{\max}}{2} = 1 + c/2`, so
+:math:`c = 0.1` bounds the bias by 5%, and far less when the spectrum has a few outliers (the LoRA
+case: :math:`\operatorname{tr}H^2/\operatorname{tr}H \ll \lambda_{\max}`); the top mode's variance is
+inflated by :math:`1/(1 - c/2)` = 5.3%. Kinetic BAOAB is stable for :math:`h\sqrt{\lambda_{\max}} < 2`
+and its configurational law is exact for Gaussians at any stable :math:`h`; for non-Gaussian
+potentials the bias is :math:`O(h^2)`. Measured on a MiniLM LoRA posterior (research helper,
+issue 13; configurational bias of :math:`\beta T_{\mathrm{conf}}`): kinetic :math:`c_k = 0.5` below 1%,
+:math:`c_k = 1` about 3%, :math:`c_k = 2` runs away; overdamped :math:`c = 0.1` the same as kinetic 0.5
+(below 1%), :math:`c = 0.5` about 8%, :math:`c = 2` diverges. Hence the defaults
+:data:`OVERDAMPED_SAFETY` and :data:`KINETIC_SAFETY`: a factor 20 (overdamped) and 4 (kinetic) below
+the divergence point, at a bias below 1% on that posterior and at most 5% (overdamped) on any
+quadratic.
+
+**Measurement.** :func:`langevin_lora.curvature.top_eigenvalue`: power iteration on Hessian-vector
+products of a loss closure (double backward where the model supports it, central differences of
+gradients where it does not, e.g. fused attention kernels on CPU), with the prior's
+:math:`\lambda I` added and the frozen :math:`G` as the scale; the absolute value of the dominant
+Rayleigh quotient is used (a large negative curvature limits the step's accuracy too), and never
+less than the prior's own curvature :math:`\max_i\lambda_i G_i` (:func:`prior_curvature`: exact
+along the directions where the loss is flat, which power iteration reaches slowly when a clamped
+Adam :math:`G` is largest there).
+
+**Cost, in gradient evaluations** (one forward + backward pass of the closure, i.e. of the probe
+batch): ``num_iters`` products of 2 evaluations each by finite differences; by double backward one
+evaluation builds the gradient graph and each product is one backward pass through it (counted
+as 1; it costs about 1–2). The power iteration stops early once the Rayleigh quotient moves by
+less than ``rtol`` (relative). Measured (benchmarks/RESULTS.md, "Automatic step size"): 15–40
+evaluations of the probe batch for a first measurement, 4–10 for a warm-started re-measurement.
+
+For a custom loop, :func:`auto_step_size` does the same from a closure::
+
+    est = auto_step_size(closure, params, precond=G, weight_decay=lam)
+    for g in opt.param_groups:
+        g["lr"] = est.step_size
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from langevin_lora._validation import check_int, check_positive, check_real
+from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
+from langevin_lora.functional import check_friction
+
+__all__ = ["KINETIC_SAFETY", "OVERDAMPED_SAFETY", "AutoStepSize", "StepSizeEstimate", "auto_step_size",
+           "prior_curvature", "step_from_lambda_max"]
+
+#: :math:`c` in :math:`\eta = c/\lambda_{\max}` (overdamped): :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`.
+OVERDAMPED_SAFETY = 0.1
+#: :math:`c_k` in :math:`h = c_k/\sqrt{\lambda_{\max}}` (kinetic BAOAB, stable below 2).
+KINETIC_SAFETY = 0.5
+
+
+def step_from_lambda_max(lambda_max: float, *, friction: float | None = None, safety: float | None = None) -> float:
+    r"""The step for a measured :math:`\lambda_{\max} > 0`: :math:`c/\lambda_{\max}` without ``friction``,
+    :math:`c_k/\sqrt{\lambda_{\max}}` with it; ``safety`` overrides :math:`c` / :math:`c_k`.
+
+    Example:
+        >>> step_from_lambda_max(50.0)
+        0.002
+        >>> step_from_lambda_max(100.0, friction=1.0)
+        0.05
+    """
+    lam = check_real("lambda_max", lambda_max, low=0.0, low_open=True)
+    kinetic = check_friction(friction) is not None
+    c = (KINETIC_SAFETY if kinetic else OVERDAMPED_SAFETY) if safety is None else check_positive("safety", safety)
+    return c / math.sqrt(lam) if kinetic else c / lam
+
+
+def prior_curvature(params: Sequence[Tensor], precond: Sequence[Tensor | float] | None,
+                    weight_decay: float | Sequence[float]) -> float:
+    r""":math:`\max_i \lambda_i G_i`: the prior's own curvature in the preconditioned metric, the exact
+    :math:`\lambda_{\max}` along any coordinate where the loss is flat (LoRA's null and gauge
+    directions), and a free lower bound that power iteration may take many products to reach when
+    :math:`G` is largest where the loss has no curvature (a clamped Adam :math:`G`)."""
+    decay = list(weight_decay) if isinstance(weight_decay, (list, tuple)) else [weight_decay] * len(params)
+    scale = list(precond) if precond is not None else [1.0] * len(params)
+    out = 0.0
+    for lam, G in zip(decay, scale):
+        if lam:
+            out = max(out, float(lam) * (float(G.max()) if torch.is_tensor(G) else float(G)))
+    return out
+
+
+@dataclass
+class StepSizeEstimate:
+    """Result of :func:`auto_step_size`.
+
+    Attributes:
+        step_size: :math:`\\eta` (or :math:`h` with friction) from :func:`step_from_lambda_max`.
+        lambda_max: :math:`|\\lambda_{\\max}(G^{1/2}\\nabla^2 U G^{1/2})|` as measured.
+        grad_evals: gradient evaluations of the closure spent (module docstring).
+        products: Hessian-vector products taken.
+        method: ``"double_backward"`` or ``"finite_difference"``.
+        vector: the unit top eigenvector (``init`` of the next, warm-started measurement).
+    """
+
+    step_size: float
+    lambda_max: float
+    grad_evals: int
+    products: int
+    method: str | None
+    vector: list[Tensor]
+
+
+def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
+                   precond: Sequence[Tensor | float] | None = None, weight_decay: float | Sequence[float] = 0.0,
+                   friction: float | None = None, safety: float | None = None, num_iters: int = 20,
+                   rtol: float | None = 0.01, init: Sequence[Tensor] | None = None,
+                   generator: torch.Generator | None = None, method: str = "auto",
+                   fd_eps: float = 1e-3) -> StepSizeEstimate:
+    r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})` at the current ``params`` and return
+    the Langevin step it allows (module docstring), for custom loops.
+
+    Args:
+        closure: ``() -> loss``, the mean loss :math:`\hat L` on a fixed probe batch; it must be the
+            same function of ``params`` at every call (fix dropout masks, e.g. with
+            :class:`~langevin_lora.curvature.RngSnapshot`). Called ``grad_evals`` times.
+        params: the sampled tensors (``requires_grad``).
+        precond: the frozen :math:`G` per tensor (tensor or number), or ``None`` (:math:`G = 1`).
+        weight_decay: :math:`\lambda`, one number or one per tensor.
+        friction: ``None`` (overdamped) or :math:`\gamma > 0` / ``"auto"`` (kinetic: :math:`h = c_k/\sqrt{\lambda_{\max}}`).
+        safety: :math:`c` (overdamped) or :math:`c_k` (kinetic); default :data:`OVERDAMPED_SAFETY` /
+            :data:`KINETIC_SAFETY`.
+        num_iters, rtol, init, generator: of the power iteration (``init``: a previous ``vector``).
+        method, fd_eps: of the Hessian-vector products (:class:`~langevin_lora.curvature.HessianVectorProduct`).
+
+    Raises ``ValueError`` when :math:`\lambda_{\max}` is not a finite positive number (a flat
+    potential or a broken loss): then no step follows from the curvature.
+    """
+    check_friction(friction)
+    with torch.enable_grad():
+        res = top_eigenvalue(closure, params, scale=precond, weight_decay=weight_decay, num_iters=num_iters,
+                             rtol=rtol, init=init, generator=generator, method=method, fd_eps=fd_eps)
+    lam = max(abs(float(res.eigenvalue)), prior_curvature(params, precond, weight_decay))
+    if not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"Invalid lambda_max: measured {lam!r} (expected a finite positive top eigenvalue of "
+                         "G^1/2 Hess U G^1/2; is the loss finite and the prior weight_decay > 0?); pass a float "
+                         "step size instead")
+    evals = res.loss_evaluations + (res.products if res.method == "double_backward" else 0)
+    return StepSizeEstimate(step_from_lambda_max(lam, friction=friction, safety=safety), lam, evals,
+                            res.products, res.method, res.vector)
+
+
+class AutoStepSize:
+    r"""The automatic step of a front-end over a chain: measured when sampling starts and again every
+    ``every_n_steps`` Langevin steps (warm-started from the previous eigenvector, ``warm_iters``
+    products at most), with its state saved for an exact resume.
+
+    Args:
+        safety: :math:`c` / :math:`c_k` (default: :data:`OVERDAMPED_SAFETY` / :data:`KINETIC_SAFETY`).
+        every_n_steps: Langevin steps between re-measurements (0: only at sampling start).
+        num_iters: products of the first measurement (at most; ``rtol`` may stop it earlier).
+        warm_iters: products of a warm-started re-measurement (at most).
+        rtol: relative change of the Rayleigh quotient that ends the power iteration.
+        method, fd_eps: of the Hessian-vector products; ``"auto"`` falls back to finite differences
+            for good once double backward fails.
+        seed: seed of the first random vector (the global RNG is never used).
+
+    Attributes:
+        lambda_max, step_size: of the last measurement (``None`` before the first).
+        grad_evals: gradient evaluations spent on all measurements so far.
+        seconds: wall time spent on them.
+        measurements: how many measurements were taken.
+    """
+
+    def __init__(self, *, safety: float | None = None, every_n_steps: int = 1000, num_iters: int = 20,
+                 warm_iters: int = 8, rtol: float = 0.01, method: str = "auto", fd_eps: float = 1e-3,
+                 seed: int = 0) -> None:
+        self.safety = None if safety is None else check_positive("safety", safety)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, low=0)
+        self.num_iters = check_int("num_iters", num_iters, low=1)
+        self.warm_iters = check_int("warm_iters", warm_iters, low=1)
+        self.rtol = check_positive("rtol", rtol)
+        if method not in HessianVectorProduct.METHODS:
+            raise ValueError(f"Invalid method: {method!r} (expected one of "
+                             f"{', '.join(map(repr, HessianVectorProduct.METHODS))})")
+        self.method = method
+        self.fd_eps = check_real("fd_eps", fd_eps, low=0.0, high=1.0, low_open=True)
+        self.seed = check_int("seed", seed, low=0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every measurement (a new chain)."""
+        self.lambda_max: float | None = None
+        self.step_size: float | None = None
+        self.grad_evals = 0
+        self.seconds = 0.0
+        self.measurements = 0
+        self.fallback = False
+        self.vector: list[Tensor] | None = None
+
+    def due(self, langevin_steps: int) -> bool:
+        """Whether a re-measurement is due after ``langevin_steps`` steps."""
+        return self.every_n_steps > 0 and langevin_steps > 0 and langevin_steps % self.every_n_steps == 0
+
+    def measure(self, closure: Callable[[], Tensor], params: Sequence[Tensor], *,
+                precond: Sequence[Tensor | float] | None, weight_decay: Sequence[float],
+                friction: float | None = None, cold: bool = False) -> StepSizeEstimate:
+        """Measure at the current ``params`` (:func:`auto_step_size`), warm-started unless ``cold`` or
+        the shapes changed; updates :attr:`lambda_max`, :attr:`step_size` and the counters."""
+        params = list(params)
+        init = None if cold else self.vector
+        if init is not None and [tuple(v.shape) for v in init] != [tuple(p.shape) for p in params]:
+            init = None
+        if init is not None:
+            init = [v.to(device=p.device, dtype=p.dtype) for v, p in zip(init, params)]
+        generator = torch.Generator(device=params[0].device)
+        generator.manual_seed(self.seed + self.measurements)
+        method = "finite_difference" if self.fallback else self.method
+        start = time.perf_counter()
+        est = auto_step_size(closure, params, precond=precond, weight_decay=list(weight_decay), friction=friction,
+                             safety=self.safety, num_iters=self.num_iters if init is None else self.warm_iters,
+                             rtol=self.rtol, init=init, generator=generator, method=method, fd_eps=self.fd_eps)
+        if est.method == "finite_difference" and method == "auto":
+            self.fallback = True
+        self.lambda_max, self.step_size, self.vector = est.lambda_max, est.step_size, est.vector
+        self.grad_evals += est.grad_evals
+        self.seconds += time.perf_counter() - start
+        self.measurements += 1
+        return est
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda_max": self.lambda_max, "step_size": self.step_size, "grad_evals": self.grad_evals,
+                "measurements": self.measurements, "fallback": self.fallback,
+                "vector": None if self.vector is None else [v.detach().cpu().clone() for v in self.vector]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambda_max, self.step_size = state["lambda_max"], state["step_size"]
+        self.grad_evals, self.measurements = int(state["grad_evals"]), int(state["measurements"])
+        self.fallback, self.vector = bool(state["fallback"]), state["vector"]
