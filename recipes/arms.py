@@ -274,15 +274,6 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     callbacks = [loss, lcb, diag] + ([ScaleLearningRate(s.lr_scale)] if s.lr_scale != 1 else [])
     if not s.dropout:
         callbacks.append(NoDropout(from_step=plan["burn_in_steps"]))
-    measured = None
-    if s.step_constant is not None:   # STOP-GAP until step_size="auto" (recipes/_measured_step.py)
-        import itertools
-
-        from recipes._measured_step import MeasuredStep
-        pl.seed_everything(seed, workers=True, verbose=False)
-        probe = list(itertools.islice(iter(shared.datamodule.train_dataloader()), max(1, 256 // shared.batch_size)))
-        measured = MeasuredStep(probe, shared.forward_fn, s.step_constant)
-        lcb.step_observers.append(measured)
     trainer = shared.trainer(run_dir, callbacks, max_steps=plan["burn_in_steps"] + plan["sampling_steps"],
                              max_epochs=-1)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -298,9 +289,8 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     report, beta_virial = _span_report(diag, s.sample_span)
     if report is not None:
         report.save(run_dir, stem="stationarity_samples", plots=False)
-    probes = diag.probes.evaluations + int(getattr(lcb, "probe_evaluations", 0))
-    if measured is not None:
-        probes += measured.probe_evaluations
+    auto = lcb.auto_step   # the automatic step size's curvature probes (step_size="auto")
+    probes = diag.probes.evaluations + int(auto.grad_evals)
     best = plan["burn_in_mode"] == "best"
     adamw_steps = run.steps if best else plan["burn_in_steps"]
     grads = ((adamw_steps + trainer.global_step - plan["burn_in_steps"]) * shared.accumulate + probes
@@ -316,8 +306,7 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
               "converged": conv["converged"], "ess_val_loglik": conv["ess"],
               **{f"plan_{k}": v for k, v in plan.items()}, "temperature": s.temperature, "num_data": n,
               "langevin_kwargs": s.callback_kwargs(n), "lr_scale": s.lr_scale,
-              "step_size": measured.step_size if measured is not None else None,
-              "lambda_max": measured.lambda_max if measured is not None else None}
+              "step_size": auto.step_size, "lambda_max": auto.lambda_max, "step_measurements": auto.measurements}
     if full is not None:
         common["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in full.checks}
     rows, probs = [], {}

@@ -98,9 +98,6 @@ class _RecipeFields:
         dropout: keep the model's dropout on while sampling; ``False`` (default): the module runs in
             eval mode from the first Langevin step (:class:`~recipes.callbacks.NoDropout`), so the chain
             samples the posterior of the deterministic network.
-        step_constant: STOP-GAP (until ``step_size: auto``): set the Langevin step to
-            :math:`c/\sqrt{\lambda_{\max}(G^{1/2}\nabla^2 U G^{1/2})}` measured on 256 training examples
-            when sampling starts (:mod:`recipes._measured_step`); ``None``: the param groups' lr.
         diagnostics: extra :class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments.
     """
 
@@ -113,7 +110,6 @@ class _RecipeFields:
     lr_scale: float = 0.01
     temperature_scaling_bounds: tuple[float, float] = (0.05, 20.0)
     dropout: bool = False
-    step_constant: float | None = None
     diagnostics: dict = dataclasses.field(default_factory=dict)
 
 
@@ -127,7 +123,7 @@ def _real(v: Any) -> bool:
 class LangevinSettings:
     r"""The ``langevin:`` section: the recipe's own keys (:class:`_RecipeFields`: ``burn_in``,
     ``sampling_steps``, ``num_samples``, ``sample_every``, ``sample_span``, ``prior_std``,
-    ``lr_scale``, ``temperature_scaling_bounds``, ``dropout``, ``step_constant``, ``diagnostics``) and any
+    ``lr_scale``, ``temperature_scaling_bounds``, ``dropout``, ``diagnostics``) and any
     keyword argument of
     :class:`~langevin_lora.LangevinLoRA` (``temperature``, ``weight_decay``, ``head_temperature``,
     ``precond_clamp``, ...), passed to it unchanged (:meth:`callback_kwargs`) except the ones the
@@ -186,9 +182,6 @@ class LangevinSettings:
             raise ConfigError(f"Invalid langevin.lr_scale: {f['lr_scale']!r} (expected a real number in (0, 1])")
         if not isinstance(f["dropout"], bool):
             raise ConfigError(f"Invalid langevin.dropout: {f['dropout']!r} (expected true or false)")
-        c = f["step_constant"]
-        if c is not None and (not _real(c) or not 0 < c < 2):
-            raise ConfigError(f"Invalid langevin.step_constant: {c!r} (expected a real number in (0, 2) or null)")
         lo_hi = f["temperature_scaling_bounds"]
         if (not isinstance(lo_hi, (list, tuple)) or len(lo_hi) != 2 or not all(_real(x) for x in lo_hi)
                 or not 0 < lo_hi[0] < lo_hi[1]):
