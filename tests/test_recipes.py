@@ -62,7 +62,9 @@ def test_compare_configs_parse(name):
     settings = LangevinSettings(**cfg["langevin"])
     plan = settings.plan(total_steps=100, num_data=1000, best_step=40)   # best_step: for burn_in 'best'
     burn = 40 if settings.burn_in == "best" else round(settings.burn_in * 100)
-    assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= 100 - burn
+    # the sampling steps: the rest of the AdamW budget, or the config's sampling_steps (compare_twitter: 2400)
+    assert plan["sampling_steps"] == (settings.sampling_steps or 100 - burn)
+    assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= plan["sampling_steps"]
     assert plan["weight_decay"] == pytest.approx(1 / (1000 * settings.prior_std ** 2))
     for section, cls in (("data", TextClassificationData), ("model", LoRAClassifier)):
         params = inspect.signature(cls).parameters
