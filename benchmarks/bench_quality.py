@@ -1,13 +1,22 @@
-"""Quality benchmark: Langevin LoRA vs AdamW LoRA over >= 3 seeds on packaged sets.
+"""Quality benchmark: AdamW LoRA, its cheap fixes and Langevin LoRA over >= 3 seeds on packaged sets.
 
-    python benchmarks/bench_quality.py [--configs compare_sms_spam compare_twitter] [--seeds 0 1 2]
-        [--output_dir outputs/bench_quality] [--threads 2] [--set section.key=value ...]
+    python benchmarks/bench_quality.py [--configs compare_twitter [compare_sms_spam]] [--seeds 0 1 2]
+        [--output_dir outputs/bench_quality] [--threads 2] [--set section.key=value ...] [--record]
 
-Goal (recorded, not asserted): Langevin LoRA accuracy within 0.5 points of AdamW LoRA, ECE at
-most 0.6x AdamW's, NLL lower, on the offline default (SMS spam) and on Twitter sentiment
-(3 classes). The test split is fixed by ``split_seed`` in the configs and is never tuned on.
-Prints the table per config with the three verdicts and writes ``summary.md`` into the output
-folder, ready to paste into ``benchmarks/RESULTS.md`` with the machine line.
+Runs :mod:`recipes.compare` (arms ``adamw``, ``adamw_best``, ``adamw_ts``, ``langevin``,
+``langevin_ts``) on the demo task (Twitter sentiment, ``compare_twitter``, its full config: 30
+epochs, 2400 sampling steps, 32 samples, all 9,311 test tweets; SMS spam on request). Goals of
+issue 14 (recorded, not asserted), judged on the means over seeds, for ``langevin`` and for the
+optional ``langevin_ts``:
+
+- ``langevin`` accuracy within 1 point of the best AdamW arm;
+- ``langevin`` NLL lower than every AdamW arm (``adamw``, ``adamw_best``, ``adamw_ts``);
+- ``langevin`` ECE <= 0.6 x ``adamw``'s, and <= ``adamw_ts``'s + 0.005;
+- the stationarity report passes (on the part of the chain the samples come from) for every seed.
+
+The test split is fixed by ``split_seed`` in the configs and is never used for a choice. Prints the
+table per config with the verdicts and writes ``summary.md`` into the output folder; ``--record``
+appends it to ``benchmarks/RESULTS.md`` with the machine line.
 """
 from __future__ import annotations
 
@@ -26,26 +35,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
-def verdicts(summary: list[dict]) -> dict[str, tuple[bool, str]]:
-    """The three goal checks from the per-method means."""
+ADAMW_ARMS = ("adamw", "adamw_best", "adamw_ts")
+
+
+def verdicts(summary: list[dict], arm: str = "langevin") -> dict[str, tuple[bool, str]]:
+    """The goal checks of ``arm`` from the per-method means (arms missing from the summary are skipped)."""
     s = {r["method"]: r for r in summary}
-    a, lg = s["adamw"], s["langevin"]
-    dacc = 100 * (lg["accuracy_mean"] - a["accuracy_mean"])
-    ece_ratio = lg["ece_mean"] / a["ece_mean"] if a["ece_mean"] > 0 else float("inf")
-    dnll = lg["nll_mean"] - a["nll_mean"]
-    return {"accuracy within 0.5 points": (dacc >= -0.5, f"{dacc:+.2f} points"),
-            "ECE <= 0.6x AdamW": (ece_ratio <= 0.6, f"ratio {ece_ratio:.2f}"),
-            "NLL lower": (dnll < 0, f"{dnll:+.4f}")}
+    lg = s.get(arm)
+    adamw = [s[m] for m in ADAMW_ARMS if m in s]
+    if lg is None or not adamw:
+        return {}
+    out = {}
+    best_acc = max(r["accuracy_mean"] for r in adamw)
+    dacc = 100 * (lg["accuracy_mean"] - best_acc)
+    out["accuracy within 1 point of the best AdamW arm"] = (dacc >= -1.0, f"{dacc:+.2f} points")
+    out["NLL lower than every AdamW arm"] = (all(lg["nll_mean"] < r["nll_mean"] for r in adamw),
+                                             "; ".join(f"vs {r['method']} {lg['nll_mean'] - r['nll_mean']:+.4f}"
+                                                       for r in adamw))
+    if "adamw" in s:
+        a = s["adamw"]["ece_mean"]
+        ratio = lg["ece_mean"] / a if a > 0 else float("inf")
+        out["ECE <= 0.6x adamw"] = (ratio <= 0.6, f"ratio {ratio:.2f}")
+    if "adamw_ts" in s:
+        gap = lg["ece_mean"] - s["adamw_ts"]["ece_mean"]
+        out["ECE <= adamw_ts + 0.005"] = (gap <= 0.005, f"{gap:+.4f}")
+    passed, total = (int(x) for x in lg["stationarity"].split()[0].split("/")) if "/" in lg["stationarity"] else (0, 0)
+    out["stationarity passes on every seed"] = (total > 0 and passed == total, lg["stationarity"])
+    return out
 
 
 def prior_lines(rows: list[dict]) -> list[str]:
-    """The Gaussian prior the Langevin runs sampled, in both conventions (σ_p and λ = 1/(Nσ_p²))."""
+    """The target the Langevin runs sampled (prior in both conventions, σ_p and λ = 1/(Nσ_p²), its
+    centre, β) and whether their posterior averages had enough samples."""
     from langevin_lora.temperature import prior_std_from_weight_decay
 
-    priors = dict.fromkeys((r["plan_weight_decay"], r["num_data"], r["plan_beta"]) for r in rows
-                           if r["method"] == "langevin" and r.get("plan_weight_decay"))
-    return [f"- prior: N(0, σ_p²) with σ_p = {prior_std_from_weight_decay(lam, n):.3g}, i.e. λ = 1/(N σ_p²) = "
-            f"{lam:.3g} for N = {n}; β = N/T = {beta:.0f}" for lam, n, beta in priors]
+    lg = [r for r in rows if r["method"] == "langevin"]
+    priors = dict.fromkeys((r["plan_weight_decay"], r["num_data"], r["plan_beta"],
+                            str(r.get("langevin_kwargs", {}).get("prior_centre", 0))) for r in lg)
+    lines = [f"- prior: N(centre {centre}, σ_p²) with σ_p = {prior_std_from_weight_decay(lam, n):.3g}, i.e. "
+             f"λ = 1/(N σ_p²) = {lam:.3g} for N = {n}; β = N/T = {beta:.0f}" for lam, n, beta, centre in priors]
+    if lg:
+        lines.append(f"- LangevinLoRA arguments: {lg[0].get('langevin_kwargs')}")
+        settled = [r["converged"] for r in lg]
+        ess = ", ".join("–" if r["ess_val_loglik"] is None else f"{r['ess_val_loglik']:.1f}" for r in lg)
+        lines.append(f"- posterior average settled (last half of the samples moves validation NLL by <= its se) on "
+                     f"{sum(bool(c) for c in settled)}/{len(settled)} seeds; ESS of the per-sample validation "
+                     f"log-likelihood {ess} of {lg[0]['num_samples']} samples")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     from recipes.report import format_table, machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=["compare_sms_spam", "compare_twitter"])
+    p.add_argument("--configs", nargs="+", default=["compare_twitter"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output_dir", default="outputs/bench_quality")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--record", action="store_true", help="append the section to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -79,10 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as exc:  # one line, exit status 2, no traceback
             exit_on_config_error(p.prog, exc)
         wall = time.perf_counter() - t0
-        checks = verdicts(res["summary"])
         lines += [f"### {path.stem} ({cfg['data']['dataset']}, seeds {args.seeds}, {wall:.0f} s)", "",
                   format_table(res["summary"]), ""]
-        lines += [f"- {k}: **{'met' if ok else 'missed'}** ({v})" for k, (ok, v) in checks.items()]
+        for arm in ("langevin", "langevin_ts"):
+            lines += [f"- {arm}: {k}: **{'met' if ok else 'missed'}** ({v})"
+                      for k, (ok, v) in verdicts(res["summary"], arm).items()]
         lines += prior_lines(res["rows"])
         lines.append("")
         print("\n".join(lines[-5:]), flush=True)
@@ -92,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.record:
         results = Path(__file__).resolve().parent / "RESULTS.md"
         with results.open("a") as f:
-            f.write(f"\n## Quality: AdamW LoRA vs Langevin LoRA (bench_quality.py) ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n")
-            f.write("Goal: Langevin accuracy within 0.5 points of AdamW, ECE <= 0.6x AdamW's, NLL lower.\n\n")
+            f.write(f"\n## Quality: AdamW LoRA arms vs Langevin LoRA (bench_quality.py) "
+                    f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n")
+            f.write("Goals (issue 14): langevin accuracy within 1 point of the best AdamW arm, NLL below every AdamW "
+                    "arm, ECE <= 0.6x adamw's and <= adamw_ts's + 0.005, stationarity passes.\n\n")
             f.write("\n".join(lines) + "\n")
 
 

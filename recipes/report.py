@@ -1,10 +1,10 @@
 """Write the comparison's outputs: ``results.json``, ``report.md`` and PNG plots.
 
 ``results.json`` holds ``{"config": ..., "machine": ..., "columns": REPORT_COLUMNS,
-"runs": [row, ...], "summary": [row, ...]}``; every run row has the keys of
-:data:`REPORT_COLUMNS`, every summary row (one per method, mean and standard deviation over
+"runs": [row, ...], "summary": [row, ...], "convergence": {seed: ...}}``; every run row has the keys
+of :data:`REPORT_COLUMNS`, every summary row (one per method, mean and standard deviation over
 seeds) the keys ``method``, ``seeds`` and ``<metric>_mean`` / ``<metric>_std`` for the numeric
-columns.
+columns; ``convergence`` is :func:`recipes.convergence.sample_convergence` per seed.
 """
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from recipes.convergence import convergence_sentence
+
 __all__ = ["REPORT_COLUMNS", "NUMERIC_COLUMNS", "summarize", "format_table", "write_report", "machine_info",
            "reliability_curve"]
 
-REPORT_COLUMNS = ("method", "seed", "accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb",
-                  "num_samples", "beta_virial", "stationarity")
-NUMERIC_COLUMNS = ("accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb", "beta_virial")
-_FORMAT = {"accuracy": "{:.4f}", "ece": "{:.4f}", "nll": "{:.4f}", "brier": "{:.4f}", "wall_time_s": "{:.1f}",
-           "peak_memory_mb": "{:.0f}", "beta_virial": "{:.2f}"}
+REPORT_COLUMNS = ("method", "seed", "accuracy", "ece", "nll", "brier", "grad_evals", "val_passes", "wall_time_s",
+                  "peak_memory_mb", "num_samples", "beta_virial", "stationarity")
+NUMERIC_COLUMNS = ("accuracy", "ece", "nll", "brier", "grad_evals", "wall_time_s", "peak_memory_mb", "beta_virial")
+_FORMAT = {"accuracy": "{:.4f}", "ece": "{:.4f}", "nll": "{:.4f}", "brier": "{:.4f}", "grad_evals": "{:.0f}",
+           "val_passes": "{:.0f}", "wall_time_s": "{:.1f}", "peak_memory_mb": "{:.0f}", "beta_virial": "{:.2f}"}
 
 
 def machine_info() -> dict[str, Any]:
@@ -73,9 +75,9 @@ def _cell(summary: dict[str, Any], col: str) -> str:
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """Markdown table: one row per method, mean ± sd over seeds."""
-    head = ["method", "seeds", "accuracy", "ECE (15 bins)", "NLL", "Brier", "wall time (s)", "peak mem (MB)",
+    head = ["method", "seeds", "accuracy", "ECE (15 bins)", "NLL", "Brier", "grad evals", "wall time (s)",
             "β·T_virial", "stationarity"]
-    cols = ["accuracy", "ece", "nll", "brier", "wall_time_s", "peak_memory_mb", "beta_virial"]
+    cols = ["accuracy", "ece", "nll", "brier", "grad_evals", "wall_time_s", "beta_virial"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["method"], str(s["seeds"])] + [_cell(s, c) for c in cols] + [s["stationarity"]]
@@ -119,7 +121,7 @@ def _plot_reliability(path: Path, curves: dict[str, tuple[torch.Tensor, torch.Te
     plt.close(fig)
 
 
-def _plot_traces(path: Path, traces: dict[str, dict[str, list[float]]], target_beta: dict[str, float]) -> None:
+def _plot_traces(path: Path, traces: dict[str, dict[str, list[float]]]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,8 +131,7 @@ def _plot_traces(path: Path, traces: dict[str, dict[str, list[float]]], target_b
         if tr.get("train_loss"):
             axes[0].plot(tr["train_loss"], lw=0.8, label=name)
         if tr.get("virial"):
-            beta = target_beta.get(name)
-            vals = np.asarray(tr["virial"]) * (beta if beta else 1.0)
+            vals = np.asarray(tr["virial"])
             axes[1].plot(vals, lw=0.6, alpha=0.6, label=f"{name} (per step)")
             k = max(1, len(vals) // 20)
             if len(vals) >= k:
@@ -146,13 +147,52 @@ def _plot_traces(path: Path, traces: dict[str, dict[str, list[float]]], target_b
     plt.close(fig)
 
 
+def _plot_convergence(path: Path, convergence: dict[Any, dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for seed, c in convergence.items():
+        curve = c["running_val_nll"]
+        ax.plot(np.arange(1, len(curve) + 1), curve, "o-", ms=3, lw=1, label=f"seed {seed}")
+    ax.set(title="posterior average: validation NLL", xlabel="samples averaged", ylabel="validation NLL")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def convergence_lines(convergence: dict[Any, dict[str, Any]]) -> list[str]:
+    """The report's "Enough samples?" section (markdown lines)."""
+    if not convergence:
+        return []
+    lines = ["## Enough samples?", "",
+             "Validation NLL of the running posterior average after m samples, the effective sample size of the "
+             "per-sample validation log-likelihood, and Δ = NLL(all S samples) − NLL(first S/2) with its standard "
+             "error over validation examples: |Δ| > se means the last half of the samples still moved the "
+             "predictions (sample longer); otherwise the average has settled at the resolution of the validation "
+             "set.", "", "| seed | m=1 | m=S/4 | m=S/2 | m=S | S | ESS | Δ | se | verdict |", "|" + "---|" * 10]
+    for seed, c in convergence.items():
+        curve, S = c["running_val_nll"], c["num_samples"]
+        pick = [curve[max(0, m - 1)] for m in (1, max(1, S // 4), max(1, S // 2), S)]
+        fmt = (lambda v, f="{:.4f}": "–" if v is None else f.format(v))
+        verdict = {True: "settled", False: "still moving: sample longer", None: "too few samples"}[c["converged"]]
+        lines.append(f"| {seed} | " + " | ".join(f"{v:.4f}" for v in pick) + f" | {S} | {fmt(c['ess'], '{:.1f}')} | "
+                     f"{fmt(c['delta'], '{:+.5f}')} | {fmt(c['delta_se'], '{:.5f}')} | {verdict} |")
+    lines.append("")
+    lines += [f"- seed {seed}: {convergence_sentence(c)}" for seed, c in convergence.items()]
+    return lines + [""]
+
+
 def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dict[str, Any],
                  predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  traces: dict[str, dict[str, list[float]]] | None = None,
-                 target_beta: dict[str, float] | None = None, n_bins: int = 15,
+                 convergence: dict[Any, dict[str, Any]] | None = None, n_bins: int = 15,
                  command: str | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write ``results.json``, ``report.md``, ``reliability.png`` and ``diagnostics.png`` (the PNGs
-    when predictions/traces are given) into ``out_dir``; return their paths."""
+    """Write ``results.json``, ``report.md``, ``reliability.png`` (one diagram per arm),
+    ``diagnostics.png`` and ``convergence.png`` (the PNGs when predictions/traces/convergence are
+    given) into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
@@ -165,28 +205,36 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dic
     payload = {"config": config, "machine": machine, "columns": list(REPORT_COLUMNS),
                "runs": [{c: r[c] for c in REPORT_COLUMNS} | {k: v for k, v in r.items() if k not in REPORT_COLUMNS}
                         for r in rows],
-               "summary": summary}
+               "summary": summary, "convergence": {str(k): v for k, v in (convergence or {}).items()}}
     paths["results"].write_text(json.dumps(payload, indent=2, default=str))
     if predictions:
         paths["reliability"] = out / "reliability.png"
         _plot_reliability(paths["reliability"], predictions, n_bins)
     if traces:
         paths["diagnostics"] = out / "diagnostics.png"
-        _plot_traces(paths["diagnostics"], traces, target_beta or {})
-    md = ["# AdamW LoRA vs Langevin LoRA", ""]
+        _plot_traces(paths["diagnostics"], traces)
+    if convergence:
+        paths["convergence"] = out / "convergence.png"
+        _plot_convergence(paths["convergence"], convergence)
+    md = ["# AdamW LoRA, its cheap fixes, and Langevin LoRA", ""]
     if command:
         md += ["Command:", "", f"    {command}", ""]
     md += [f"Machine: {machine['processor']}, {machine.get('gpu', 'no GPU')}, torch {machine['torch']}, "
            f"{machine['torch_threads']} threads.", "",
            f"Held-out test metrics, mean ± sd over seeds (ECE with {n_bins} equal-width bins; NLL and Brier "
            "of the predictive probabilities; Langevin LoRA predicts with the average of the softmax over "
-           "its posterior samples).", "", format_table(summary), "", "## Per seed", "",
+           "its posterior samples). grad evals: minibatch forward+backward passes the arm needed (a validation "
+           "pass counts n_val/batch_size); wall time excludes the test predictions.", "", format_table(summary), "",
+           *convergence_lines(convergence or {}), "## Per seed", "",
            "| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
     for r in rows:
         cells = [(_FORMAT[c].format(r[c]) if c in _FORMAT and isinstance(r[c], (int, float)) else str(r[c]))
                  for c in REPORT_COLUMNS]
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "## How to read this", "",
+           "- **arms**: `adamw` = final AdamW weights; `adamw_best` = the AdamW checkpoint with the best validation "
+           "NLL; `adamw_ts` = `adamw` with a temperature fitted on validation; `langevin` = posterior average of "
+           "the Langevin samples; `langevin_ts` = the same with a temperature fitted on validation.",
            "- **accuracy**: higher is better; Langevin LoRA should match AdamW LoRA within noise.",
            "- **ECE**: expected calibration error, |accuracy − confidence| averaged over confidence bins; "
            "lower is better. **NLL** (log loss) and **Brier** are proper scores: lower is better; they "
@@ -194,12 +242,15 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dic
            "- **β·T_virial**: centred virial temperature times β = N/T (THEORY §3). At stationarity it is "
            "1, inflated to about 1 + ρ by minibatch-gradient noise. Well below 1: the chain has not yet "
            "heated up to its temperature (sample longer); above 1 + ρ: the step is too large (lower lr).",
-           "- **stationarity**: `pass` when the diagnostics of the chain's traces found no drift.",
+           "- **stationarity**: the verdict of the diagnostics on the part of the chain the samples were kept "
+           "from (`pass`: no drift, right temperature); the whole-chain report is in `seed*/langevin/`.",
            "- Reliability diagrams: bars on the diagonal are calibrated; bars below it are over-confident."]
     if paths.get("reliability"):
         md += ["", "![reliability](reliability.png)"]
     if paths.get("diagnostics"):
         md += ["", "![diagnostics](diagnostics.png)"]
+    if paths.get("convergence"):
+        md += ["", "![convergence](convergence.png)"]
     if notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     paths["report"].write_text("\n".join(md) + "\n")

@@ -40,9 +40,10 @@ def test_prior_helpers_check_their_arguments():
 def test_compare_plan_uses_the_prior_helper():
     from recipes.compare import LangevinSettings
 
-    plan = LangevinSettings(prior_std=0.05).plan(total_steps=40, num_data=1234)
+    # burn_in given: the recipe's default is now 'best', whose plan needs the AdamW run's best step
+    plan = LangevinSettings(prior_std=0.05, burn_in=0.5).plan(total_steps=40, num_data=1234)
     assert plan["weight_decay"] == weight_decay_from_prior_std(0.05, 1234)
-    assert LangevinSettings(weight_decay=0.3).plan(total_steps=40, num_data=1234)["weight_decay"] == 0.3
+    assert LangevinSettings(weight_decay=0.3, burn_in=0.5).plan(total_steps=40, num_data=1234)["weight_decay"] == 0.3
 
 
 # -- issue 13 item 3: no improper target by default ----------------------------------------------------

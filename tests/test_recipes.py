@@ -51,7 +51,7 @@ def test_metrics_reject_bad_input():
 
 
 # -- configs parse ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["compare_sms_spam.yaml", "compare_twitter.yaml"])
+@pytest.mark.parametrize("name", ["compare_sms_spam.yaml", "compare_twitter.yaml", "compare_smollm2.yaml"])
 def test_compare_configs_parse(name):
     from recipes.compare import LangevinSettings, load_config
     from recipes.data import TextClassificationData
@@ -60,9 +60,11 @@ def test_compare_configs_parse(name):
 
     cfg = load_config(CONFIGS / name)
     settings = LangevinSettings(**cfg["langevin"])
-    plan = settings.plan(total_steps=100, num_data=1000)
-    burn = round(settings.burn_in * 100)
-    assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= 100 - burn
+    plan = settings.plan(total_steps=100, num_data=1000, best_step=40)   # best_step: for burn_in 'best'
+    burn = 40 if settings.burn_in == "best" else round(settings.burn_in * 100)
+    # the sampling steps: the rest of the AdamW budget, or the config's sampling_steps (compare_twitter: 2400)
+    assert plan["sampling_steps"] == (settings.sampling_steps or 100 - burn)
+    assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= plan["sampling_steps"]
     assert plan["weight_decay"] == pytest.approx(1 / (1000 * settings.prior_std ** 2))
     for section, cls in (("data", TextClassificationData), ("model", LoRAClassifier)):
         params = inspect.signature(cls).parameters
@@ -203,6 +205,7 @@ def test_compare_writes_report_with_documented_columns(tmp_path):
 
     cfg = load_config(CONFIGS / "compare_sms_spam.yaml",
                       ["data.num_train=48", "data.num_test=40", "data.max_length=32", "data.batch_size=16",
+                       "data.num_val=16", "methods=[adamw, langevin]",
                        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "langevin.num_samples=2",
                        "langevin.burn_in=1",
                        "langevin.diagnostics={hvp_every_n_steps: 0, lambda_max_every_n_steps: 0}"])
