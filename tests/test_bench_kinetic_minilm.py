@@ -27,6 +27,10 @@ def test_first_stationary_window(bench):
     assert bench.first_stationary_window(np.array([0.5, 0.96, 1.04, 1.0]), target=1.0, tol=0.05) == (1, 1.0)
     # never inside the band: None
     assert bench.first_stationary_window(np.array([0.5, 0.6, 0.7]), target=1.0, tol=0.05)[0] is None
+    # first passage: the first window inside the band, later excursions do not count
+    assert bench.first_passage_window(np.array([1.0, 1.0, 0.8, 1.0, 1.0, 1.0]), target=None, tol=0.05) == 0
+    assert bench.first_passage_window(np.array([0.5, 0.8, 0.97, 0.9, 1.0, 1.0]), target=None, tol=0.05) == 2
+    assert bench.first_passage_window(np.array([0.5, 0.6, 0.7]), target=1.0, tol=0.05) is None
     # windows of a trace
     assert bench.windows(np.arange(7.0), 3).tolist() == [1.0, 4.0]
 
@@ -35,7 +39,7 @@ def test_bench_kinetic_minilm_smoke(bench, capsys, tmp_path):
     results_file = tmp_path / "RESULTS.md"
     out = bench.main(["--smoke", "--results", str(results_file)])
     printed = capsys.readouterr().out
-    assert "| sampler | step | gamma | steps | grads to stationarity" in printed
+    assert "| sampler | step | gamma | steps | grads to stationarity, first passage" in printed
     labels = [r["label"] for r in out["rows"]]
     assert labels == ["overdamped", "kinetic, gamma 10", "kinetic, gamma auto"]
     for label in labels:
@@ -50,6 +54,8 @@ def test_bench_kinetic_minilm_smoke(bench, capsys, tmp_path):
     for r in out["rows"]:
         for key in ("U", "virial", "slow"):   # the measurement's cost is in every arm's total
             assert r[f"{key}_grads"] is None or r[f"{key}_grads"] >= info["probe_grads"]
+            assert r[f"{key}_passage"] is None or info["probe_grads"] <= r[f"{key}_passage"] <= (
+                r[f"{key}_grads"] if r[f"{key}_grads"] is not None else math.inf)
             assert math.isfinite(r[f"{key}_geweke"]) and 0 < r[f"{key}_ess_per_grad"] <= 1.5
         assert 0 < r["W_ess_per_grad_min"] <= r["W_ess_per_grad_median"] <= 1.5
     text = results_file.read_text()
