@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
          f"has arrived), at {sizes.window}-step windows (the brief's grid) and at {sizes.fine_window}-step windows "
          f"(the kinetic chains relax within one {sizes.window}-step window, so the coarse grid caps their speed-up); "
          "in brackets the speed-up without the measurement's cost. 'strict rule': the first window from which "
-         "every later window stays inside; it also counts the observable's own stationary fluctuation, so it fails where a window's "
-         "standard error at the plateau is near the band (window SE, slow modes: "
+         "every later window stays inside; it also counts the observable's own stationary fluctuation, so it "
+         "fails where a window's standard error at the plateau is near the band (window SE, slow modes: "
          + ", ".join(f"{r['label']} {r['slow_window_se']:.3f}" for r in rows)
          + f"). Geweke |z| < {GEWEKE_MAX:g} passes; ESS and ESS per gradient over the second half of each chain "
          "(the package's estimators; the stationarity report asks ESS >= 100 before judging). Burn-in not "
