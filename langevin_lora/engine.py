@@ -59,6 +59,9 @@ therefore produce bitwise-identical chains.
 **Snapshots** (:meth:`~LangevinEngine.snapshot`, :meth:`~LangevinEngine.restore`): a copy of the work
 tensors and of every slot of chosen keys, whatever the slots are, and its restoration; the divergence
 guard (:mod:`langevin_lora.guard`) returns a chain to its last good position with them.
+
+(Over 400 lines on purpose: the per-tensor state, its operations and its checkpoint form are one
+contract shared by three front-ends; the update formulas themselves live in :mod:`langevin_lora.functional`.)
 """
 from __future__ import annotations
 
