@@ -288,6 +288,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             raise ValueError(f"Invalid prior_std: {prior_std!r} given with weight_decay={weight_decay!r} (expected one "
                              "of them: prior_std sets weight_decay = 1/(num_data * prior_std**2))")
         self.prior_std = DEFAULT_PRIOR_STD if prior_std is None else check_positive("prior_std", prior_std)
+        self._prior_std_given = prior_std is not None
         if self._weight_decay_arg == 0 and self.temperature > 0:
             raise ValueError(f"Invalid weight_decay: 0 at temperature {self.temperature:g} > 0 (expected weight_decay > 0, "
                              "or None for the default prior N(0, prior_std^2)): without a prior the Gibbs measure of "
@@ -586,7 +587,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self.weight_decay = weight_decay_from_prior_std(self.prior_std, self.base_beta)
         if self._head_weight_decay_arg is None:
             self.head_weight_decay = self.weight_decay
-        rank_zero_info(f"LangevinLoRA: weight_decay={self.weight_decay:.4g} from the default prior "
+        source = "prior_std" if self._prior_std_given else "the default prior"
+        rank_zero_info(f"LangevinLoRA: weight_decay={self.weight_decay:.4g} from {source} "
                        f"N(0, {self.prior_std:g}^2) and num_data={self.base_beta:g}")
 
     # -- groups ------------------------------------------------------------------------------------
