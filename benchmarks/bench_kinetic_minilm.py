@@ -19,10 +19,11 @@ handed over, ``precond_clamp=(0.1, 10)``, ``prior_centre="start"``): the same
 :math:`\gamma` (BAOAB, mass :math:`G^{-1}`, fresh momenta).
 
 **Steps** from one measurement of :math:`\lambda_{\max}(G^{1/2}\nabla^2 U G^{1/2})` at :math:`\theta_0`
-on a fixed 256-example probe (:func:`langevin_lora.curvature.top_eigenvalue`, double-backward HVPs):
+on a fixed probe of ``--probe`` examples (default 64, as ``LangevinLoRA``;
+:func:`langevin_lora.curvature.top_eigenvalue`, double-backward HVPs):
 overdamped :math:`\eta = 0.1/\lambda_{\max}`, kinetic :math:`h = 0.5/\sqrt{\lambda_{\max}}` with
 :math:`\gamma = 10` (the recipe's) and ``"auto"`` (:math:`2\sqrt{\lambda\min G}`). The measurement costs
-:math:`2\times` products :math:`\times` 256/32 batch-32 gradient equivalents; it is added to every arm.
+:math:`2\times` products :math:`\times` probe/32 batch-32 gradient equivalents; it is added to every arm.
 
 **Observables**, per step, at the point where the step's minibatch gradient :math:`g` is taken:
 :math:`U` (minibatch loss + prior term); the global virial :math:`\beta(\theta-\theta_0)\cdot(g +
@@ -47,6 +48,7 @@ benchmark, task + chains + analysis + report, like the other ``bench_*.py`` scri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -79,7 +81,7 @@ class Sizes:
     num_train: int = 2000
     epochs: int = 5
     batch: int = 32
-    probe: int = 256
+    probe: int = 64     # LangevinLoRA's probe_examples default (lambda_max 599.1 on 32 examples, 598.9 on 256)
     power_iters: int = 20
     steps_overdamped: int = 3000
     steps_kinetic: int = 800
@@ -416,9 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--traces", default=None, help="save the per-step traces of every arm to this .npz")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
+    ap.add_argument("--probe", type=int, default=None,
+                    help="examples in the lambda_max probe (default 64, LangevinLoRA's probe_examples)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sizes = SMOKE if args.smoke else Sizes()
+    if args.probe is not None:
+        sizes = dataclasses.replace(sizes, probe=args.probe)
     machine = machine_record()
     print(machine_markdown(machine))
     model = args.model or ("tiny" if args.smoke else "minilm")
