@@ -83,27 +83,29 @@ def views_key(views: Sequence[Any]) -> tuple:
                   getattr(v, "prior_centre", None) is not None) for v in views)
 
 
+def _per_tensor_lists(views: Sequence[Any], field: str) -> list[Tensor | None]:
+    """A view's per-tensor list ``field`` spread over all views (``None`` for every tensor of a view
+    without it)."""
+    out: list[Tensor | None] = []
+    for v in views:
+        values = getattr(v, field, None)
+        out += list(values) if values is not None else [None] * len(v.params)
+    return out
+
+
 def precond_of(views: Sequence[Any]) -> list[Tensor | None]:
     """The frozen preconditioner of every tensor (``None``: identity)."""
-    return [G for v in views for G in (v.precond if v.precond is not None else [None] * len(v.params))]
+    return _per_tensor_lists(views, "precond")
 
 
 def centres_of(views: Sequence[Any]) -> list[Tensor | None]:
     """The prior centre :math:`\theta_0` of every tensor (``None``: 0)."""
-    out = []
-    for v in views:
-        c = getattr(v, "prior_centre", None)
-        out += list(c) if c is not None else [None] * len(v.params)
-    return out
+    return _per_tensor_lists(views, "prior_centre")
 
 
 def momenta_of(views: Sequence[Any]) -> list[Tensor | None]:
     """The kinetic momentum of every tensor (``None``: overdamped, or before its first kinetic step)."""
-    out = []
-    for v in views:
-        m = getattr(v, "momentum", None)
-        out += list(m) if m is not None else [None] * len(v.params)
-    return out
+    return _per_tensor_lists(views, "momentum")
 
 
 def signature_of(views: Sequence[Any]) -> tuple:
