@@ -1,9 +1,26 @@
 r"""``LangevinLoRA``: the Lightning front-end of the sampling engine, for PEFT LoRA adapters.
 
-Add one callback to a Trainer whose LightningModule holds a PEFT LoRA model and configures its
-own optimizer (typically AdamW)::
+Add one callback to a Trainer whose LightningModule holds a PEFT LoRA model, configures its own
+optimizer (typically AdamW) and logs ``val_loss`` in its validation loop::
 
-    trainer = Trainer(callbacks=[LangevinLoRA(burn_in_steps=500, sample_every=50, num_samples=20)])
+    langevin = LangevinLoRA()
+    trainer = Trainer(max_epochs=30, callbacks=[langevin])
+    trainer.fit(module, train_loader, val_loader)
+    probs = bma_predict_proba(module, langevin.sample_bank, test_loader)
+
+**Two modes.** ``burn_in_steps="auto"`` (default) is the zero-config drop-in, at no extra training
+cost: the user's optimizer runs while ``val_loss`` improves; ``patience`` validation checks after
+the best one (or at ``max_burn_in_fraction`` of the planned steps) the callback restores the best
+point (adapters, heads, optimizer state) and samples a local posterior centred there, with the
+prior scale chosen on validation from a ladder of scales, until the posterior average has settled;
+then it stops the Trainer (:mod:`langevin_lora.chain`). Its defaults are the measured target: prior
+centred where sampling starts (``prior_centre="burn_in"``), the head sampled with the adapters
+(``head_temperature=1``), kinetic BAOAB (``friction="auto"``), :math:`G` clamped to
+``[0.1, 10]`` × its median, the model in eval mode while sampling (``dropout=False``). An integer
+``burn_in_steps`` is the fixed schedule: sampling from that step to the end of the budget with one
+prior (``prior_std``, default 0.1, centred at 0), overdamped, heads on the user's optimizer, dropout
+as the module has it, the last ``num_samples`` samples every ``sample_every`` steps. Every argument
+given explicitly wins in both modes.
 
 **Target.** After burn-in the LoRA tensors :math:`\theta` sample the Gibbs measure
 
@@ -132,11 +149,14 @@ the probe's replays in :mod:`langevin_lora._replay` and the divergence guard in 
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Sequence
 from numbers import Real
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -155,6 +175,9 @@ from langevin_lora._validation import (
     check_positive,
 )
 from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
+from langevin_lora.bma import default_forward
+from langevin_lora.chain import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
+from langevin_lora.convergence import sample_convergence
 from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
 from langevin_lora.functional import check_clamp, check_friction
 from langevin_lora.gauge import CENTRE_REFUSAL, GaugeMoves
@@ -180,6 +203,25 @@ Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
 #: The named values of ``step_size`` (else a float).
 STEP_SIZE_MODES = ("auto", "optimizer")
 
+#: Samples kept (per ladder stage with ``burn_in_steps="auto"``) when ``num_samples`` is not given.
+DEFAULT_NUM_SAMPLES = 16
+
+#: The default of ``friction``: ``"auto"`` with ``burn_in_steps="auto"``, else ``None`` (overdamped).
+DEFAULT = "default"
+
+
+def _ladder(prior_std: Any, weight_decay: Any, auto: bool) -> tuple[float, ...]:
+    """The prior scales the chain schedule climbs: the default ladder (``burn_in_steps="auto"``), the
+    given scale(s), or one placeholder when ``weight_decay`` fixes the prior."""
+    if prior_std is None:
+        return DEFAULT_PRIOR_LADDER if auto and weight_decay is None else (DEFAULT_PRIOR_STD,)
+    if isinstance(prior_std, (str, bytes)) or not isinstance(prior_std, Sequence):
+        return (check_positive("prior_std", prior_std),)
+    if not auto and len(prior_std) > 1:
+        raise ValueError(f"Invalid prior_std: {list(prior_std)!r} (a ladder of prior scales needs "
+                         "burn_in_steps='auto'; with an integer burn_in_steps pass one float)")
+    return tuple(prior_std)
+
 
 class LangevinLoRA(EngineFrontEnd, Callback):
     r"""Langevin sampling of the LoRA adapters of a LightningModule, plus a posterior sample bank.
@@ -195,8 +237,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         beta: :math:`\beta_0 > 0` directly, instead of ``num_data``.
         weight_decay: :math:`\lambda > 0`, coupled L2 prior on the LoRA tensors; ``None`` (default): the
             prior ``prior_std`` (module docstring); ``0`` only at ``temperature=0``.
-        prior_std: :math:`\sigma_p > 0` of the default prior (``None``: ``DEFAULT_PRIOR_STD`` = 0.1);
-            only with ``weight_decay=None``.
+        prior_std: :math:`\sigma_p > 0` of the default prior, or (``"auto"`` only) an increasing
+            ladder of them to choose from on validation (``None``: the ladder
+            :data:`~langevin_lora.chain.DEFAULT_PRIOR_LADDER` with ``"auto"``, ``DEFAULT_PRIOR_STD`` = 0.1
+            with an integer ``burn_in_steps``); only with ``weight_decay=None``.
         step_size: ``"auto"`` (default), a float :math:`\eta > 0` (at sampling start) or ``"optimizer"``
             (the param group's learning rate); module docstring.
         step_safety: :math:`c` of :math:`\eta = c/\lambda_{\max}` (:math:`c_k` of :math:`h = c_k/\sqrt{\lambda_{\max}}`
@@ -210,18 +254,35 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             torchmetrics, e.g. appends to a list).
         guard: ``True`` (default) for a :class:`~langevin_lora.guard.DivergenceGuard` with its defaults,
             your own instance to configure it, ``False`` for none.
-        burn_in_steps: optimizer steps (``trainer.global_step``) run by the user's optimizer alone.
-            A warning says so when the Trainer's planned steps leave no room for sampling, and at
-            the end of a fit that took no Langevin step.
-        sample_every: keep a sample every this many Langevin steps (>= 1).
-        num_samples: capacity of :attr:`sample_bank` (0: keep none); the most recent are kept.
+        burn_in_steps: ``"auto"`` (default: decided by the validation curve, module docstring "Two
+            modes") or optimizer steps (``trainer.global_step``) run by the user's optimizer alone
+            (the fixed schedule). A warning says so when the Trainer's planned steps leave no room
+            for sampling, and at the end of a fit that took no Langevin step.
+        monitor, mode, patience: with ``burn_in_steps="auto"``: the logged validation value watched
+            (``"val_loss"``), ``"min"``/``"max"``, and the validation checks without improvement
+            after which sampling starts (2), as in Lightning's ``EarlyStopping``.
+        max_burn_in_fraction: with ``"auto"``, sampling starts at this fraction of the planned
+            steps at the latest (0.75): when ``monitor`` keeps improving, and (with one warning) when
+            it is never logged.
+        sample_every: fixed schedule: keep a sample every this many Langevin steps (>= 1; default 1).
+        num_samples: fixed schedule: capacity of :attr:`sample_bank` (0: keep none; default 16), the
+            most recent are kept. ``"auto"``: the final stage keeps between ``num_samples`` and twice
+            as many, spread over it; each ladder stage is scored with half as many.
+        dropout: keep the module's dropout on while sampling (default: ``False`` with ``"auto"``,
+            eval mode while sampling, the deterministic network's posterior; ``True`` with an integer
+            ``burn_in_steps``).
+        forward_fn: ``(module, batch) -> logits`` for the validation predictions that score the
+            ladder's stages (default: :func:`~langevin_lora.bma.default_forward`, then
+            ``module(batch)``).
         seed: seed of the noise generators (``None``: random, shared from rank 0).
         adapter_name: PEFT adapter to sample (a non-empty ``str`` naming an adapter of the model,
             checked at ``setup``; default: the active adapters).
-        head_temperature: :math:`T_{head}`; 0 keeps heads on the user's optimizer, noise-free.
+        head_temperature: :math:`T_{head}`; 0 keeps heads on the user's optimizer, noise-free (default: 1
+            with ``"auto"``, 0 with an integer ``burn_in_steps``).
         precondition: freeze the user's Adam second moment into :math:`G` (else :math:`G = 1`).
         precond_clamp: ``(c_lo, c_hi)``, :math:`G` clamped to ``[c_lo m, c_hi m]``, :math:`m` the median
-            of the unclamped :math:`G` over all Langevin tensors.
+            of the unclamped :math:`G` over all Langevin tensors (default ``(0.1, 10)`` with ``"auto"``,
+            ``(0.01, 100)`` with an integer ``burn_in_steps``).
         precond_adapt_steps: after burn-in, take this many Langevin steps with the frozen
             :math:`G` while averaging :math:`(g + \lambda\theta)^2` per coordinate, then re-freeze
             :math:`G` once from that average (:func:`~langevin_lora.functional.adapted_preconditioner`:
@@ -236,12 +297,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         balance: a :class:`~langevin_lora.balance.BalanceSchedule`: balance the factors during burn-in
             (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
         gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
-        friction: ``None`` (default: the overdamped step), :math:`\gamma > 0` or ``"auto"``: kinetic
+        friction: ``None`` (the overdamped step; the default with an integer ``burn_in_steps``),
+            :math:`\gamma > 0` or ``"auto"`` (the default with ``burn_in_steps="auto"``): kinetic
             Langevin (BAOAB, THEORY §2b) with time step :math:`h` = the group's learning rate and mass
             :math:`G^{-1}` (:func:`~langevin_lora.functional.kinetic_step_`); momenta drawn from
             :math:`N(0, G/\beta)` when sampling starts and saved in the checkpoint. ``"auto"``:
             :math:`\gamma = 2\sqrt{\lambda\min G}` per group (:func:`~langevin_lora.functional.auto_friction`).
-        prior_centre: ``"zero"`` (default: :math:`U = \hat L + \tfrac\lambda2\lVert\theta\rVert^2`) or
+        prior_centre: ``"zero"`` (:math:`U = \hat L + \tfrac\lambda2\lVert\theta\rVert^2`; the default with an
+            integer ``burn_in_steps`` or ``gauge_moves``) or (the default otherwise)
             ``"burn_in"``: :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2` with
             :math:`\theta_0` the LoRA tensors (and sampled heads) when sampling starts: a local posterior
             around where burn-in arrived (THEORY §6). Exact gauge moves assume a prior centred at 0 and
@@ -267,17 +330,45 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     """
 
     def __init__(self, num_data: int | None = None, temperature: float = 1.0, beta: float | None = None,
-                 weight_decay: float | None = None, burn_in_steps: int = 0, sample_every: int = 1, num_samples: int = 0,
-                 seed: int | None = 0, adapter_name: str | None = None, head_temperature: float = 0.0,
-                 precondition: bool = True, precond_clamp: tuple[float, float] = (0.01, 100.0),
+                 weight_decay: float | None = None, burn_in_steps: int | str = "auto", sample_every: int | None = None,
+                 num_samples: int | None = None, seed: int | None = 0, adapter_name: str | None = None,
+                 head_temperature: float | None = None, precondition: bool = True,
+                 precond_clamp: tuple[float, float] | None = None,
                  sample_dir: str | os.PathLike | None = None, head_weight_decay: float | None = None,
                  foreach: bool | None = None, nonfinite: str = "skip", balance: BalanceSchedule | None = None,
                  gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
-                 precond_adapt_steps: int = 0, friction: float | str | None = None,
-                 prior_centre: str = "zero", prior_std: float | None = None, step_size: str | float = "auto",
+                 precond_adapt_steps: int = 0, friction: float | str | None = DEFAULT,
+                 prior_centre: str | None = None, prior_std: float | Sequence[float] | None = None,
+                 step_size: str | float = "auto",
                  step_safety: float | None = None, step_size_every_n_steps: int = 1000, probe_examples: int = 64,
                  loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
-                 guard: bool | DivergenceGuard = True) -> None:
+                 guard: bool | DivergenceGuard = True, monitor: str = "val_loss", mode: str = "min",
+                 patience: int = 2, max_burn_in_fraction: float = 0.75, dropout: bool | None = None,
+                 forward_fn: Callable[[Any, Any], Tensor] | None = None) -> None:
+        auto = burn_in_steps == "auto"
+        self.chain = ChainSchedule(burn_in_steps, monitor=monitor, mode=mode, patience=patience,
+                                   max_burn_in_fraction=max_burn_in_fraction,
+                                   num_samples=DEFAULT_NUM_SAMPLES if num_samples is None or not auto
+                                   else max(1, check_int("num_samples", num_samples, low=0)),
+                                   prior_stds=_ladder(prior_std, weight_decay, auto), staged=auto)
+        # the defaults that depend on the mode (module docstring, "Two modes")
+        self._num_samples_given = num_samples is not None
+        if num_samples is None:
+            num_samples = DEFAULT_NUM_SAMPLES
+        if sample_every is None:
+            sample_every = 1
+        if head_temperature is None:
+            head_temperature = 1.0 if auto else 0.0
+        if precond_clamp is None:
+            precond_clamp = (0.1, 10.0) if auto else (0.01, 100.0)
+        if friction is DEFAULT:
+            friction = "auto" if auto else None
+        if prior_centre is None:
+            prior_centre = "burn_in" if auto and gauge_moves is None else "zero"
+        self.dropout = check_bool("dropout", (not auto) if dropout is None else dropout)
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError(f"Invalid forward_fn: {forward_fn!r} (expected a callable (module, batch) -> logits)")
+        self.forward_fn = forward_fn
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         self._num_data_arg = check_int("num_data", num_data, low=1, allow_none=True)
@@ -287,7 +378,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if self._weight_decay_arg is not None and prior_std is not None:
             raise ValueError(f"Invalid prior_std: {prior_std!r} given with weight_decay={weight_decay!r} (expected one "
                              "of them: prior_std sets weight_decay = 1/(num_data * prior_std**2))")
-        self.prior_std = DEFAULT_PRIOR_STD if prior_std is None else check_positive("prior_std", prior_std)
+        self.prior_std = self.chain.prior_stds[0] if auto or prior_std is not None else DEFAULT_PRIOR_STD
         self._prior_std_given = prior_std is not None
         if self._weight_decay_arg == 0 and self.temperature > 0:
             raise ValueError(f"Invalid weight_decay: 0 at temperature {self.temperature:g} > 0 (expected weight_decay > 0, "
@@ -295,7 +386,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                              "LoRA factors is improper (their gauge orbits and the loss's null directions are not "
                              "normalisable). Use temperature=0 for noise-free descent.")
         self.weight_decay: float | None = self._weight_decay_arg  # resolved from prior_std once N is known
-        self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, low=0)
+        self.burn_in_steps = self.chain.burn_in_steps
         self.sample_every = check_int("sample_every", sample_every, low=1)
         self.num_samples = check_int("num_samples", num_samples, low=0)
         self.head_temperature = check_non_negative("head_temperature", head_temperature)
@@ -327,6 +418,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if sample_dir is not None and self.num_samples == 0:
             raise ValueError(f"Invalid sample_dir: {str(sample_dir)!r} given with num_samples=0 (expected "
                              "num_samples >= 1 to write samples, or sample_dir=None)")
+        if auto and self.num_samples == 0:
+            raise ValueError("Invalid num_samples: 0 with burn_in_steps='auto' (expected an integer >= 1: each stage "
+                             "of the prior-scale ladder is scored by the posterior average of its samples)")
         if balance is not None and not isinstance(balance, BalanceSchedule):
             raise ValueError(f"Invalid balance: {balance!r} (expected a langevin_lora.BalanceSchedule or None)")
         if gauge_moves is not None and not isinstance(gauge_moves, GaugeMoves):
@@ -347,7 +441,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self.gauge_stats: dict[str, float] = {}
         self.num_data: int | None = self._num_data_arg
         self.engine = LangevinEngine(seed=seed, nonfinite=nonfinite, owner="LangevinLoRA")
-        self.sample_bank = SampleBank(self.num_samples, directory=sample_dir)
+        # "auto" keeps the final stage's samples, and the best scoring stage's when it went back to that scale
+        self.sample_bank = SampleBank(3 * self.num_samples if auto else self.num_samples, directory=sample_dir)
         self.step_observers: list[Observer] = []
         self.post_step_observers: list[Observer] = []
         self.sampling = False
@@ -419,7 +514,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._new_chain()
         self._attach_diagnostics(trainer)
         max_steps = trainer.max_steps
-        if self.num_samples > 0 and max_steps is not None and max_steps >= 0:
+        if (not self.chain.auto and self._num_samples_given and self.num_samples > 0 and max_steps is not None
+                and max_steps >= 0):
             room = (max_steps - self.burn_in_steps) // self.sample_every
             if room < 1:
                 raise MisconfigurationException(
@@ -446,6 +542,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.guard.reset()
         self._probe.clear()
         self._base_step, self._lr0, self._metrics, self._probe_state = None, {}, {}, None
+        self.chain.reset()
+        self._best_point = None                      # the best-monitored point while watching
+        self._stage_bank = SampleBank(2 * self.num_samples)
+        self._best_bank: SampleBank | None = None     # the best scoring stage's samples
+        self._best_probs: list[Tensor] = []
+        self._stage_probs: list[Tensor] = []         # the stage's samples' validation probabilities
+        self._val_batches: list | None = None
+        self._stage_prior: tuple[float, float] | None = None
         for schedule in (self.balance, self.gauge_moves):
             if schedule is not None:
                 schedule.reset()
@@ -481,7 +585,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             planned = trainer.estimated_stepping_batches
         except Exception:   # the Trainer could not size the epoch: fall back to max_steps
             planned = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else math.inf
-        if planned <= self.burn_in_steps:
+        if not self._restored:
+            self.chain.planned_steps = float(planned)
+        if not self.chain.auto and planned <= self.burn_in_steps:
             rank_zero_warn(f"LangevinLoRA: the Trainer plans {int(planned)} optimizer steps and burn_in_steps="
                            f"{self.burn_in_steps}: sampling never starts (no Langevin step, no sample). Lower "
                            "burn_in_steps or train for more steps.")
@@ -498,6 +604,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 "(the noise would be added twice). Use AdamW/Adam/SGD with the callback, or the optimizer alone.")
         self._trainer, self._module = trainer, pl_module
         self._resolve_num_data(trainer)
+        if self._stage_prior is not None:   # resumed inside a stage of the ladder
+            self.prior_std, self._stage_prior = self._stage_prior[0], None
         self._resolve_weight_decay()
         if self._probe_state is not None:
             self._probe.load_state_dict(self._probe_state, pl_module.device)
@@ -518,8 +626,51 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._wrapper = StepWrapper(opt, self._on_optimizer_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.step_size == "auto":
+        if not self.sampling and self.chain.phase == "watch" and self.chain.due(trainer.global_step):
+            self._leave_burn_in(trainer, pl_module)
+        if self.step_size == "auto" and not self.sampling:
             self._probe.add(batch, batch_idx)
+        if self.chain.phase == "sample" and not self.dropout:
+            pl_module.eval()   # the deterministic network's posterior (no dropout while sampling)
+
+    # -- watching the validation curve -------------------------------------------------------------
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self.chain.auto or self.chain.phase != "watch":
+            return
+        value = trainer.callback_metrics.get(self.chain.monitor)
+        if value is not None:
+            value = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+            if getattr(trainer, "world_size", 1) > 1:   # every rank decides alike
+                value = trainer.strategy.reduce(value, reduce_op="mean")
+            value = float(value)
+        if self.chain.observe(value, trainer.global_step):
+            opt = trainer.optimizers[0]
+            self._best_point = {"step": trainer.global_step,
+                                "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()
+                                           if p.requires_grad},
+                                "optimizer": copy.deepcopy(opt.state_dict())}
+
+    def _leave_burn_in(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sampling is due: go back to the best-monitored point (weights and optimizer state), so the
+        chain starts, and the prior is centred, where validation was best."""
+        reason = self.chain.begin(trainer.global_step)
+        best = self._best_point
+        if self.chain.auto and best is None:
+            rank_zero_warn(f"LangevinLoRA: no {self.chain.monitor!r} was logged by step {trainer.global_step} (log it in "
+                           "validation_step, or pass monitor=<your key>); sampling starts now, at "
+                           f"max_burn_in_fraction={self.chain.max_burn_in_fraction:g} of the "
+                           f"{self.chain.planned_steps:g} planned steps, from the current weights.")
+        elif best is not None:
+            with torch.no_grad():
+                for n, p in pl_module.named_parameters():
+                    if n in best["params"]:
+                        p.copy_(best["params"][n])
+            trainer.optimizers[0].load_state_dict(copy.deepcopy(best["optimizer"]))
+            self._best_point = None
+        if self.chain.auto and self.balance is not None:
+            self.balance.start_sampling(pl_module, optimizer=trainer.optimizers[0], adapter_name=self.adapter_name)
+        rank_zero_info(f"LangevinLoRA: burn-in ends at step {trainer.global_step} ({reason})"
+                       + (f"; restored the weights and optimizer state of step {best['step']}" if best else ""))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -539,6 +690,12 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if self.guard is not None and self.sampling:
             with torch.no_grad():
                 self.guard.finish()   # a runaway in the last, partial window: restored and warned
+        chain = self.chain
+        if chain.staged and chain.phase == "sample" and chain.stage is not None:   # the budget ended in a stage
+            if not chain.stage.final:
+                self._close_stage(trainer, budget_left=False)
+            if chain.phase == "sample":
+                self._finish(trainer, "the Trainer's budget ran out")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.langevin_steps == 0:
@@ -668,7 +825,11 @@ class LangevinLoRA(EngineFrontEnd, Callback):
 
     # -- the optimizer step ------------------------------------------------------------------------
     def _on_optimizer_step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:
-        if self._trainer is not None and self._trainer.global_step >= self.burn_in_steps:
+        if self.chain.phase == "done":   # the ladder has ended: the samples are kept, nothing moves
+            if closure is not None:
+                closure()
+            return None
+        if self._trainer is not None and self.chain.due(self._trainer.global_step):
             return self._step(original, closure, kwargs)
         out = original(closure, **kwargs) if closure is not None else original(**kwargs)
         self._after_burn_in_step()
@@ -683,7 +844,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         opt = self._wrapper.optimizer
         if self.balance.due(done):
             self.balance.step(self._module, done, sampling=False, optimizer=opt, adapter_name=self.adapter_name)
-        if done == self.burn_in_steps:
+        if not self.chain.auto and done == self.burn_in_steps:
             self.balance.start_sampling(self._module, optimizer=opt, adapter_name=self.adapter_name)
 
     @torch.no_grad()
@@ -737,16 +898,280 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 self.engine.set_prior_centre(g.names, works)
         self._lr0 = {g.name: g.lr for g in self._groups}
         self._probe.freeze()
+        if self.chain.staged:
+            self._set_stage_prior(self.chain.next_rung)
         if self.step_size == "auto":
             self._measure_step(cold=True)
         elif self.step_size != "optimizer":
             self._base_step = float(self.step_size)
+        if self.chain.staged:
+            self._open_stage()
         if self._groups:
             self._metrics["step_size"] = self.group_step(self._groups[0])
         rank_zero_info(f"LangevinLoRA: sampling starts at optimizer step {self._trainer.global_step} "
                        f"(beta={self.beta:g}, weight_decay={self.weight_decay:g}, "
                        f"{sum(len(g.params) for g in self._groups)} tensors, step size "
                        f"{self.group_step(self._groups[0]) if self._groups else math.nan:.4g})")
+
+    # -- the ladder of prior scales (langevin_lora.chain) --------------------------------------------
+    def _set_stage_prior(self, k: int) -> None:
+        r"""Rung ``k`` of the ladder, :math:`\lambda_k = 1/(\beta_0\sigma_k^2)`, on every Langevin group (heads too, unless
+        ``head_weight_decay`` was given), unless ``weight_decay`` fixes the prior."""
+        if self._weight_decay_arg is not None:
+            return
+        self.prior_std = self.chain.prior_stds[k]
+        self.weight_decay = weight_decay_from_prior_std(self.prior_std, self.base_beta)
+        recorder = getattr(self.diagnostics, "recorder", None)
+        if recorder is not None and hasattr(recorder, "new_target"):
+            recorder.new_target()
+        for g in self._groups:
+            if g.name.split("@")[0] != "head" or self._head_weight_decay_arg is None:
+                g.weight_decay = self.weight_decay
+        if self._head_weight_decay_arg is None:
+            self.head_weight_decay = self.weight_decay
+        self._metrics["prior_std"] = self.prior_std
+
+    def _open_stage(self) -> None:
+        """Open the next rung: its relaxation time from the slowest prior mode (:func:`relaxation_steps`)."""
+        relax = 1
+        for g in self._groups:
+            G = self.engine.preconditioners(g.names)
+            g_min = min(float(x.min()) for x in G) if G else 1.0
+            friction = self.engine.friction(self._step_group(g, gather=False))
+            relax = max(relax, relaxation_steps(self.group_step(g), g.weight_decay, g_min, friction,
+                                                self.chain.relax_efolds))
+        left = self._steps_left()
+        first = not self.chain.stages
+        needed = relax + max(1, relax // self.num_samples) * self.num_samples
+        if first and left < needed:   # relax and collect within what is left, and say so
+            rank_zero_warn(f"LangevinLoRA: {left:g} optimizer steps are left for sampling, but the chain needs "
+                           f"{relax} steps to relax and {needed - relax} to collect {self.num_samples} samples at "
+                           f"prior_std {self.prior_std:g}: it gets half of what is left for each, short of "
+                           "stationarity. Train for more steps (max_epochs / max_steps) or lower patience.")
+            relax = max(1, int(left // 2))
+        stage = self.chain.open_stage(self.langevin_steps - self.precond_adapt_steps, relax)
+        self._stage_bank = SampleBank(2 * self.num_samples)
+        self._stage_probs = []
+        self._metrics["stage"] = float(len(self.chain.stages))
+        rank_zero_info(f"LangevinLoRA: stage {len(self.chain.stages)} at prior_std {stage.prior_std:g} "
+                       f"(weight_decay {self.weight_decay:.4g}): {stage.relax} relaxation steps, then a sample every "
+                       f"{stage.sample_every} steps")
+
+    def _stage_step(self, trainer: Trainer, module: LightningModule, kept: int) -> None:
+        chain = self.chain
+        stage = chain.stage
+        if chain.sample_due(kept):
+            self._stage_bank.add(module, trainer.global_step, write=False)
+            stage.samples += 1
+            probs = self._validation_probs(trainer, module)
+            if probs is not None:
+                self._stage_probs.append(probs)
+            if stage.final and len(self._stage_bank) >= 2 * self.num_samples:   # the thinning reservoir
+                self._stage_bank.thin()
+                self._stage_probs = self._stage_probs[1::2]
+                chain.thin()
+        left = self._steps_left()
+        if stage.final:
+            reason = "the Trainer's budget ran out" if left <= 1 else self._final_stage_done(trainer, kept)
+            if reason:
+                self._finish(trainer, reason)
+        elif chain.stage_complete(kept):   # the next stage needs about as many steps as this one
+            self._close_stage(trainer, left - 1 >= stage.relax + stage.collect)
+        elif left <= 1:
+            self._close_stage(trainer, False)
+
+    def _final_stage_done(self, trainer: Trainer, kept: int) -> str:
+        """Why the final stage can stop now (``""``: not yet): the posterior average has settled on
+        validation (:func:`~langevin_lora.convergence.sample_convergence`) and the stage's traces hold
+        enough effective samples for the stationarity report. Decided on rank 0 and broadcast."""
+        stage = self.chain.stage
+        if len(self._final_probs()) < self.num_samples or not self.chain.sample_due(kept):
+            return ""
+        reason = ""
+        if trainer.is_global_zero:
+            settled = True
+            probs = self._final_probs()
+            if probs:
+                labels = torch.cat([y for _, y in self._val_batches])
+                settled = bool(sample_convergence(torch.stack(probs), labels)["converged"])
+            ess, ess_min = self._final_stage_ess(kept)
+            if settled and (ess is None or ess >= ess_min):
+                reason = ("the posterior average has settled on validation"
+                          + ("" if ess is None else f" and the stage's traces hold {ess:.0f} >= {ess_min:g} "
+                             "effective samples"))
+        if getattr(trainer, "world_size", 1) > 1:
+            reason = trainer.strategy.broadcast(reason, src=0)
+        return reason
+
+    def _final_probs(self) -> list[Tensor]:
+        """Validation probabilities of the final samples in chain order: the best scoring stage's, when
+        the final stage went back to its scale, then the final stage's own."""
+        return (self._best_probs if self._best_bank is not self._stage_bank else []) + self._stage_probs
+
+    def _final_spans(self) -> list[tuple[int, int]]:
+        """The stretches of the chain (Langevin steps, as the diagnostics count them) that the final
+        samples come from."""
+        chain, adapt = self.chain, self.precond_adapt_steps   # the recorder counts every Langevin step
+        stage = chain.stage
+        spans = [(stage.start + stage.relax + adapt, self.langevin_steps)]
+        best = chain.stages[chain.best_stage] if chain.best_stage is not None else None
+        if best is not None and best is not stage and self._best_bank is not None:
+            spans.insert(0, (best.start + best.relax + adapt, best.end + adapt))
+        return spans
+
+    def _final_stage_ess(self, kept: int) -> tuple[float | None, float]:
+        """Effective sample size of the stationarity report's main trace over the final samples'
+        stretches of the chain, and the report's threshold (``None``: no diagnostics to read)."""
+        diag = self.diagnostics
+        if not hasattr(diag, "span_arguments"):
+            return None, 100.0
+        from langevin_lora.diagnostics.chains import effective_sample_size
+        from langevin_lora.diagnostics.checks import STATIONARITY_TRACES
+
+        ess_min = float(getattr(diag, "ess_min", 100.0))
+        diag.report_span = self._final_spans()
+        traces = diag.span_arguments()["traces"]
+        for name in STATIONARITY_TRACES:
+            x = np.asarray(traces.get(name) or [], dtype=np.float64)
+            if x.size >= 8:
+                return (float(effective_sample_size(x)) if x.std() > 0 else float(x.size)), ess_min
+        return 0.0, ess_min
+
+    def probe_steps(self) -> float:
+        """The curvature probes spent so far (this callback's step size and the diagnostics'), in
+        optimizer steps of training examples."""
+        trainer, probe = self._trainer, self._probe
+        per_step = (probe.size / max(1, len(probe.batches))) * getattr(trainer, "accumulate_grad_batches", 1)
+        examples = self.auto_step.grad_evals * probe.size
+        probes = getattr(self.diagnostics, "probes", None)
+        examples += getattr(probes, "evaluations", 0) * per_step   # replays of one training batch
+        return examples / per_step if per_step > 0 else 0.0
+
+    def _steps_left(self) -> float:
+        """Optimizer steps left in the Trainer's plan, the curvature probes' cost taken off."""
+        return self.chain.planned_steps - self._trainer.global_step - self.probe_steps()
+
+    def _close_stage(self, trainer: Trainer, budget_left: bool) -> None:
+        """Score a ladder stage and go on: the next rung, the final stage, or (no sample at all) stop."""
+        chain, stage = self.chain, self.chain.stage
+        nll = self._stage_nll(trainer)
+        if nll is not None:
+            self._metrics["val_nll_average"] = nll
+        rank_zero_info(f"LangevinLoRA: stage {len(chain.stages)} (prior_std {stage.prior_std:g}, {stage.samples} "
+                       f"samples): validation NLL of the posterior average, extrapolated to infinitely many samples, "
+                       f"{nll if nll is not None else math.nan:.4f}")
+        step = chain.close_stage(nll, budget_left=budget_left)
+        if chain.best_stage == len(chain.stages) - 1:   # the final stage counts its samples too
+            self._best_bank, self._best_probs = self._stage_bank, list(self._stage_probs)
+        if step == "done":
+            self._finish(trainer, "no stage kept a sample")
+        elif step == "continue":
+            chain.continue_as_final()
+            rank_zero_info(f"LangevinLoRA: prior_std {stage.prior_std:g} chosen ({chain.ladder_reason}); its chain "
+                           "goes on as the final stage")
+        else:
+            final = step == "final"
+            if final:
+                rank_zero_info(f"LangevinLoRA: prior_std {chain.final_prior_std:g} chosen ({chain.ladder_reason}); "
+                               "the final stage relaxes back to it")
+            self._set_stage_prior(chain.stages[chain.best_stage].rung if final else chain.next_rung)
+            if self.step_size == "auto":
+                self._measure_step()
+            self._open_stage()
+
+    def _finish(self, trainer: Trainer, reason: str) -> None:
+        """The final stage is over: its samples become the bank, the report judges its stretch of the
+        chain, and the Trainer stops."""
+        chain = self.chain
+        chain.finish(reason)
+        stage, bank, end = chain.stage, self._stage_bank, self.langevin_steps
+        if stage is not None and stage.final and bank is not None:
+            if self._best_bank is not None and self._best_bank is not bank:   # went back to sigma*: both count
+                self.sample_bank.adopt(self._best_bank, write=trainer.is_global_zero)
+            self.sample_bank.adopt(bank, write=trainer.is_global_zero)
+            spans = self._final_spans()
+        elif chain.best_stage is not None and self._best_bank is not None:   # the ladder never got to a final stage
+            stage = chain.stages[chain.best_stage]
+            self.sample_bank.adopt(self._best_bank, write=trainer.is_global_zero)
+            adapt = self.precond_adapt_steps
+            spans = [(stage.start + stage.relax + adapt, stage.end + adapt)]
+        else:
+            stage, spans = None, None
+        if spans is not None and hasattr(self.diagnostics, "report_span"):
+            self.diagnostics.report_span = spans
+        self._stage_probs, self._stage_bank, self._best_bank, self._best_probs = [], None, None, []
+        trainer.should_stop = True
+        self._metrics["stopped"] = 1.0
+        rank_zero_info(f"LangevinLoRA: sampling done at step {trainer.global_step} ({reason}); "
+                       + (f"{len(self.sample_bank)} samples of prior_std {stage.prior_std:g}" if stage is not None
+                          else "no sample") + "; stopping the Trainer")
+
+    # -- validation predictions of the samples ----------------------------------------------------
+    def _validation_batches(self, trainer: Trainer) -> list:
+        """The first validation DataLoader as ``(batch on device, labels)`` pairs, read once; empty
+        (with one warning) when there is none or its batches carry no labels."""
+        if self._val_batches is not None:
+            return self._val_batches
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        self._val_batches = []
+        if loader is None:
+            rank_zero_warn("LangevinLoRA: the Trainer has no validation DataLoader, so the prior scale cannot be "
+                           f"chosen on validation; sampling keeps prior_std {self.prior_std:g}.")
+            return self._val_batches
+        device = self._module.device
+        for batch in loader:
+            labels = _labels_of(batch)
+            if labels is None:
+                rank_zero_warn("LangevinLoRA: validation batches carry no labels (a 'labels'/'label' key or (x, y)), "
+                               f"so the prior scale cannot be chosen on validation; sampling keeps prior_std "
+                               f"{self.prior_std:g}.")
+                self._val_batches = []
+                break
+            self._val_batches.append((move_data_to_device(batch, device), labels.to(device)))
+        return self._val_batches
+
+    @torch.no_grad()
+    def _validation_probs(self, trainer: Trainer, module: LightningModule) -> Tensor | None:
+        batches = self._validation_batches(trainer)
+        if not batches:
+            return None
+        was_training = module.training
+        module.eval()
+        try:
+            return torch.cat([torch.softmax(self._forward(module, b).float(), dim=-1) for b, _ in batches])
+        except (TypeError, AttributeError, RuntimeError) as exc:
+            rank_zero_warn(f"LangevinLoRA: could not predict on the validation batches ({type(exc).__name__}: {exc}); "
+                           "pass forward_fn=(module, batch) -> logits. The prior scale is not chosen on validation.")
+            self._val_batches = []
+            return None
+        finally:
+            module.train(was_training)
+
+    def _forward(self, module: LightningModule, batch: Any) -> Tensor:
+        """``forward_fn``, else :func:`~langevin_lora.bma.default_forward`, else ``module(batch)``."""
+        if self.forward_fn is not None:
+            return self.forward_fn(module, batch)
+        try:
+            return default_forward(module, batch)
+        except TypeError:
+            self.forward_fn = lambda m, b: _logits(m(b))
+            return self.forward_fn(module, batch)
+
+    def _stage_nll(self, trainer: Trainer) -> float | None:
+        """The stage's score: validation NLL of its posterior average extrapolated to infinitely many
+        samples (:mod:`langevin_lora.chain`), averaged over the DDP ranks' shards by example count."""
+        if not self._stage_probs:
+            return None
+        labels = torch.cat([y for _, y in self._val_batches])
+        conv = sample_convergence(torch.stack(self._stage_probs), labels)
+        score = conv["extrapolated_nll"] if conv["extrapolated_nll"] is not None else conv["running_val_nll"][-1]
+        stats = torch.tensor([score * len(labels), float(len(labels))], dtype=torch.float64, device=labels.device)
+        if getattr(trainer, "world_size", 1) > 1:
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        return float(stats[0] / stats[1])
 
     @property
     def adapting(self) -> bool:
@@ -789,7 +1214,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         for fn in self.post_step_observers:
             fn(trainer, module, self)
         kept = self.langevin_steps - self.precond_adapt_steps   # adaptation steps are burn-in
-        if self.num_samples > 0 and kept > 0 and kept % self.sample_every == 0:
+        if self.chain.staged:
+            self._stage_step(trainer, module, kept)
+        elif self.num_samples > 0 and kept > 0 and kept % self.sample_every == 0:
             self.sample_bank.add(module, trainer.global_step, write=trainer.is_global_zero)
 
     # -- checkpointing -----------------------------------------------------------------------------
@@ -801,7 +1228,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         probe set when its batches are tensors in plain containers (else a resumed run collects a new one
         from the batches after the resume). The guard's snapshots are not saved: it restarts its
         references where the run resumes."""
-        return {"version": 3, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
+        return {"version": 4, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
                 "num_data": self.num_data, "engine": self.engine.state_dict(),
                 "step_size": {"base": self._base_step, "lr0": dict(self._lr0), "auto": self.auto_step.state_dict(),
                               "probe": self._probe.state_dict() if self.step_size == "auto" else None,
@@ -809,7 +1236,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                                                                         "cuts": self.guard.cuts}},
                 "precond_reference": self._precond_reference, "sample_bank": self.sample_bank.state_dict(),
                 "balance": None if self.balance is None else self.balance.state_dict(),
-                "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict()}
+                "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict(),
+                "chain": {"schedule": self.chain.state_dict(), "best_point": self._best_point,
+                          "stage_bank": None if self._stage_bank is None else self._stage_bank.state_dict(),
+                          "best_bank": None if self._best_bank is None else self._best_bank.state_dict(),
+                          "stage_probs": list(self._stage_probs), "best_probs": list(self._best_probs),
+                          "best_is_stage": self._best_bank is not None and self._best_bank is self._stage_bank,
+                          "prior_std": self.prior_std,
+                          "weight_decay": self.weight_decay}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (also version 1, written before the engine existed). Tensors are
@@ -839,4 +1273,38 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
             if obj is not None and state_dict.get(key) is not None:
                 obj.load_state_dict(state_dict[key])
+        chain = state_dict.get("chain")   # absent before version 4: the fixed schedule
+        if chain is not None:
+            self.chain.load_state_dict(chain["schedule"])
+            self._best_point, self._stage_probs = chain["best_point"], list(chain["stage_probs"])
+            for key in ("stage_bank", "best_bank"):
+                bank = None
+                if chain[key] is not None:
+                    bank = SampleBank(2 * self.num_samples)
+                    bank.load_state_dict(chain[key])
+                setattr(self, f"_{key}", bank)
+            self._best_probs = list(chain["best_probs"])
+            if chain["best_is_stage"]:
+                self._best_bank = self._stage_bank
+            if self.chain.staged and self.sampling:   # the stage's prior, set on the groups in on_train_start
+                self._stage_prior = (chain["prior_std"], chain["weight_decay"])
+        elif self.sampling or self.langevin_steps:
+            self.chain.phase = "sample"
         self._restored = True
+
+
+def _labels_of(batch: Any) -> Tensor | None:
+    """The labels of a validation batch: its ``labels``/``label`` entry, or the second item of ``(x, y)``."""
+    from collections.abc import Mapping
+
+    if isinstance(batch, Mapping):
+        y = batch.get("labels", batch.get("label"))
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        y = batch[1]
+    else:
+        y = None
+    return y if torch.is_tensor(y) and y.dtype in (torch.int64, torch.int32) and y.ndim == 1 else None
+
+
+def _logits(out: Any) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out

@@ -264,6 +264,35 @@ class SampleBank:
             self._drop_oldest(write)
         self._delete_unreferenced()
 
+    def adopt(self, other: "SampleBank", *, write: bool = True) -> None:
+        """Add every sample of ``other`` (an in-memory bank of the same model), oldest first, as
+        :meth:`add` would have (written as PEFT folders when this bank has a ``directory``)."""
+        if other._root_ref is not None and self._root_ref is not other._root_ref:
+            self.bind(other._root_ref, other.adapter_name or self.adapter_name)
+        for step, sample in zip(other.steps, other._memory):
+            self._check_layout(sample, "SampleBank.adopt")
+            if self.num_samples == 0:
+                return
+            if self.directory is None:
+                self._memory.append({n: t.to(self.device, copy=True) for n, t in sample.items()})
+            else:
+                path = self.directory / f"{SAMPLE_PREFIX}{step:08d}"
+                if write:
+                    self._write_folder(path, sample)
+                self._paths.append(str(path))
+                self._evicted = [e for e in self._evicted if e != str(path)]
+            self.steps.append(int(step))
+            while len(self) > self.num_samples:
+                self._drop_oldest(write)
+        self._delete_unreferenced()
+
+    def thin(self) -> None:
+        """Keep every other sample (the 2nd, 4th, ...: the spacing doubles); in-memory banks only."""
+        if self.directory is not None:
+            raise ValueError("SampleBank.thin: only an in-memory bank can be thinned (this one writes to "
+                             f"{str(self.directory)!r})")
+        self._memory, self.steps = self._memory[1::2], self.steps[1::2]
+
     def _drop_oldest(self, write: bool) -> None:
         self.steps.pop(0)
         if self.directory is None:

@@ -16,11 +16,12 @@ r"""The arms of the comparison, for one seed: one AdamW run gives ``adamw``, ``a
   temperature fitted on the validation split.
 
 Costs reported per arm (the runs they need, test predictions excluded):
-``grad_evals`` counts minibatch forward+backward passes (optimizer steps x gradient accumulation,
-plus the curvature probes the callbacks report), and a forward pass over the validation split as
-``n_val / batch_size`` of them (an upper bound: a forward pass costs about a third of a gradient);
-``val_passes`` counts the validation passes themselves. An arm that needs the whole AdamW run to
-select its point (``adamw_best``, ``burn_in: best``) pays for all of it.
+``grad_evals`` counts minibatch forward+backward passes of training data (optimizer steps x
+gradient accumulation, plus the curvature probes the callbacks report, in minibatches of training
+examples); ``val_passes`` counts the forward passes over the validation split separately (the
+selection's checks, temperature scaling, the drop-in's validation loop and the ladder's scoring of
+its samples). An arm that needs the whole AdamW run to select its point (``adamw_best``,
+``burn_in: best``) pays for all of it. The drop-in (:func:`run_dropin`) is one run of its own.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor
 
 from recipes.calibration import apply_temperature, fit_temperature
@@ -43,7 +45,7 @@ from recipes.compare_config import LangevinSettings, SelectionSettings
 from recipes.config_check import ConfigError
 from recipes.metrics import classification_metrics
 
-__all__ = ["Shared", "AdamWRun", "run_adamw", "adamw_rows", "run_langevin", "building", "PeakMemory"]
+__all__ = ["Shared", "AdamWRun", "run_adamw", "adamw_rows", "run_langevin", "run_dropin", "building", "PeakMemory"]
 
 
 @contextlib.contextmanager
@@ -206,14 +208,14 @@ def adamw_rows(shared: Shared, run: AdamWRun, methods: list[str]) -> tuple[list[
             raise RuntimeError("adamw_best: the AdamW run kept no best-validation checkpoint")
         probs["adamw_best"] = run.best[1]
         rows.append(_metrics_row("adamw_best", run.seed, run.best[1], y_test, selected_step=sel.best_step,
-                                 grad_evals=grads + sel.passes * shared.val_pass_grad_evals, val_passes=sel.passes,
+                                 grad_evals=grads, val_passes=sel.passes,
                                  wall_time_s=run.train_s + sel.seconds, val_nll=sel.best_nll, **common))
     if "adamw_ts" in methods:
         t0 = time.perf_counter()
         T = fit_temperature(run.final[0], y_val, shared.settings.temperature_scaling_bounds)
         probs["adamw_ts"] = apply_temperature(run.final[1], T)
         rows.append(_metrics_row("adamw_ts", run.seed, probs["adamw_ts"], y_test, ts_temperature=T,
-                                 grad_evals=grads + shared.val_pass_grad_evals, val_passes=1,
+                                 grad_evals=grads, val_passes=1,
                                  wall_time_s=run.train_s + run.val_pass_s + time.perf_counter() - t0, **common))
     return rows, probs
 
@@ -293,8 +295,7 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     probes = diag.probes.evaluations + int(auto.grad_evals)
     best = plan["burn_in_mode"] == "best"
     adamw_steps = run.steps if best else plan["burn_in_steps"]
-    grads = ((adamw_steps + trainer.global_step - plan["burn_in_steps"]) * shared.accumulate + probes
-             + (sel.passes if best else 0) * shared.val_pass_grad_evals + len(val) * shared.val_pass_grad_evals)
+    grads = (adamw_steps + trainer.global_step - plan["burn_in_steps"]) * shared.accumulate + probes
     wall = (run.train_s + sel.seconds if best else run.train_s * plan["burn_in_steps"] / max(1, run.steps))
     wall += sample_s + val_s
     full = diag.last_report
@@ -324,4 +325,97 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
               "step_size": common["step_size"], "lambda_max": common["lambda_max"],
               "beta": plan["beta"] if math.isfinite(plan["beta"]) else None}
+    return rows, probs, extras
+
+
+class _ValidationCount(Callback):
+    """Counts the Trainer's validation passes (the drop-in's ``val_loss`` checks)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.passes += 1
+
+
+def run_dropin(shared: Shared, seed: int, module, run: AdamWRun, methods: list[str]
+               ) -> tuple[list[dict], dict[str, Tensor], dict[str, Any]]:
+    """The zero-config drop-in: the same Trainer as the AdamW run (same initialisation, data order and
+    budget) with its validation loop on and ``callbacks=[LangevinLoRA()]`` (plus the ``langevin:`` keys
+    that are LangevinLoRA arguments, none by default, and the run's seed); the module logs
+    ``val_loss`` every epoch. Returns the rows, test probabilities and extras as :func:`run_langevin`.
+
+    Costs: ``grad_evals`` = optimizer steps x accumulation + the curvature probes (in minibatch
+    gradients), without validation; ``val_passes`` = the Trainer's validation checks + one pass per
+    sample the ladder scored (each stage's samples are scored on validation as they are taken)."""
+    from langevin_lora.callback import LangevinLoRA
+
+    from recipes.convergence import sample_convergence
+
+    s = shared.settings
+    run_dir = shared.out_dir / f"seed{seed}" / "langevin"
+    with building("langevin"):
+        lcb = LangevinLoRA(seed=seed, **s.dropin_kwargs())
+    loss, count = LossTrace(), _ValidationCount()
+    trainer = shared.trainer(run_dir, [loss, lcb, count], limit_val_batches=1.0, check_val_every_n_epoch=1,
+                             num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    with PeakMemory(run.cuda) as mem:
+        trainer.fit(module, datamodule=shared.datamodule)
+    fit_s = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return [], {}, {}
+    bank = lcb.sample_bank
+    if len(bank) == 0:
+        raise RuntimeError(f"langevin: the drop-in kept no sample ({lcb.chain.stop_reason or lcb.chain.phase})")
+    module.to(trainer.strategy.root_device)
+    val, test, val_s = _sample_predictions(shared, module, bank)
+    conv = sample_convergence(val, shared.val_labels)
+    diag = lcb.diagnostics if hasattr(lcb.diagnostics, "last_report") else None
+    report = diag.last_report if diag is not None else None
+    vt = list(diag.traces.get("virial_temperature", [])) if diag is not None else []
+    if diag is not None and diag.report_span is not None and vt:
+        lo, hi = diag.report_span
+        total = max(1, diag.sampling_steps)
+        vt_span = vt[len(vt) * lo // total: len(vt) * hi // total]
+    else:
+        vt_span = vt
+    probes = lcb.probe_steps()
+    chain = lcb.chain
+    scored = sum(st.samples for st in chain.stages)
+    best = chain.stages[chain.best_stage] if chain.best_stage is not None else None
+    plan = {"burn_in_steps": chain.start_step, "sampling_steps": trainer.global_step - (chain.start_step or 0),
+            "sample_every": best.sample_every if best else None, "num_samples": len(bank),
+            "weight_decay": lcb.weight_decay, "beta": lcb.beta, "extended": False, "burn_in_mode": "auto"}
+    common = {"num_samples": len(bank), "beta_virial": float(sum(vt_span) / len(vt_span)) if vt_span else None,
+              "stationarity": report.verdict if report is not None else "n/a",
+              "grad_evals": trainer.global_step * shared.accumulate + probes,
+              "train_grad_evals": trainer.global_step * shared.accumulate, "probe_evaluations": probes,
+              "val_passes": count.passes + scored, "optimizer_steps": trainer.global_step,
+              "peak_memory_mb": max(run.peak_mb, mem.peak), "converged": conv["converged"], "ess_val_loglik": conv["ess"],
+              **{f"plan_{k}": v for k, v in plan.items()}, "temperature": lcb.temperature, "num_data": shared.num_train,
+              "langevin_kwargs": s.dropin_kwargs(), "lr_scale": 1.0, "step_size": lcb.auto_step.step_size,
+              "lambda_max": lcb.auto_step.lambda_max, "step_measurements": lcb.auto_step.measurements,
+              "prior_std": best.prior_std if best else None, "start_reason": chain.start_reason,
+              "stop_reason": chain.stop_reason,
+              "ladder": [{"prior_std": st.prior_std, "samples": st.samples, "val_nll": st.val_nll,
+                          "relax": st.relax} for st in chain.stages]}
+    if report is not None:
+        common["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in report.checks}
+    rows, probs = [], {}
+    wall = fit_s + val_s
+    mean_val, mean_test = val.mean(0), test.mean(0)
+    if "langevin" in methods:
+        probs["langevin"] = mean_test
+        rows.append(_metrics_row("langevin", seed, mean_test, shared.test_labels, wall_time_s=wall, **common))
+    if "langevin_ts" in methods:
+        t1 = time.perf_counter()
+        T = fit_temperature(mean_val, shared.val_labels, s.temperature_scaling_bounds)
+        probs["langevin_ts"] = apply_temperature(mean_test, T)
+        rows.append(_metrics_row("langevin_ts", seed, probs["langevin_ts"], shared.test_labels, ts_temperature=T,
+                                 wall_time_s=wall + time.perf_counter() - t1, **common))
+    extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
+              "step_size": common["step_size"], "lambda_max": common["lambda_max"], "beta": lcb.beta,
+              "ladder": common["ladder"], "start_reason": chain.start_reason, "stop_reason": chain.stop_reason}
     return rows, probs, extras

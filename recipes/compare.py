@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from recipes.arms import Shared, adamw_rows, building, run_adamw, run_langevin
+from recipes.arms import Shared, adamw_rows, building, run_adamw, run_dropin, run_langevin
 from recipes.compare_config import (METHODS, TASKS, LangevinSettings, SelectionSettings, load_config,
                                     validate_config)
 from recipes.config_check import ConfigError, exit_on_config_error
@@ -136,9 +136,10 @@ def _run(cfg: dict[str, Any], settings: LangevinSettings, seeds: list[int], meth
 
     shared = _shared(cfg, settings, out_dir)
     sampling = any(m in methods for m in LANGEVIN_METHODS)
-    fixed = sampling and settings.burn_in != "best"
+    dropin = sampling and settings.burn_in == "auto"
+    fixed = sampling and settings.burn_in not in ("best", "auto")
     snapshot = settings.plan(shared.total_steps, shared.num_train)["burn_in_steps"] if fixed else None
-    select = "adamw_best" in methods or (sampling and not fixed)
+    select = "adamw_best" in methods or (sampling and settings.burn_in == "best")
     rows, predictions, traces, extras = [], {}, {}, {}
     module = None
     for seed in seeds:
@@ -151,12 +152,15 @@ def _run(cfg: dict[str, Any], settings: LangevinSettings, seeds: list[int], meth
         if sampling:
             if not quiet:
                 print(f"[compare] seed {seed}: Langevin run", flush=True)
-            lrows, lprobs, lextra = run_langevin(shared, seed, module, run, methods)
+            if dropin:   # a fresh module: the same initialisation and data order as the AdamW run
+                lrows, lprobs, lextra = run_dropin(shared, seed, _module(shared, seed, module), run, methods)
+            else:
+                lrows, lprobs, lextra = run_langevin(shared, seed, module, run, methods)
             seed_rows, seed_probs = seed_rows + lrows, seed_probs | lprobs
             if lextra:
                 extras[seed] = lextra | {"adamw_trace": run.selection.trace}
-                seed_traces["langevin"] = {"train_loss": run.loss[:lextra["plan"]["burn_in_steps"]] + lextra["loss"],
-                                           "virial": lextra["virial"]}
+                head = [] if dropin else run.loss[:lextra["plan"]["burn_in_steps"]]
+                seed_traces["langevin"] = {"train_loss": head + lextra["loss"], "virial": lextra["virial"]}
         rows += seed_rows
         if seed == seeds[0]:
             predictions = {m: (p, shared.test_labels) for m, p in seed_probs.items()}
@@ -191,6 +195,16 @@ def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras:
     for seed, e in extras.items():
         p = e["plan"]
         beta = "inf" if not math.isfinite(p["beta"]) else f"{p['beta']:.0f}"
+        if p["burn_in_mode"] == "auto":
+            ladder = ", ".join(f"σ_p {st['prior_std']:g}: {st['samples']} samples, val NLL "
+                               + ("n/a" if st["val_nll"] is None else f"{st['val_nll']:.4f}") for st in e["ladder"])
+            notes.append(f"Langevin drop-in (seed {seed}): LangevinLoRA({settings.dropin_kwargs() or ''}) in the AdamW "
+                         f"Trainer; burn-in ended at step {p['burn_in_steps']} ({e['start_reason']}); prior ladder "
+                         f"[{ladder}]; stopped at step {p['burn_in_steps'] + p['sampling_steps']} ({e['stop_reason']}); "
+                         f"{p['num_samples']} samples, T = {settings.temperature}, β = N/T = {beta}"
+                         + (f"; h = {e['step_size']:.4g} from λ_max = {e['lambda_max']:.4g}" if e.get("step_size") else "")
+                         + ".")
+            continue
         notes.append(f"Langevin (seed {seed}): T = {settings.temperature}, β = N/T = {beta}, λ = {p['weight_decay']:.3g}, "
                      f"burn-in {p['burn_in_steps']} AdamW steps ({'best validation' if p['burn_in_mode'] == 'best' else 'fixed'}), "
                      f"{p['sampling_steps']} sampling steps{' (extended beyond the AdamW budget)' if p['extended'] else ''}, "

@@ -77,7 +77,10 @@ class _RecipeFields:
     r"""The ``langevin:`` keys the comparison reads itself (the other keys are LangevinLoRA's).
 
     Attributes:
-        burn_in: where sampling starts. ``best`` (default): from the AdamW run's best-validation
+        burn_in: where sampling starts. ``auto`` (default): the zero-config drop-in, one run from
+            the same initialisation and data order as the AdamW run, with ``LangevinLoRA`` deciding
+            everything from the validation curve (only the ``langevin:`` keys that are LangevinLoRA
+            arguments are passed, none by default). ``best``: from the AdamW run's best-validation
             checkpoint, resuming its weights *and* optimizer state (so the frozen preconditioner
             comes from AdamW's moments there); a fraction in [0, 1) of the AdamW steps, or a step
             count >= 1: from the AdamW run's checkpoint at that step.
@@ -101,7 +104,7 @@ class _RecipeFields:
         diagnostics: extra :class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments.
     """
 
-    burn_in: float | str = "best"
+    burn_in: float | str = "auto"
     sampling_steps: int | None = None
     num_samples: int = 16
     sample_every: int | None = None
@@ -164,8 +167,8 @@ class LangevinSettings:
     def _check_recipe_fields(self) -> None:
         f = self._fields
         b = f["burn_in"]
-        if not (b == "best" or (_real(b) and (0 <= b < 1 or (b >= 1 and float(b).is_integer())))):
-            raise ConfigError(f"Invalid langevin.burn_in: {b!r} (expected best, a fraction in [0, 1) or a step "
+        if not (b in ("best", "auto") or (_real(b) and (0 <= b < 1 or (b >= 1 and float(b).is_integer())))):
+            raise ConfigError(f"Invalid langevin.burn_in: {b!r} (expected auto, best, a fraction in [0, 1) or a step "
                               "count >= 1)")
         for name in ("num_samples",):
             if isinstance(f[name], bool) or not isinstance(f[name], int) or f[name] < 1:
@@ -197,8 +200,9 @@ class LangevinSettings:
         ConfigError naming ``langevin.<key>``."""
         from langevin_lora.callback import LangevinLoRA
 
+        kwargs = self.dropin_kwargs() if self._fields["burn_in"] == "auto" else self.callback_kwargs(num_data=1)
         try:
-            LangevinLoRA(**self.callback_kwargs(num_data=1), num_data=1, diagnostics=False)
+            LangevinLoRA(**kwargs, num_data=1, diagnostics=False)
         except (ValueError, TypeError) as exc:
             msg = str(exc)
             m = re.match(r"Invalid (\w+)", msg)
@@ -213,6 +217,14 @@ class LangevinSettings:
         if self.callback.get("weight_decay") is not None:
             return float(self.callback["weight_decay"])
         return float(weight_decay_from_prior_std(self._fields["prior_std"], num_data))
+
+    def dropin_kwargs(self) -> dict[str, Any]:
+        """The LangevinLoRA keyword arguments given in the ``langevin:`` section, and nothing else
+        (``burn_in: auto``: the callback's own defaults for the rest)."""
+        kwargs = dict(self.callback)
+        if "precond_clamp" in kwargs:
+            kwargs["precond_clamp"] = tuple(kwargs["precond_clamp"])
+        return kwargs
 
     def callback_kwargs(self, num_data: int) -> dict[str, Any]:
         """The LangevinLoRA keyword arguments of the ``langevin:`` section, with the prior: ``prior_std``
@@ -234,6 +246,10 @@ class LangevinSettings:
         f = self._fields
         if total_steps < 2:
             raise ConfigError(f"Invalid budget: {total_steps} optimizer steps; need at least 2")
+        if f["burn_in"] == "auto":   # LangevinLoRA plans the run itself
+            return {"burn_in_steps": None, "sampling_steps": None, "sample_every": None, "num_samples": None,
+                    "weight_decay": None, "beta": num_data / float(self.temperature) if self.temperature else math.inf,
+                    "extended": False, "burn_in_mode": "auto"}
         if f["burn_in"] == "best":
             if best_step is None:
                 raise ValueError("plan: burn_in 'best' needs best_step (the AdamW run's best-validation step)")

@@ -224,7 +224,7 @@ class LoRAClassifier(AdapterCheckpoints, LightningModule):
         logits = self(batch)
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, batch_size=len(logits))
+        self.log_dict({"val_loss": loss, "val_acc": acc}, prog_bar=True, batch_size=len(logits))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch)

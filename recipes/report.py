@@ -24,7 +24,8 @@ __all__ = ["REPORT_COLUMNS", "NUMERIC_COLUMNS", "summarize", "format_table", "wr
 
 REPORT_COLUMNS = ("method", "seed", "accuracy", "ece", "nll", "brier", "grad_evals", "val_passes", "wall_time_s",
                   "peak_memory_mb", "num_samples", "beta_virial", "stationarity")
-NUMERIC_COLUMNS = ("accuracy", "ece", "nll", "brier", "grad_evals", "wall_time_s", "peak_memory_mb", "beta_virial")
+NUMERIC_COLUMNS = ("accuracy", "ece", "nll", "brier", "grad_evals", "val_passes", "wall_time_s", "peak_memory_mb",
+                   "beta_virial")
 _FORMAT = {"accuracy": "{:.4f}", "ece": "{:.4f}", "nll": "{:.4f}", "brier": "{:.4f}", "grad_evals": "{:.0f}",
            "val_passes": "{:.0f}", "wall_time_s": "{:.1f}", "peak_memory_mb": "{:.0f}", "beta_virial": "{:.2f}"}
 
@@ -75,9 +76,9 @@ def _cell(summary: dict[str, Any], col: str) -> str:
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
     """Markdown table: one row per method, mean ± sd over seeds."""
-    head = ["method", "seeds", "accuracy", "ECE (15 bins)", "NLL", "Brier", "grad evals", "wall time (s)",
-            "β·T_virial", "stationarity"]
-    cols = ["accuracy", "ece", "nll", "brier", "grad_evals", "wall_time_s", "beta_virial"]
+    head = ["method", "seeds", "accuracy", "ECE (15 bins)", "NLL", "Brier", "grad evals", "val passes",
+            "wall time (s)", "β·T_virial", "stationarity"]
+    cols = ["accuracy", "ece", "nll", "brier", "grad_evals", "val_passes", "wall_time_s", "beta_virial"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["method"], str(s["seeds"])] + [_cell(s, c) for c in cols] + [s["stationarity"]]

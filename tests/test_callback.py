@@ -147,7 +147,7 @@ class NoLora(L.LightningModule):
 
 def test_no_lora_adapters_says_what_was_searched():
     with pytest.raises(MisconfigurationException, match="searched for peft.tuners.lora.LoraLayer"):
-        trainer([LangevinLoRA(num_data=N)], 2).fit(NoLora(), loader())
+        trainer([LangevinLoRA(burn_in_steps=0, num_data=N)], 2).fit(NoLora(), loader())
 
 
 class Manual(Tiny):
@@ -183,7 +183,7 @@ def test_several_optimizers_refused():
     mod = Tiny()
     opts = [torch.optim.SGD(mod.model.parameters(), lr=0.1), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)]
     with pytest.raises(MisconfigurationException, match="exactly one optimizer; configure_optimizers returned 2"):
-        LangevinLoRA(num_data=N).on_train_start(types.SimpleNamespace(optimizers=opts), mod)
+        LangevinLoRA(burn_in_steps=0, num_data=N).on_train_start(types.SimpleNamespace(optimizers=opts), mod)
 
 
 def test_inconsistent_steps_refused():
@@ -198,14 +198,14 @@ def test_sharded_strategies_refused(strategy):
 
     fake_trainer = types.SimpleNamespace(strategy=object.__new__(getattr(S, strategy)), max_steps=-1)
     with pytest.raises(MisconfigurationException, match=f"sharded strategy {strategy}"):
-        LangevinLoRA(num_data=N).setup(fake_trainer, Tiny(), "fit")
+        LangevinLoRA(burn_in_steps=0, num_data=N).setup(fake_trainer, Tiny(), "fit")
 
     class Custom(getattr(S, strategy)):  # subclasses are refused too, naming the subclass
         pass
 
     fake_trainer.strategy = object.__new__(Custom)
     with pytest.raises(MisconfigurationException, match="sharded strategy Custom"):
-        LangevinLoRA(num_data=N).setup(fake_trainer, Tiny(), "fit")
+        LangevinLoRA(burn_in_steps=0, num_data=N).setup(fake_trainer, Tiny(), "fit")
 
 
 # -- the contract ----------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_gradient_accumulation_draws_one_noise_per_optimizer_step():
     res = {}
     for k, bs in ((1, 8), (2, 4)):
         # weight_decay=1e-12: a proper prior whose decay (lr * 1e-12 * theta) is below fp32 rounding
-        cb = LangevinLoRA(num_data=N, seed=seed, precondition=False, step_size="optimizer", weight_decay=1e-12)
+        cb = LangevinLoRA(burn_in_steps=0, num_data=N, seed=seed, precondition=False, step_size="optimizer", weight_decay=1e-12)
         mod = Tiny(optimizer="sgd", schedule=False, zero_loss=True)
         start = lora_tensors(mod)
         trainer([cb], steps, accumulate_grad_batches=k).fit(mod, loader(batch_size=bs))
@@ -416,7 +416,7 @@ def test_amp_skipped_step_adds_no_noise():
     from lightning.pytorch.plugins import MixedPrecision
 
     seed, steps, bad = 2, 6, 3
-    cb = LangevinLoRA(num_data=N, seed=seed)
+    cb = LangevinLoRA(burn_in_steps=0, num_data=N, seed=seed)
     mod = Tiny(optimizer="sgd", schedule=False, inf_at=bad)
     snaps = {}
     cb.post_step_observers.append(lambda tr, pl, c: snaps.__setitem__(tr.global_step, lora_tensors(pl)))
@@ -433,7 +433,7 @@ def test_amp_skipped_step_adds_no_noise():
 
 def test_nonfinite_gradient_without_scaler_skips_langevin_step():
     # the head is sampled too (head_temperature > 0), so no optimizer turns the inf into NaN weights
-    cb = LangevinLoRA(num_data=N, seed=0, head_temperature=1.0)
+    cb = LangevinLoRA(burn_in_steps=0, num_data=N, seed=0, head_temperature=1.0)
     mod = Tiny(optimizer="sgd", schedule=False, inf_at=2)
     snaps = {}
     cb.post_step_observers.append(lambda tr, pl, c: snaps.__setitem__(tr.global_step, all_tensors(pl)))
@@ -442,7 +442,7 @@ def test_nonfinite_gradient_without_scaler_skips_langevin_step():
     assert cb.langevin_steps == 3 and cb.skipped_steps == 1 and sorted(snaps) == [0, 1, 3]
     assert all(torch.isfinite(t).all() for t in snaps[3].values())
     with pytest.raises(FloatingPointError, match="non-finite"):
-        trainer([LangevinLoRA(num_data=N, nonfinite="raise")], 4).fit(Tiny(optimizer="sgd", inf_at=1), loader())
+        trainer([LangevinLoRA(burn_in_steps=0, num_data=N, nonfinite="raise")], 4).fit(Tiny(optimizer="sgd", inf_at=1), loader())
 
 
 @pytest.mark.parametrize("accumulate, adapt", [(1, 0), (2, 0), (1, 7)])
@@ -634,9 +634,9 @@ def test_sample_dir_is_validated_at_construction_and_setup(tmp_path):
     with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*file\.txt' exists and is not a folder"):
         LangevinLoRA(num_samples=1, sample_dir=f)
     with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*bank' is not writable"):
-        LangevinLoRA(num_data=N, num_samples=1, sample_dir=f / "bank")   # below a file: cannot be created
+        LangevinLoRA(burn_in_steps=0, num_data=N, num_samples=1, sample_dir=f / "bank")   # below a file: cannot be created
     d = tmp_path / "later"
-    cb = LangevinLoRA(num_data=N, num_samples=1, sample_dir=d / "bank")
+    cb = LangevinLoRA(burn_in_steps=0, num_data=N, num_samples=1, sample_dir=d / "bank")
     d.write_text("x")                  # turned into a file after construction: found at setup, before training
     with pytest.raises(ValueError, match=r"Invalid sample_dir: '.*bank' is not writable"):
         trainer([cb], 2).fit(Tiny(), loader())
@@ -669,4 +669,4 @@ def test_numpy_numbers_are_accepted():
 def test_unknown_adapter_name_refused_at_setup():
     with pytest.raises(MisconfigurationException,
                        match=r"Invalid adapter_name: 'other' \(the model's LoRA adapters are \['default'\]\)"):
-        trainer([LangevinLoRA(num_data=N, adapter_name="other")], 2).fit(Tiny(), loader())
+        trainer([LangevinLoRA(burn_in_steps=0, num_data=N, adapter_name="other")], 2).fit(Tiny(), loader())

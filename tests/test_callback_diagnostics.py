@@ -36,11 +36,11 @@ def test_default_diagnostics_log_the_virial_temperature(tmp_path):
 
 
 def test_diagnostics_off_or_user_supplied():
-    cb = LangevinLoRA(weight_decay=0.1, seed=0, diagnostics=False)
+    cb = LangevinLoRA(burn_in_steps=0, weight_decay=0.1, seed=0, diagnostics=False)
     trainer([cb], max_steps=3).fit(Tiny(), loader())
     assert not any(isinstance(c, GibbsDiagnostics) for c in cb._trainer.callbacks)
     mine = GibbsDiagnostics(log_every_n_steps=1, report=False)
-    cb = LangevinLoRA(weight_decay=0.1, seed=0)
+    cb = LangevinLoRA(burn_in_steps=0, weight_decay=0.1, seed=0)
     trainer([cb, mine], max_steps=3).fit(Tiny(), loader())
     assert [c for c in cb._trainer.callbacks if isinstance(c, GibbsDiagnostics)] == [mine]
     assert mine.sampling_steps == 3

@@ -67,7 +67,7 @@ def test_balancing_during_sampling_is_refused_with_the_reason():
 
 def _BA_trajectory(gauge_moves):
     """Noise-free (T = 0) identity-preconditioned descent with coupled decay, recording BA and A."""
-    cb = LangevinLoRA(temperature=0.0, weight_decay=0.2, precondition=False, seed=0, gauge_moves=gauge_moves)
+    cb = LangevinLoRA(burn_in_steps=0, temperature=0.0, weight_decay=0.2, precondition=False, seed=0, gauge_moves=gauge_moves)
     trace = []
     cb.post_step_observers.append(lambda tr, pl, c: trace.append(
         [(f.B @ f.A).detach().clone() for f in lora_modules(pl.model)] + [lora_modules(pl.model)[0].A.detach().clone()]))

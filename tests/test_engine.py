@@ -141,7 +141,7 @@ def test_callback_loads_the_state_written_before_the_engine():
           "generators": NoiseGenerators(5).state_dict(), "precond": {"w": G}, "adapt_sq": {},
           "precond_reference": 2.0, "masters": {"w": 2 * G}, "sample_bank": SampleBank(0).state_dict(),
           "balance": None, "gauge_moves": None}
-    cb = LangevinLoRA(beta=1.0)
+    cb = LangevinLoRA(burn_in_steps=0, num_samples=0, beta=1.0)   # the settings the v1 checkpoint was written with
     cb.load_state_dict(v1)
     cb.engine.bind({"w": torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))})
     assert cb.sampling and cb.langevin_steps == 4 and cb.skipped_steps == 1 and cb.generators.seed == 5

@@ -142,6 +142,10 @@ class GibbsDiagnostics(Callback):
         self.last_report: StationarityReport | None = None
         self.last_logged: dict[str, float] = {}
         self.report_paths: dict[str, Path] = {}
+        #: ``(first, end)`` sampling steps the end-of-fit report judges, or a list of such stretches
+        #: (``None``: all of them); set by a sampler whose kept samples come from parts of the chain
+        #: (LangevinLoRA's final stage).
+        self.report_span: tuple[int, int] | list[tuple[int, int]] | None = None
         self._reset_step_state()
 
     def _reset_step_state(self) -> None:
@@ -203,6 +207,7 @@ class GibbsDiagnostics(Callback):
             # A new fit that does not resume a checkpoint starts a new chain: start clean too.
             self.recorder.reset()
             self.probes.reset()
+            self.report_span = None
             self.last_report, self.last_logged, self.report_paths = None, {}, {}
         self._restored = False
         self._reset_step_state()
@@ -296,10 +301,10 @@ class GibbsDiagnostics(Callback):
         observers = getattr(self.sampler, "step_observers", None)
         if self._mode == "observer" and isinstance(observers, list) and self._observer in observers:
             observers.remove(self._observer)
-        if not self.report or self.sampling_steps == 0:
+        if self.sampling_steps == 0 or not (self.report or self.report_span is not None):
             return
-        self.last_report = self.build_report()
-        if trainer.is_global_zero:
+        self.last_report = self.build_report(**self.span_arguments())
+        if self.report and trainer.is_global_zero:
             print(str(self.last_report))
             directory = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
             self.report_paths = self.last_report.save(directory, plots=self.plots)
@@ -384,6 +389,18 @@ class GibbsDiagnostics(Callback):
                 pass
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def span_arguments(self) -> dict[str, Any]:
+        """The traces of :attr:`report_span`, one ``(first, end)`` pair or a list of them, joined in
+        order (each trace cut in proportion to the sampling steps)."""
+        if self.report_span is None:
+            return {}
+        spans = [self.report_span] if isinstance(self.report_span[0], int) else list(self.report_span)
+        total = max(1, self.recorder.sampling_steps)
+        cuts = [tuple(max(0, min(total, int(x))) for x in span) for span in spans]
+        traces = {k: [x for lo, hi in cuts for x in list(v)[len(v) * lo // total: len(v) * hi // total]]
+                  for k, v in self.recorder.traces.items()}
+        return {"traces": traces, "steps": sum(hi - lo for lo, hi in cuts)}
 
     def build_report(self, **kwargs: Any) -> StationarityReport:
         """The :func:`~langevin_lora.diagnostics.stationarity_report` of what was recorded so far

@@ -330,12 +330,21 @@ class GibbsRecorder:
             if self._grad_sq_sum is not None:
                 self._grad_sq_sum = self._grad_sq_sum.to(device)
             return
-        if restored is not None:
+        if restored is not None and restored["signature"] is not None:   # (None: saved before sampling began)
             warnings.warn("GibbsRecorder: the loaded diagnostics state was recorded on other tensors (group names "
                           "or shapes differ); the virial centre and mean-force blocks restart", RuntimeWarning,
                           stacklevel=3)
         self._center = WindowCenter(self.center_window, self.center_mode)
         self._blocks = BlockMeans(self.block_size)
+
+    def new_target(self) -> None:
+        """The sampler moved to another target (e.g. another prior scale): the estimators that average
+        over the chain (virial centre, mean-force blocks, configurational temperature) restart; the
+        traces go on, so a report can still judge any stretch of them."""
+        self._center = WindowCenter(self.center_window, self.center_mode)
+        self._blocks = BlockMeans(self.block_size)
+        self.laplacians = []
+        self._grad_sq_sum, self._grad_sq_count = None, 0
 
     # -- output -------------------------------------------------------------------------------------
     def flush(self) -> dict[str, float]:
