@@ -193,7 +193,8 @@ def mcse(chains: Any, method: str = "mean", *, prob: float | None = None) -> flo
 
 
 def chain_summary(chains: Any, *, segments: int = 4, prob: tuple[float, float] = TAIL_PROB) -> dict[str, Any]:
-    r"""ArviZ's summary of one quantity (arviz-stats' array interface): ``mean``, ``sd``, the ``prob``
+    r"""ArviZ's summary of one quantity (arviz-stats' array interface): ``mean``, ``sd`` (divisor
+    :math:`n`, as ``arviz_stats.summary``), the ``prob``
     quantiles (``q5``, ``q95``), ``rhat`` (rank, = max of ``rhat_bulk`` and ``rhat_folded``),
     ``ess_bulk``, ``ess_tail``, ``mcse_mean``, ``mcse_sd``, ``mcse_q5``, ``mcse_q95``, with ``chains``
     and ``draws``. A single chain is cut into ``segments`` pieces, which are the chains here
@@ -205,7 +206,7 @@ def chain_summary(chains: Any, *, segments: int = 4, prob: tuple[float, float] =
     st = _array_stats()
     lo, hi = (check_real("prob", p, low=0.0, high=1.0, low_open=True, high_open=True) for p in prob)
     out: dict[str, Any] = {"chains": int(x.shape[0]), "draws": int(x.shape[1]), "segmented": segmented,
-                           "mean": float(x.mean()), "sd": float(x.std(ddof=1))}
+                           "mean": float(x.mean()), "sd": float(x.std())}
     for key, p in ((f"q{lo * 100:g}", lo), (f"q{hi * 100:g}", hi)):
         out[key] = float(np.quantile(x, p))
     bulk, folded = (float(st.rhat(x, method=m)) for m in ("z_scale", "folded"))
