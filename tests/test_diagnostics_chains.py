@@ -13,6 +13,7 @@ from langevin_lora.diagnostics import (
     ess,
     mcse,
     rhat,
+    rhat_nested,
     effective_dimension,
     effective_sample_size,
     geweke_z,
@@ -216,3 +217,17 @@ def test_input_validation():
         mcse(x, "quantile")
     with pytest.raises(ValueError, match="beta"):
         poincare_lora(0.0, 1.0)
+
+
+def test_nested_rhat_for_many_short_chains_is_arviz():
+    from arviz_stats.base import array_stats
+
+    x = ar1(0.5, 50, 200, seed=11)          # 200 chains x 50 draws: more chains than draws, allowed here
+    ids = np.repeat(np.arange(4), 50)
+    assert rhat_nested(x, ids) == array_stats.rhat_nested(x, ids, method="rank")
+    with pytest.raises(ValueError, match="more chains"):
+        rhat(x)
+    with pytest.raises(ValueError, match="superchain_ids: 2 superchains of sizes"):
+        rhat_nested(x, np.r_[np.zeros(150, int), np.ones(50, int)])
+    with pytest.raises(ValueError, match="one per chain"):
+        rhat_nested(x, ids[:10])

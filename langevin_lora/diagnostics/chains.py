@@ -43,6 +43,7 @@ __all__ = [
     "as_chains",
     "segment_chain",
     "rhat",
+    "rhat_nested",
     "ess",
     "mcse",
     "chain_summary",
@@ -160,6 +161,31 @@ def rhat(chains: Any, method: str = "rank", *, segments: int = 4) -> float:
     if x.shape[0] == 1:
         x = segment_chain(x[0], segments)
     return float(_array_stats().rhat(x, method=method))
+
+
+def rhat_nested(chains: Any, superchain_ids: Any, method: str = "rank") -> float:
+    r"""Nested :math:`\hat R` (Margossian et al. 2024) of many short chains grouped into superchains
+    (chains of one superchain started from the same point), by arviz-stats: the one case where more
+    chains than draws is expected, so it is allowed here. ``superchain_ids``: one integer per chain,
+    at least 2 superchains of equal size. Use it for many DDP replicas or seeds run briefly."""
+    method = _check_method(method, RHAT_METHODS, "rhat_nested")
+    x = np.asarray(chains, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"Invalid chains: expected shape (chains, draws), got {x.shape}")
+    if x.shape[1] < 4:
+        raise ValueError(f"Invalid chains: {x.shape[1]} draws per chain (expected at least 4)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("Invalid chains: contains inf or NaN")
+    if np.ptp(x) == 0:
+        raise ValueError("Invalid chains: constant; R-hat cannot judge a constant quantity")
+    ids = np.asarray(superchain_ids)
+    if ids.shape != (x.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"Invalid superchain_ids: expected {x.shape[0]} integers (one per chain), got shape {ids.shape}")
+    _, counts = np.unique(ids, return_counts=True)
+    if counts.size < 2 or np.any(counts != counts[0]):
+        raise ValueError(f"Invalid superchain_ids: {counts.size} superchains of sizes {counts.tolist()} (expected at "
+                         "least 2 of equal size)")
+    return float(_array_stats().rhat_nested(x, ids, method=method))
 
 
 def ess(chains: Any, method: str = "bulk", *, prob: float | tuple[float, float] | None = None,
