@@ -87,6 +87,11 @@ def test_recorder_traces_export():
     rec.traces.update({"U": [1.0, 2.0, 1.5, 1.2, 0.9, 1.1, 1.4, 1.3], "virial_temperature": [1.0] * 8})
     dt = to_inference_data(rec)
     assert dt["sample_stats"]["U"].shape == (1, 8)
+    # Run constants (a fixed step size, the guard's cut count) are repeated for every draw.
+    dt = to_inference_data({**rec.traces, "step_size": 0.02, "step_cuts": 0})
+    assert dt["sample_stats"]["step_size"].shape == (1, 8) and float(dt["sample_stats"]["step_cuts"].max()) == 0
+    with pytest.raises(ValueError, match="only constants"):
+        to_inference_data({"step_size": 0.02})
 
 
 def test_bank_log_likelihood_and_loo():

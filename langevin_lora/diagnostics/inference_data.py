@@ -80,7 +80,10 @@ def _sample_stats(traces: Mapping[str, Any], segments: int | None, beta: float |
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], dict[str, list[str]]]:
     data: dict[str, np.ndarray] = {}
     parts: dict[str, dict[str, np.ndarray]] = {}
+    scalars = {k: float(v) for k, v in traces.items() if np.ndim(v) == 0}
     for name, value in traces.items():
+        if name in scalars:
+            continue
         x = _sample_array(f"traces[{name!r}]", value, segments)
         if "/" in name:
             base, part = name.split("/", 1)
@@ -97,6 +100,11 @@ def _sample_stats(traces: Mapping[str, Any], segments: int | None, beta: float |
         data[f"{base}_parts"] = np.stack([by_part[p] for p in names], axis=-1)
         dims[f"{base}_parts"] = [f"{base}_part"]
         coords[f"{base}_part"] = names
+    if scalars:   # constants of the run (a fixed step size, the guard's cut count): one value per draw
+        if not data:
+            raise ValueError(f"Invalid traces: only constants ({sorted(scalars)}); give at least one trace")
+        shape = next(iter(data.values())).shape[:2]
+        data.update({k: np.full(shape, v) for k, v in scalars.items()})
     if beta is not None and "U" in data:
         data["lp"] = -check_positive("beta", beta) * data["U"]
     lengths = {k: v.shape[:2] for k, v in data.items()}
@@ -116,8 +124,9 @@ def to_inference_data(traces: Any = None, *, posterior: Mapping[str, Any] | None
         traces: per-step scalar traces for the ``sample_stats`` group: a mapping (1-d per run, or
             ``(chains, draws)``), or a ``GibbsRecorder`` / ``GibbsDiagnostics`` / ``StationarityReport``
             (their ``traces``). ``U``, ``virial_temperature``, ``config_temperature``,
-            ``kinetic_temperature``, ``theta_sq``, step sizes and guard cuts (add them to the mapping,
-            e.g. ``{"step_size": ..., "step_cuts": ...}`` from your logger) all go there.
+            ``kinetic_temperature``, ``theta_sq``, step sizes and guard cuts (add them to a mapping,
+            per step from your logger's ``langevin/step_size`` and ``langevin/step_cuts``, or as a
+            number, repeated for every draw) all go there.
         posterior: quantities of :math:`\\theta` along the chain, ``(draws,)`` (one run) or
             ``(chains, draws, ...)``, for the ``posterior`` group.
         log_likelihood: name -> ``(samples, examples)`` or ``(chains, samples, examples)`` pointwise
