@@ -227,6 +227,7 @@ def test_nested_rhat_for_many_short_chains_is_arviz():
     assert rhat_nested(x, ids) == array_stats.rhat_nested(x, ids, method="rank")
     with pytest.raises(ValueError, match="more chains"):
         rhat(x)
+    assert rhat(x, many_chains=True) == array_stats.rhat(x, method="rank")   # on purpose
     with pytest.raises(ValueError, match="superchain_ids: 2 superchains of sizes"):
         rhat_nested(x, np.r_[np.zeros(150, int), np.ones(50, int)])
     with pytest.raises(ValueError, match="one per chain"):

@@ -97,12 +97,14 @@ def _as_trace(trace: Any, name: str = "trace", min_len: int = 4) -> np.ndarray:
     return x
 
 
-def as_chains(chains: Any, name: str = "chains", *, min_draws: int = 4, allow_constant: bool = False) -> np.ndarray:
+def as_chains(chains: Any, name: str = "chains", *, min_draws: int = 4, allow_constant: bool = False,
+              many_chains: bool = False) -> np.ndarray:
     """``chains`` as a float64 ``(chains, draws)`` array (a 1-d trace is one chain), or ``ValueError``.
 
     Refused, with the reason: another number of dimensions; more chains than draws (almost always a
     ``(draws, chains)`` array: transpose it); fewer than ``min_draws`` draws per chain; inf or NaN;
     and, unless ``allow_constant``, every draw equal (R-hat and ESS cannot judge a constant).
+    ``many_chains=True`` allows more chains than draws (many short chains, on purpose).
     """
     x = np.asarray(chains, dtype=np.float64)
     if x.ndim == 1:
@@ -110,7 +112,7 @@ def as_chains(chains: Any, name: str = "chains", *, min_draws: int = 4, allow_co
     if x.ndim != 2:
         raise ValueError(f"Invalid {name}: expected shape (chains, draws) or (draws,), got {x.shape}")
     m, n = x.shape
-    if m > n:
+    if m > n and not many_chains:
         raise ValueError(f"Invalid {name}: shape {x.shape} has more chains ({m}) than draws per chain ({n}); "
                          f"expected (chains, draws): pass the transpose if this is (draws, chains)")
     if n < min_draws:
@@ -143,7 +145,7 @@ def _check_method(method: str, allowed: tuple[str, ...], what: str) -> str:
     return method
 
 
-def rhat(chains: Any, method: str = "rank", *, segments: int = 4) -> float:
+def rhat(chains: Any, method: str = "rank", *, segments: int = 4, many_chains: bool = False) -> float:
     r""":math:`\hat R` of ``chains`` shaped ``(chains, draws)``, by arviz-stats.
 
     ``method="rank"`` (default, ArviZ's and Stan's): every chain is split in two halves, the draws
@@ -155,9 +157,10 @@ def rhat(chains: Any, method: str = "rank", *, segments: int = 4) -> float:
     (BDA3), ``"identity"`` the unsplit one. Recommended: :math:`\hat R < 1.01` whatever the number of
     chains (Vehtari et al. 2021), with bulk and tail ESS above 100 per chain (:func:`ess`).
     A single chain (1-d, or one row) is cut into ``segments`` pieces first (:func:`segment_chain`).
+    More chains than draws is refused (a transposed array) unless ``many_chains=True``.
     """
     method = _check_method(method, RHAT_METHODS, "rhat")
-    x = as_chains(chains)
+    x = as_chains(chains, many_chains=many_chains)
     if x.shape[0] == 1:
         x = segment_chain(x[0], segments)
     return float(_array_stats().rhat(x, method=method))
@@ -281,10 +284,10 @@ def effective_sample_size(trace: Any, method: str = "bulk") -> float:
     return ess(as_chains(trace, name="trace"), method=method)
 
 
-def split_rhat(chains: Any, method: str = "rank", *, segments: int = 4) -> float:
+def split_rhat(chains: Any, method: str = "rank", *, segments: int = 4, many_chains: bool = False) -> float:
     r""":func:`rhat` (this package's earlier name): rank-normalised split-:math:`\hat R` by default,
     ``method="split"`` the classic one. Aim for < 1.01 whatever the number of chains."""
-    return rhat(chains, method=method, segments=segments)
+    return rhat(chains, method=method, segments=segments, many_chains=many_chains)
 
 
 def batch_means_se(trace: Any, num_batches: int | None = None) -> float:
