@@ -295,6 +295,12 @@ def check_split_rhat(ev: Evidence) -> list[Check]:
             if m < 4:
                 status = "warn" if ok else "fail"
                 reason += " (fewer than 4 chains: weak test)"
+        ess, need = min(st["ess_bulk"], st["ess_tail"]), ev.ess_needed(name)
+        if not ok and ess < need:
+            # Stationary chains read about 1 + 1/(2 ESS per split half) (Vehtari et al. 2021, hence ESS > 100 per chain)
+            reason += (f"; only {ess:.0f} effective draws (ArviZ asks {need:g}): R-hat of stationary chains reads about "
+                       f"{1 + 1 / max(st['ess_bulk'] / st['chains'], 1e-9):.3g} here, too few draws to tell drift from noise")
+            remedy = f"run about {math.ceil(need / max(ess, 1e-9))}x longer, then judge again"
         out.append(Check(f"split_rhat/{name}", status, rh, f"< {bound:g}", reason, "" if ok else remedy))
         if not st["segmented"]:
             ev.summary.setdefault("ess_multi_chain", {})[name] = st["ess_bulk"]
