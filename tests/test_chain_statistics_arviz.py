@@ -134,3 +134,19 @@ def test_report_input_checks():
     for name in ("split_rhat/x", "effective_sample_size/x", "split_rhat/U", "effective_sample_size"):
         c = rep.by_name(name)
         assert c.status == "unavailable" and c.value is None and "cannot judge" in c.reason
+
+
+def test_recipes_report_renders_the_chain_statistics():
+    from recipes.report import stationarity_lines
+
+    rep = stationarity_report({"U": ar1(0.5, (8000,), np.random.default_rng(40)),
+                               "virial_temperature": 1 + 0.1 * np.random.default_rng(41).standard_normal(8000)})
+    diag = {c.name: {"status": c.status, "value": c.value} for c in rep.checks}   # as recipes.arms stores them
+    lines = stationarity_lines([{"method": "adamw", "seed": 0}, {"method": "langevin", "seed": 0, "diagnostics": diag},
+                                {"method": "langevin_ts", "seed": 0, "diagnostics": diag}])
+    text = "\n".join(lines)
+    assert "| seed | R-hat U | R-hat virial_temperature | ESS min(bulk, tail) |" in text
+    row = next(ln for ln in lines if ln.startswith("| 0 |"))
+    assert f"{rep.by_name('split_rhat/U').value:.4f}" in row and "fail" not in row
+    assert len([ln for ln in lines if ln.startswith("| 0 |")]) == 1
+    assert stationarity_lines([{"method": "adamw", "seed": 0}]) == []
