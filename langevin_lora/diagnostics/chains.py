@@ -170,7 +170,7 @@ def rhat_nested(chains: Any, superchain_ids: Any, method: str = "rank") -> float
     r"""Nested :math:`\hat R` (Margossian et al. 2024) of many short chains grouped into superchains
     (chains of one superchain started from the same point), by arviz-stats: the one case where more
     chains than draws is expected, so it is allowed here. ``superchain_ids``: one integer per chain,
-    at least 2 superchains of equal size. Use it for many DDP replicas or seeds run briefly."""
+    at least 2 superchains of equal size. Use it for many seeds run briefly."""
     method = _check_method(method, RHAT_METHODS, "rhat_nested")
     x = np.asarray(chains, dtype=np.float64)
     if x.ndim != 2:

@@ -11,8 +11,8 @@ effective dimension). :func:`stationarity_report` runs :data:`CHECKS` in that or
 Chain statistics (:math:`\hat R`, bulk and tail ESS, MCSE) are arviz-stats' (see
 :mod:`~langevin_lora.diagnostics.chains`), judged as ArviZ recommends (Vehtari et al. 2021):
 :math:`\hat R < 1.01` whatever the number of chains, bulk and tail ESS above 100 per chain on all
-chains together. How chains are formed: ``chains=`` holds independent chains (other seeds, DDP
-replicas with different noise); a single run's traces (``traces=``) are cut into ``segments``
+chains together. How chains are formed: ``chains=`` holds independent chains (runs with other
+seeds; not the DDP replicas of one run, which draw identical noise and are one chain); a single run's traces (``traces=``) are cut into ``segments``
 consecutive pieces (4), which then count as the chains (so 400 effective draws are needed). Segments
 of one run detect drift, a start not yet forgotten, and changes of level or scale along the run;
 they cannot detect a mode the run never visits, nor relaxation slower than the run.
@@ -72,8 +72,8 @@ class Evidence:
             step), ``U`` (potential), ``theta_sq`` (:math:`\lVert\theta\rVert^2`), ``gauge_gap`` and
             ``gauge_gap/<module>`` (:func:`~langevin_lora.diagnostics.gauge_gap`),
             ``virial_temperature/<name>`` per group or module. Others are plotted and Geweke-tested too.
-        chains: name -> ``(chains, draws)`` arrays of independent chains (seeds, DDP replicas with their
-            own noise), for :math:`\hat R` and ESS over all of them; refused when not ``(chains, draws)``
+        chains: name -> ``(chains, draws)`` arrays of independent chains (runs with other seeds; DDP
+            replicas of one run draw identical noise: one chain), for :math:`\hat R` and ESS over all of them; refused when not ``(chains, draws)``
             (more chains than draws), shorter than 8 draws, or not finite.
         beta, lr, weight_decay: the (LoRA) group's :math:`\beta`, :math:`\eta`, :math:`\lambda`,
             for the Poincaré bounds and the effective dimension.
