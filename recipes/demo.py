@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             rh = {k.split("/", 1)[1]: c["value"] for k, c in diag.items() if k.startswith("split_rhat/") and c["value"]}
             ess = (diag.get("effective_sample_size") or {}).get("value")
             if rh or ess is not None:
-                print(f"[demo] seed {row['seed']}: whole chain (arviz-stats, ArviZ asks R-hat < 1.01, ESS > 400): R-hat "
+                print(f"[demo] seed {row['seed']}: whole chain (arviz-stats, ArviZ asks R-hat < 1.01, ESS > 400): "
+                      "R-hat "
                       + ", ".join(f"{k} {v:.3f}" for k, v in rh.items())
                       + ("" if ess is None else f"; min(bulk, tail) ESS {ess:.0f}"))
             conv = result.get("convergence", {}).get(row["seed"])

@@ -197,8 +197,12 @@ def stationarity_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not picked:
         return []
     names = sorted({k for _, d in picked for k in d if k.startswith("split_rhat/")})
-    fmt = (lambda c, f: "–" if not c or c.get("value") is None else f.format(c["value"]) + ("" if c["status"] == "pass"
-                                                                                          else f" ({c['status']})"))
+
+    def fmt(c: dict[str, Any] | None, f: str) -> str:
+        if not c or c.get("value") is None:
+            return "–"
+        return f.format(c["value"]) + ("" if c["status"] == "pass" else f" ({c['status']})")
+
     lines = ["## Chain statistics", "",
              "The whole sampling run's traces, cut into 4 segments that serve as chains (arviz-stats, Vehtari et al. "
              "2021): rank-normalised split-R-hat (the larger of bulk and folded; ArviZ asks < 1.01) and the smaller of "

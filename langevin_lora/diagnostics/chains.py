@@ -123,7 +123,8 @@ def as_chains(chains: Any, name: str = "chains", *, min_draws: int = 4, allow_co
         raise ValueError(f"Invalid {name}: contains inf or NaN ({int(bad.sum())} values, first at chain {c}, "
                          f"draw {d}); drop the diverged draws or the chain")
     if not allow_constant and np.ptp(x) == 0:
-        raise ValueError(f"Invalid {name}: every draw equals {float(x.flat[0])!r}; R-hat and ESS cannot judge a constant "
+        raise ValueError(f"Invalid {name}: every draw equals {float(x.flat[0])!r}; R-hat and ESS cannot judge a "
+                         "constant "
                          "quantity")
     return x
 
@@ -183,7 +184,8 @@ def rhat_nested(chains: Any, superchain_ids: Any, method: str = "rank") -> float
         raise ValueError("Invalid chains: constant; R-hat cannot judge a constant quantity")
     ids = np.asarray(superchain_ids)
     if ids.shape != (x.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"Invalid superchain_ids: expected {x.shape[0]} integers (one per chain), got shape {ids.shape}")
+        raise ValueError(f"Invalid superchain_ids: expected {x.shape[0]} integers (one per chain), got shape "
+                         f"{ids.shape}")
     _, counts = np.unique(ids, return_counts=True)
     if counts.size < 2 or np.any(counts != counts[0]):
         raise ValueError(f"Invalid superchain_ids: {counts.size} superchains of sizes {counts.tolist()} (expected at "

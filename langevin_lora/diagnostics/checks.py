@@ -12,7 +12,8 @@ Chain statistics (:math:`\hat R`, bulk and tail ESS, MCSE) are arviz-stats' (see
 :mod:`~langevin_lora.diagnostics.chains`), judged as ArviZ recommends (Vehtari et al. 2021):
 :math:`\hat R < 1.01` whatever the number of chains, bulk and tail ESS above 100 per chain on all
 chains together. How chains are formed: ``chains=`` holds independent chains (runs with other
-seeds; not the DDP replicas of one run, which draw identical noise and are one chain); a single run's traces (``traces=``) are cut into ``segments``
+seeds; not the DDP replicas of one run, which draw identical noise and are one chain); a single
+run's traces (``traces=``) are cut into ``segments``
 consecutive pieces (4), which then count as the chains (so 400 effective draws are needed). Segments
 of one run detect drift, a start not yet forgotten, and changes of level or scale along the run;
 they cannot detect a mode the run never visits, nor relaxation slower than the run.
@@ -73,7 +74,8 @@ class Evidence:
             ``gauge_gap/<module>`` (:func:`~langevin_lora.diagnostics.gauge_gap`),
             ``virial_temperature/<name>`` per group or module. Others are plotted and Geweke-tested too.
         chains: name -> ``(chains, draws)`` arrays of independent chains (runs with other seeds; DDP
-            replicas of one run draw identical noise: one chain), for :math:`\hat R` and ESS over all of them; refused when not ``(chains, draws)``
+            replicas of one run draw identical noise: one chain), for :math:`\hat R` and ESS over all
+            of them; refused when not ``(chains, draws)``
             (more chains than draws), shorter than 8 draws, or not finite.
         beta, lr, weight_decay: the (LoRA) group's :math:`\beta`, :math:`\eta`, :math:`\lambda`,
             for the Poincaré bounds and the effective dimension.
@@ -137,7 +139,8 @@ class Evidence:
         for name, arr in (self.chains or {}).items():
             x = as_chains(arr, name=f"chains[{name!r}]", min_draws=8, allow_constant=True)
             if x.shape[0] < 2:
-                raise ValueError(f"Invalid chains[{name!r}]: one chain; pass independent chains shaped (chains, draws), "
+                raise ValueError(f"Invalid chains[{name!r}]: one chain; pass independent chains shaped "
+                                 "(chains, draws), "
                                  "or the single run in traces= (it is cut into segments)")
             chains[name] = x
         self.chains = chains
@@ -253,7 +256,8 @@ def check_effective_sample_size(ev: Evidence) -> list[Check]:
             continue
         ess = min(st["ess_bulk"], st["ess_tail"])
         ok = ess >= need
-        out.append(Check(f"effective_sample_size/{cname}", "pass" if ok else "fail", ess, f">= {need:g} (bulk and tail)",
+        out.append(Check(f"effective_sample_size/{cname}", "pass" if ok else "fail", ess,
+                         f">= {need:g} (bulk and tail)",
                          _ess_reason(st) + "; ArviZ: > 100 per chain",
                          "" if ok else f"run about {math.ceil(need / max(ess, 1e-9))}x longer (or more chains)"))
     return out
@@ -298,8 +302,9 @@ def check_split_rhat(ev: Evidence) -> list[Check]:
         ess, need = min(st["ess_bulk"], st["ess_tail"]), ev.ess_needed(name)
         if not ok and ess < need:
             # Stationary chains read about 1 + 1/(2 ESS per split half) (Vehtari et al. 2021, hence ESS > 100 per chain)
-            reason += (f"; only {ess:.0f} effective draws (ArviZ asks {need:g}): R-hat of stationary chains reads about "
-                       f"{1 + 1 / max(st['ess_bulk'] / st['chains'], 1e-9):.3g} here, too few draws to tell drift from noise")
+            expected = 1 + 1 / max(st["ess_bulk"] / st["chains"], 1e-9)
+            reason += (f"; only {ess:.0f} effective draws (ArviZ asks {need:g}): R-hat of stationary chains reads "
+                       f"about {expected:.3g} here, too few draws to tell drift from noise")
             remedy = f"run about {math.ceil(need / max(ess, 1e-9))}x longer, then judge again"
         out.append(Check(f"split_rhat/{name}", status, rh, f"< {bound:g}", reason, "" if ok else remedy))
         if not st["segmented"]:

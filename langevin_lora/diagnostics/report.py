@@ -104,12 +104,13 @@ class StationarityReport:
         stats = self.summary.get("chain_statistics")
         if stats:
             lines += ["", f"## Chain statistics ({stats['source']})", "",
-                      "R-hat: rank-normalised split-R-hat, the larger of bulk and folded (ArviZ: < 1.01); ESS: bulk and "
+                      "R-hat: rank-normalised split-R-hat, the larger of bulk and folded (ArviZ: < 1.01); ESS: "
+                      "bulk and "
                       f"tail (quantiles {stats['tail_prob'][0]:g}, {stats['tail_prob'][1]:g}), all chains together "
                       "(ArviZ: > 100 per chain); MCSE: Monte Carlo standard error. One run is cut into segments that "
                       "serve as chains.", ""]
-            lines += ["| quantity | chains x draws | R-hat | R-hat bulk | R-hat folded | ESS bulk | ESS tail | mean +- MCSE "
-                      "| sd +- MCSE |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| quantity | chains x draws | R-hat | R-hat bulk | R-hat folded | ESS bulk | ESS tail "
+                      "| mean +- MCSE | sd +- MCSE |", "|---|---|---|---|---|---|---|---|---|"]
             for name, st in stats["quantities"].items():
                 if "constant" in st:
                     lines.append(f"| {name} | {st['source']} | constant {fmt(st['constant'])}: cannot judge "
