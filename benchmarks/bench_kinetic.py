@@ -226,7 +226,7 @@ def _diverged(t: Target, step: int, chains: int, seconds: float) -> dict:
 
 def verdict(t: Target, buf: np.ndarray, steps_at: np.ndarray, marks: dict, n: int, chains: int) -> dict:
     window = (steps_at >= n // 2) & (steps_at < n)
-    rh = {name: split_rhat(buf[:, window, j]) for j, name in enumerate(["U"] + t.info["obs_names"])}
+    rh = {name: split_rhat(buf[:, window, j], many_chains=True) for j, name in enumerate(["U"] + t.info["obs_names"])}
     (tf1, F1, T1), (tf0, F0, T0) = marks[n], marks[n // 2]
     m = n - n // 2
     dtf = tf1 - tf0

@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
                       f"({row['start_reason']}), chose prior_std {row['prior_std']:g} on validation and stopped at "
                       f"step {row['optimizer_steps']} ({row['stop_reason']}): {row['grad_evals']:.0f} gradient "
                       f"evaluations, AdamW's run {shared_steps(result)}")
+            diag = row.get("diagnostics") or {}
+            rh = {k.split("/", 1)[1]: c["value"] for k, c in diag.items() if k.startswith("split_rhat/") and c["value"]}
+            ess = (diag.get("effective_sample_size") or {}).get("value")
+            if rh or ess is not None:
+                print(f"[demo] seed {row['seed']}: where the samples were kept (arviz-stats; ArviZ asks R-hat < 1.01, "
+                      "ESS > 400): R-hat "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in rh.items())
+                      + ("" if ess is None else f"; min(bulk, tail) ESS {ess:.0f}"))
             conv = result.get("convergence", {}).get(row["seed"])
             if conv is not None:
                 print(f"[demo] seed {row['seed']}: {convergence_sentence(conv)}")

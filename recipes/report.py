@@ -186,6 +186,37 @@ def convergence_lines(convergence: dict[Any, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def stationarity_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's "Chain statistics" section (markdown lines): per Langevin seed, the whole chain's
+    rank-normalised split-R-hat of each trace and its bulk/tail ESS (arviz-stats), from ``row["diagnostics"]``."""
+    seen, picked = set(), []
+    for r in rows:
+        d = r.get("diagnostics")
+        if d and r.get("seed") not in seen and str(r.get("method", "")).startswith("langevin"):
+            seen.add(r.get("seed"))
+            picked.append((r.get("seed"), d))
+    if not picked:
+        return []
+    names = sorted({k for _, d in picked for k in d if k.startswith("split_rhat/")})
+
+    def fmt(c: dict[str, Any] | None, f: str) -> str:
+        if not c or c.get("value") is None:
+            return "–"
+        return f.format(c["value"]) + ("" if c["status"] == "pass" else f" ({c['status']})")
+
+    lines = ["## Chain statistics", "",
+             "The whole sampling run's traces, cut into 4 segments that serve as chains (arviz-stats, Vehtari et al. "
+             "2021): rank-normalised split-R-hat (the larger of bulk and folded; ArviZ asks < 1.01) and the smaller of "
+             "bulk and tail ESS (ArviZ asks > 100 per chain, 400 here). The per-quantity table with MCSEs is in "
+             "`seed*/langevin/stationarity_report.md`.", "",
+             "| seed | " + " | ".join(f"R-hat {n.split('/', 1)[1]}" for n in names) + " | ESS min(bulk, tail) |",
+             "|" + "---|" * (len(names) + 2)]
+    for seed, d in picked:
+        lines.append(f"| {seed} | " + " | ".join(fmt(d.get(n), "{:.4f}") for n in names)
+                     + f" | {fmt(d.get('effective_sample_size'), '{:.0f}')} |")
+    return lines + [""]
+
+
 def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dict[str, Any],
                  predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  traces: dict[str, dict[str, list[float]]] | None = None,
@@ -226,7 +257,7 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dic
            "of the predictive probabilities; Langevin LoRA predicts with the average of the softmax over "
            "its posterior samples). grad evals: minibatch forward+backward passes the arm needed (a validation "
            "pass counts n_val/batch_size); wall time excludes the test predictions.", "", format_table(summary), "",
-           *convergence_lines(convergence or {}), "## Per seed", "",
+           *convergence_lines(convergence or {}), *stationarity_lines(rows), "## Per seed", "",
            "| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
     for r in rows:
         cells = [(_FORMAT[c].format(r[c]) if c in _FORMAT and isinstance(r[c], (int, float)) else str(r[c]))
@@ -244,7 +275,8 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], *, config: dic
            "1, inflated to about 1 + ρ by minibatch-gradient noise. Well below 1: the chain has not yet "
            "heated up to its temperature (sample longer); above 1 + ρ: the step is too large (lower lr).",
            "- **stationarity**: the verdict of the diagnostics on the part of the chain the samples were kept "
-           "from (`pass`: no drift, right temperature); the whole-chain report is in `seed*/langevin/`.",
+           "from (`pass`: R-hat < 1.01 and bulk/tail ESS > 400 over 4 segments, no drift, right temperature); the "
+           "whole-chain report is in `seed*/langevin/`.",
            "- Reliability diagrams: bars on the diagonal are calibrated; bars below it are over-confident."]
     if paths.get("reliability"):
         md += ["", "![reliability](reliability.png)"]

@@ -9,6 +9,11 @@ import pytest
 
 from langevin_lora.diagnostics import (
     autocorrelation,
+    chain_summary,
+    ess,
+    mcse,
+    rhat,
+    rhat_nested,
     effective_dimension,
     effective_sample_size,
     geweke_z,
@@ -84,11 +89,15 @@ def ref_split_rhat(chains: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
-def test_tau_and_ess_single_chain_match_reference_and_theory(phi):
+def test_tau_and_ess_single_chain_are_arviz_and_match_theory(phi):
+    from arviz_stats.base import array_stats
+
     x = ar1(phi, 2000, 1, seed=int(phi * 10))[0]
     tau = integrated_autocorr_time(x)
-    assert tau == pytest.approx(ref_tau_single(x), rel=1e-9)
-    assert effective_sample_size(x) == pytest.approx(x.size / tau)
+    # Called, not re-implemented: arviz-stats' numbers exactly.
+    assert tau == x.size / array_stats.ess(x[None], method="identity")
+    assert effective_sample_size(x) == array_stats.ess(x[None], method="bulk")
+    assert effective_sample_size(x, method="identity") == pytest.approx(x.size / tau, rel=1e-15)
     np.testing.assert_allclose(autocorrelation(x, max_lag=5), [ref_autocov(x, k) / ref_autocov(x, 0) for k in range(6)],
                                rtol=1e-9, atol=1e-12)
     # Against theory: tau = (1+phi)/(1-phi), over many independent chains (z-test).
@@ -103,13 +112,31 @@ def test_tau_and_ess_single_chain_match_reference_and_theory(phi):
     assert abs(taus.mean() - exact) <= 4.5 * se + allowance, (taus.mean(), exact)
 
 
-def test_multi_chain_ess_and_rhat_match_reference():
+def test_multi_chain_statistics_are_arviz_and_classic_split_rhat_matches_reference():
+    from arviz_stats.base import array_stats
+
     x = ar1(0.7, 400, 4, seed=3)
-    assert integrated_autocorr_time(x) == pytest.approx(ref_tau_multi(x), rel=1e-9)
-    assert effective_sample_size(x) == pytest.approx(x.size / ref_tau_multi(x), rel=1e-9)
-    assert split_rhat(x) == pytest.approx(ref_split_rhat(x), rel=1e-12)
+    assert integrated_autocorr_time(x) == x.size / array_stats.ess(x, method="identity")
+    for method in ("bulk", "mean", "sd", "identity"):
+        assert ess(x, method) == array_stats.ess(x, method=method)
+    assert ess(x, "tail") == array_stats.ess(x, method="tail", prob=(0.05, 0.95))
+    for method in ("rank", "folded", "z_scale", "split"):
+        assert rhat(x, method) == array_stats.rhat(x, method=method)
+    assert split_rhat(x) == rhat(x) == array_stats.rhat(x, method="rank")
+    assert mcse(x) == array_stats.mcse(x, method="mean") and mcse(x, "sd") == array_stats.mcse(x, method="sd")
+    assert mcse(x, "quantile", prob=0.05) == array_stats.mcse(x, method="quantile", prob=0.05)
+    # ArviZ's classic split-R-hat is the textbook one (written above from BDA3 with direct sums).
+    assert rhat(x, "split") == pytest.approx(ref_split_rhat(x), rel=1e-12)
     # Odd lengths drop the middle draw.
-    assert split_rhat(x[:, :399]) == pytest.approx(ref_split_rhat(x[:, :399]), rel=1e-12)
+    assert rhat(x[:, :399], "split") == pytest.approx(ref_split_rhat(x[:, :399]), rel=1e-12)
+    s = chain_summary(x)
+    assert s["rhat"] == rhat(x) == max(s["rhat_bulk"], s["rhat_folded"]) and s["ess_bulk"] == ess(x)
+    assert s["ess_tail"] == ess(x, "tail") and s["mcse_q5"] == mcse(x, "quantile", prob=0.05)
+    assert (s["chains"], s["draws"], s["segmented"]) == (4, 400, False)
+    # One chain: cut into 4 segments.
+    one = chain_summary(x[0])
+    assert (one["chains"], one["draws"], one["segmented"]) == (4, 100, True)
+    assert rhat(x[0]) == array_stats.rhat(x[0].reshape(4, 100), method="rank")
 
 
 def test_split_rhat_detects_disagreement_and_drift():
@@ -169,5 +196,39 @@ def test_input_validation():
         geweke_z(np.arange(100.0), first=0.6, last=0.5)
     with pytest.raises(ValueError, match="inf or NaN"):
         effective_sample_size([1.0, np.nan, 2.0, 3.0, 4.0])
+    # (draws, chains) passed by mistake: refused, not R-hat 0.99 and ESS 8000.
+    x = ar1(0.5, 2000, 4, seed=10)
+    for f in (rhat, ess, mcse, chain_summary):
+        with pytest.raises(ValueError, match=r"more chains \(2000\) than draws per chain \(4\).*transpose"):
+            f(x.T)
+    with pytest.raises(ValueError, match="3 draws per chain .expected at least 4"):
+        ess(x[:2, :3])
+    with pytest.raises(ValueError, match="first at chain 2, draw 7"):
+        x2 = x.copy()
+        x2[2, 7] = np.nan
+        rhat(x2)
+    with pytest.raises(ValueError, match="every draw equals 1.0; R-hat and ESS cannot judge"):
+        rhat(np.ones((4, 100)))
+    with pytest.raises(ValueError, match="too few for 4 segments"):
+        rhat(np.arange(12.0))
+    with pytest.raises(ValueError, match="Invalid method: 'bulk' for rhat"):
+        rhat(x, "bulk")
+    with pytest.raises(ValueError, match="Invalid prob"):
+        mcse(x, "quantile")
     with pytest.raises(ValueError, match="beta"):
         poincare_lora(0.0, 1.0)
+
+
+def test_nested_rhat_for_many_short_chains_is_arviz():
+    from arviz_stats.base import array_stats
+
+    x = ar1(0.5, 50, 200, seed=11)          # 200 chains x 50 draws: more chains than draws, allowed here
+    ids = np.repeat(np.arange(4), 50)
+    assert rhat_nested(x, ids) == array_stats.rhat_nested(x, ids, method="rank")
+    with pytest.raises(ValueError, match="more chains"):
+        rhat(x)
+    assert rhat(x, many_chains=True) == array_stats.rhat(x, method="rank")   # on purpose
+    with pytest.raises(ValueError, match="superchain_ids: 2 superchains of sizes"):
+        rhat_nested(x, np.r_[np.zeros(150, int), np.ones(50, int)])
+    with pytest.raises(ValueError, match="one per chain"):
+        rhat_nested(x, ids[:10])

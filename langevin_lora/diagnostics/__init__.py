@@ -14,7 +14,8 @@ Layers, each usable alone (dependencies point down):
 - :class:`~langevin_lora.diagnostics.probes.CurvatureProbes`: Hutchinson :math:`\Delta U` and
   :math:`\eta\lambda_{\max}` on a loss closure (the products themselves are in
   :mod:`langevin_lora.curvature`);
-- offline chain analysis (:mod:`~langevin_lora.diagnostics.chains`) and the report: small check
+- offline chain analysis (:mod:`~langevin_lora.diagnostics.chains`: R-hat, bulk/tail ESS and MCSE
+  from arviz-stats; Geweke, Poincaré bounds in house) and the report: small check
   functions (:mod:`~langevin_lora.diagnostics.checks`) giving :class:`Check` verdicts in a
   :class:`StationarityReport` (:mod:`~langevin_lora.diagnostics.report`, figures in
   :mod:`~langevin_lora.diagnostics.plots`);
@@ -23,7 +24,14 @@ Layers, each usable alone (dependencies point down):
 """
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
 from langevin_lora.diagnostics.chains import (
+    as_chains,
     autocorrelation,
+    chain_summary,
+    ess,
+    mcse,
+    rhat,
+    rhat_nested,
+    segment_chain,
     batch_means_se,
     effective_dimension,
     effective_sample_size,
@@ -104,7 +112,14 @@ __all__ = [
     "StepSizeWarning",
     "VirialTemperature",
     "WindowCenter",
+    "as_chains",
     "autocorrelation",
+    "chain_summary",
+    "ess",
+    "mcse",
+    "rhat",
+    "rhat_nested",
+    "segment_chain",
     "batch_means_se",
     "effective_dimension",
     "effective_sample_size",

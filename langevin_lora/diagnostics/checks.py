@@ -1,12 +1,25 @@
 r"""The checks of the stationarity report: small functions ``Evidence -> list[Check]``.
 
 Order of judgement (THEORY §3): effective sample size first (nothing else is meaningful below
-about 100), then stationarity of the traces (Geweke, split-:math:`\hat R`), then the Gibbs
-identities (virial and configurational temperatures at :math:`1/\beta`, mean force 0, gauge
-identity), whose deviations are explained by the known biases where they apply (minibatch noise
-:math:`1+\rho`, step size :math:`\eta\lambda_{\max}`), then information (Poincaré lower bounds,
+about 100 per chain), then stationarity of the traces (rank-normalised split-:math:`\hat R`, Geweke),
+then the Gibbs identities (virial and configurational temperatures at :math:`1/\beta`, mean force 0,
+gauge identity), whose deviations are explained by the known biases where they apply (minibatch
+noise :math:`1+\rho`, step size :math:`\eta\lambda_{\max}`), then information (Poincaré lower bounds,
 effective dimension). :func:`stationarity_report` runs :data:`CHECKS` in that order; pass
 ``checks=`` to run others (any ``Evidence -> list[Check]``).
+
+Chain statistics (:math:`\hat R`, bulk and tail ESS, MCSE) are arviz-stats' (see
+:mod:`~langevin_lora.diagnostics.chains`), judged as ArviZ recommends (Vehtari et al. 2021):
+:math:`\hat R < 1.01` whatever the number of chains, bulk and tail ESS above 100 per chain on all
+chains together. How chains are formed: ``chains=`` holds independent chains (runs with other
+seeds; not the DDP replicas of one run, which draw identical noise and are one chain); a single
+run's traces (``traces=``) are cut into ``segments``
+consecutive pieces (4), which then count as the chains (so 400 effective draws are needed). Segments
+of one run detect drift, a start not yet forgotten, and changes of level or scale along the run;
+they cannot detect a mode the run never visits, nor relaxation slower than the run.
+Geweke's z stays on single-run traces because it adds power against an initial transient that
+grows with the run length (a z-test against the long-run variance), where the fixed
+:math:`\hat R < 1.01` misses a small transient confined to the first segment of a long run.
 """
 from __future__ import annotations
 
@@ -17,15 +30,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from langevin_lora._validation import check_positive, check_real
+from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.diagnostics.chains import (
-    batch_means_se,
+    as_chains,
+    TAIL_PROB,
+    arviz_stats_version,
+    chain_summary,
     effective_dimension,
-    effective_sample_size,
     geweke_z,
-    integrated_autocorr_time,
+    mcse,
     poincare_lower_bounds,
-    split_rhat,
 )
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
 
@@ -40,10 +54,13 @@ def _finite(x: Any) -> bool:
 
 
 def _trace_stats(x: np.ndarray) -> tuple[float, float | None]:
+    """Mean and its Monte Carlo standard error (arviz-stats' ``mcse(method="mean")``)."""
     mean = float(x.mean())
     if x.size < 16:
         return mean, None
-    return mean, batch_means_se(x)
+    if np.ptp(x) == 0:
+        return mean, 0.0
+    return mean, mcse(x, "mean")
 
 
 @dataclass
@@ -56,7 +73,10 @@ class Evidence:
             step), ``U`` (potential), ``theta_sq`` (:math:`\lVert\theta\rVert^2`), ``gauge_gap`` and
             ``gauge_gap/<module>`` (:func:`~langevin_lora.diagnostics.gauge_gap`),
             ``virial_temperature/<name>`` per group or module. Others are plotted and Geweke-tested too.
-        chains: name -> ``(chains, draws)`` arrays from independent seeds, for split-:math:`\hat R`.
+        chains: name -> ``(chains, draws)`` arrays of independent chains (runs with other seeds; DDP
+            replicas of one run draw identical noise: one chain), for :math:`\hat R` and ESS over all
+            of them; refused when not ``(chains, draws)``
+            (more chains than draws), shorter than 8 draws, or not finite.
         beta, lr, weight_decay: the (LoRA) group's :math:`\beta`, :math:`\eta`, :math:`\lambda`,
             for the Poincaré bounds and the effective dimension.
         virial_temperature, virial_temperature_se: :math:`\beta T_{\mathrm{vir}}` and its standard
@@ -72,8 +92,12 @@ class Evidence:
         thin: steps between recorded trace entries.
         temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
         noise_ratio_max, step_size_max: gates on :math:`\rho` and :math:`\eta\lambda_{\max}` (0.1).
-        ess_min, geweke_max, z_max: ESS needed before judging; Geweke :math:`|z|` bound; z bound of
-            the identities tested against their standard errors.
+        ess_min: bulk and tail ESS needed per chain before judging (100: Vehtari et al. 2021), so
+            ``ess_min x chains`` in total (x ``segments`` for one run).
+        segments: pieces a single run's trace is cut into to serve as chains (default 4).
+        rhat_max: :math:`\hat R` bound (1.01, whatever the number of chains).
+        geweke_max, z_max: Geweke :math:`|z|` bound; z bound of the identities tested against their
+            standard errors.
         summary: numbers the checks add for the report (filled while checking).
     """
 
@@ -99,6 +123,8 @@ class Evidence:
     noise_ratio_max: float = 0.1
     step_size_max: float = 0.1
     ess_min: float = 100.0
+    segments: int = 4
+    rhat_max: float = 1.01
     geweke_max: float = 3.0
     z_max: float = 4.5
     summary: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +133,17 @@ class Evidence:
         self.temperature_tol = check_real("temperature_tol", self.temperature_tol, low=0.0, low_open=True)
         for name in ("noise_ratio_max", "step_size_max", "ess_min", "geweke_max", "z_max"):
             setattr(self, name, check_positive(name, getattr(self, name)))
+        self.segments = check_int("segments", self.segments, low=2)
+        self.rhat_max = check_real("rhat_max", self.rhat_max, low=1.0, low_open=True)
+        chains = {}
+        for name, arr in (self.chains or {}).items():
+            x = as_chains(arr, name=f"chains[{name!r}]", min_draws=8, allow_constant=True)
+            if x.shape[0] < 2:
+                raise ValueError(f"Invalid chains[{name!r}]: one chain; pass independent chains shaped "
+                                 "(chains, draws), "
+                                 "or the single run in traces= (it is cut into segments)")
+            chains[name] = x
+        self.chains = chains
         tr = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in (self.traces or {}).items()}
         self.traces = {k: v[np.isfinite(v)] for k, v in tr.items()}
         if self.steps is not None:
@@ -114,15 +151,40 @@ class Evidence:
 
     @cached_property
     def main_trace(self) -> str | None:
-        """The trace the effective sample size is measured on."""
+        """The single-run trace the effective sample size is judged on."""
         return next((k for k in STATIONARITY_TRACES if k in self.traces and self.traces[k].size >= 8), None)
 
     @cached_property
+    def chain_stats(self) -> dict[str, dict[str, Any]]:
+        """arviz-stats' summary (:func:`~langevin_lora.diagnostics.chains.chain_summary`) of every
+        ``chains`` entry (independent chains) and of every stationarity trace of the single run (cut
+        into ``segments``) that is long enough; ``{"constant": value}`` where nothing can be judged."""
+        out: dict[str, dict[str, Any]] = {}
+        todo = [(k, v, "independent chains") for k, v in self.chains.items()]
+        todo += [(k, self.traces[k], "segments of one run") for k in STATIONARITY_TRACES
+                 if k in self.traces and k not in self.chains and self.traces[k].size >= 8 * self.segments]
+        for name, x, source in todo:
+            if np.ptp(x) == 0:
+                out[name] = {"source": source, "constant": float(np.ravel(x)[0])}
+                continue
+            out[name] = {"source": source, **chain_summary(x, segments=self.segments)}
+        return out
+
+    def ess_needed(self, name: str) -> float:
+        st = self.chain_stats.get(name)
+        return self.ess_min * (st["chains"] if st and "chains" in st else self.segments)
+
+    @cached_property
     def ess(self) -> float | None:
-        if self.main_trace is None:
+        """min(bulk, tail) ESS of the main trace (its segments), or None when it cannot be computed."""
+        st = self.chain_stats.get(self.main_trace) if self.main_trace else None
+        if not st or "ess_bulk" not in st:
             return None
-        x = self.traces[self.main_trace]
-        return x.size / (integrated_autocorr_time(x) if x.std() > 0 else 1.0)
+        return min(st["ess_bulk"], st["ess_tail"])
+
+    @cached_property
+    def ess_ok(self) -> bool:
+        return self.ess is not None and self.ess >= self.ess_needed(self.main_trace)
 
     @cached_property
     def geweke(self) -> dict[str, float]:
@@ -141,27 +203,64 @@ class Evidence:
         if _finite(self.eta_lambda_max) and self.eta_lambda_max > self.step_size_max:
             out.append((f"step size eta*lambda_max = {self.eta_lambda_max:.2g} > {self.step_size_max:g}",
                         "lower the learning rate"))
-        drifting = any(abs(z) >= self.geweke_max for z in self.geweke.values())
-        if drifting or self.ess is None or self.ess < self.ess_min:
+        drifting = any(abs(z) >= self.geweke_max for z in self.geweke.values()) or any(
+            st.get("rhat", 1.0) >= self.rhat_max for st in self.chain_stats.values())
+        if drifting or not self.ess_ok:
             out.append(("the traces are not stationary yet" if drifting else "too few effective samples",
                         "run longer / discard more burn-in"))
         return out
 
 
 # -- the checks --------------------------------------------------------------------------------------
+def _ess_reason(st: dict[str, Any]) -> str:
+    return (f"bulk ESS {st['ess_bulk']:.4g}, tail ESS {st['ess_tail']:.4g} over {st['chains']} "
+            f"{'segments of one run' if st['segmented'] else 'chains'} x {st['draws']} draws")
+
+
 def check_effective_sample_size(ev: Evidence) -> list[Check]:
-    if ev.main_trace is None:
-        return [Check("effective_sample_size", "unavailable", None, f">= {ev.ess_min:g}",
-                      "no trace of at least 8 recorded steps", "record more sampling steps")]
-    x, ess = ev.traces[ev.main_trace], ev.ess
-    tau = x.size / ess
-    ev.summary["tau_int"] = {ev.main_trace: tau * ev.thin}
-    ok = ess >= ev.ess_min
-    return [Check("effective_sample_size", "pass" if ok else "fail", ess, f">= {ev.ess_min:g}",
-                  f"{ev.main_trace}: {x.size} recorded steps, integrated autocorrelation time "
-                  f"{tau * ev.thin:.3g} steps",
-                  "" if ok else f"run about {math.ceil(ev.ess_min / max(ess, 1e-9) * x.size * ev.thin)} steps in total "
-                                "before judging the other checks")]
+    """Bulk and tail ESS (arviz-stats) >= ``ess_min`` per chain, all chains together: the main
+    single-run trace (cut into ``segments``) and every ``chains`` entry."""
+    out = []
+    need = ev.ess_min * ev.segments
+    name = ev.main_trace
+    if name is None:
+        if not ev.chains:
+            out.append(Check("effective_sample_size", "unavailable", None, f">= {need:g} (bulk and tail)",
+                             "no trace of at least 8 recorded steps", "record more sampling steps"))
+    else:
+        x, st = ev.traces[name], ev.chain_stats.get(name)
+        if st is None:
+            out.append(Check("effective_sample_size", "fail", None, f">= {need:g} (bulk and tail)",
+                             f"{name}: only {x.size} recorded steps, too few to estimate the ESS over {ev.segments} "
+                             f"segments (needs {8 * ev.segments})",
+                             f"run about {math.ceil(need * ev.thin)} steps in total before judging the other checks"))
+        elif "constant" in st:
+            out.append(Check("effective_sample_size", "unavailable", None, f">= {need:g} (bulk and tail)",
+                             f"{name} is constant ({st['constant']:.4g}): cannot judge", "check what is recorded"))
+        else:
+            ess = ev.ess
+            tau = x.size / max(st["ess_bulk"], 1e-12)
+            ev.summary["tau_int"] = {name: tau * ev.thin}
+            ok = ev.ess_ok
+            out.append(Check("effective_sample_size", "pass" if ok else "fail", ess, f">= {need:g} (bulk and tail)",
+                             f"{name}: {_ess_reason(st)} ({x.size} recorded steps, autocorrelation time "
+                             f"{tau * ev.thin:.3g} steps); ArviZ: > 100 per chain",
+                             "" if ok else f"run about {math.ceil(need / max(ess, 1e-9) * x.size * ev.thin)} steps in "
+                                           "total before judging the other checks"))
+    for cname in ev.chains:
+        st = ev.chain_stats[cname]
+        need = ev.ess_needed(cname)
+        if "constant" in st:
+            out.append(Check(f"effective_sample_size/{cname}", "unavailable", None, f">= {need:g} (bulk and tail)",
+                             f"constant ({st['constant']:.4g}): cannot judge", "check what is recorded"))
+            continue
+        ess = min(st["ess_bulk"], st["ess_tail"])
+        ok = ess >= need
+        out.append(Check(f"effective_sample_size/{cname}", "pass" if ok else "fail", ess,
+                         f">= {need:g} (bulk and tail)",
+                         _ess_reason(st) + "; ArviZ: > 100 per chain",
+                         "" if ok else f"run about {math.ceil(need / max(ess, 1e-9))}x longer (or more chains)"))
+    return out
 
 
 def check_geweke(ev: Evidence) -> list[Check]:
@@ -176,20 +275,43 @@ def check_geweke(ev: Evidence) -> list[Check]:
 
 
 def check_split_rhat(ev: Evidence) -> list[Check]:
+    r"""Rank-normalised split-:math:`\hat R` (arviz-stats; max of bulk and folded) < ``rhat_max`` of
+    every ``chains`` entry and of the single run's stationarity traces cut into segments."""
     out = []
-    for name, arr in (ev.chains or {}).items():
-        a = np.asarray(arr, dtype=np.float64)
-        m = a.shape[0] if a.ndim == 2 else 1
-        rh = split_rhat(a)
-        bound = 1.01 if m > 4 else 1.05
+    for name, st in ev.chain_stats.items():
+        bound = ev.rhat_max
+        if "constant" in st:
+            out.append(Check(f"split_rhat/{name}", "unavailable", None, f"< {bound:g}",
+                             f"constant ({st['constant']:.4g}): cannot judge", "check what is recorded"))
+            continue
+        rh, m = st["rhat"], st["chains"]
         ok = rh < bound
-        status, reason = "pass" if ok else "fail", f"{m} chains x {a.shape[-1]} draws"
-        if m < 4:
-            status = "warn" if ok else "fail"
-            reason += " (fewer than 4 chains: weak test)"
-        out.append(Check(f"split_rhat/{name}", status, rh, f"< {bound}", reason,
-                         "" if ok else "chains disagree: run longer or start them closer to the bulk of pi"))
-        ev.summary.setdefault("ess_multi_chain", {})[name] = effective_sample_size(a)
+        status = "pass" if ok else "fail"
+        if st["segmented"]:
+            reason = (f"rank-normalised split-R-hat {rh:.4f} over {m} segments of one run x {st['draws']} draws "
+                      f"(bulk {st['rhat_bulk']:.4g}, folded {st['rhat_folded']:.4g}): sees drift and changes of "
+                      "level or scale along the run, not modes it never visits")
+            remedy = "the run is not stationary: discard more burn-in or run longer"
+        else:
+            reason = (f"rank-normalised split-R-hat {rh:.4f} over {m} chains x {st['draws']} draws (bulk "
+                      f"{st['rhat_bulk']:.4g}, folded {st['rhat_folded']:.4g})")
+            remedy = "chains disagree (location or scale): run longer or start them closer to the bulk of pi"
+            if m < 4:
+                status = "warn" if ok else "fail"
+                reason += " (fewer than 4 chains: weak test)"
+        ess, need = min(st["ess_bulk"], st["ess_tail"]), ev.ess_needed(name)
+        if not ok and ess < need:
+            # Stationary chains read about 1 + 1/(2 ESS per split half) (Vehtari et al. 2021, hence ESS > 100 per chain)
+            expected = 1 + 1 / max(st["ess_bulk"] / st["chains"], 1e-9)
+            reason += (f"; only {ess:.0f} effective draws (ArviZ asks {need:g}): R-hat of stationary chains reads "
+                       f"about {expected:.3g} here, too few draws to tell drift from noise")
+            remedy = f"run about {math.ceil(need / max(ess, 1e-9))}x longer, then judge again"
+        out.append(Check(f"split_rhat/{name}", status, rh, f"< {bound:g}", reason, "" if ok else remedy))
+        if not st["segmented"]:
+            ev.summary.setdefault("ess_multi_chain", {})[name] = st["ess_bulk"]
+    if ev.chain_stats:
+        ev.summary["chain_statistics"] = {"source": arviz_stats_version(), "tail_prob": list(TAIL_PROB),
+                                          "quantities": ev.chain_stats}
     return out
 
 

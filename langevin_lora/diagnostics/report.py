@@ -101,9 +101,30 @@ class StationarityReport:
         for c in self.checks:
             cells = [c.name, c.status, fmt(c.value), c.expected, c.reason, c.remedy]
             lines.append("| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |")
-        if self.summary:
+        stats = self.summary.get("chain_statistics")
+        if stats:
+            lines += ["", f"## Chain statistics ({stats['source']})", "",
+                      "R-hat: rank-normalised split-R-hat, the larger of bulk and folded (ArviZ: < 1.01); ESS: "
+                      "bulk and "
+                      f"tail (quantiles {stats['tail_prob'][0]:g}, {stats['tail_prob'][1]:g}), all chains together "
+                      "(ArviZ: > 100 per chain); MCSE: Monte Carlo standard error. One run is cut into segments that "
+                      "serve as chains.", ""]
+            lines += ["| quantity | chains x draws | R-hat | R-hat bulk | R-hat folded | ESS bulk | ESS tail "
+                      "| mean +- MCSE | sd +- MCSE |", "|---|---|---|---|---|---|---|---|---|"]
+            for name, st in stats["quantities"].items():
+                if "constant" in st:
+                    lines.append(f"| {name} | {st['source']} | constant {fmt(st['constant'])}: cannot judge "
+                                 "| | | | | | |")
+                    continue
+                kind = "segments" if st["segmented"] else "chains"
+                lines.append(f"| {name} | {st['chains']} {kind} x {st['draws']} | {st['rhat']:.4f} | "
+                             f"{st['rhat_bulk']:.4f} | {st['rhat_folded']:.4f} | {st['ess_bulk']:.0f} | "
+                             f"{st['ess_tail']:.0f} | {fmt(st['mean'])} +- {fmt(st['mcse_mean'])} | "
+                             f"{fmt(st['sd'])} +- {fmt(st['mcse_sd'])} |")
+        rest = {k: v for k, v in self.summary.items() if k != "chain_statistics"}
+        if rest:
             lines += ["", "## Summary", ""]
-            for k, v in _jsonable(self.summary).items():
+            for k, v in _jsonable(rest).items():
                 lines.append(f"- `{k}`: {json.dumps(v) if not isinstance(v, str) else v}")
         return "\n".join(lines) + "\n"
 
