@@ -29,10 +29,15 @@ over the next ``2 * relax`` steps, and scores the stage by the validation NLL of
 (:func:`~langevin_lora.convergence.sample_convergence`: :math:`\mathrm{NLL}(\bar p_S) + \Delta`). The
 extrapolation matters: a finite average's NLL exceeds its limit by a variance term that grows with
 the posterior's width, so raw scores of a few correlated samples would favour the narrowest prior.
-The search starts at the middle rung (0.02 on the
-default ladder) and climbs while the score improves; when the first step up does not improve, it
-descends from the start instead; it stops at the first stage that does not improve, or at the
-ladder's end. Each stage starts from the previous stage's state.
+Scores are compared
+on the same validation examples: :math:`d` is the mean per-example difference from the best stage
+so far and :math:`\mathrm{se}` its standard error. A wider prior replaces the best unless it is worse
+by more than one standard error (:math:`d < \mathrm{se}`), a narrower one only when it is better by
+more than one (:math:`d < -\mathrm{se}`): among the scales the validation data cannot tell apart,
+the least informative prior, whose posterior keeps the uncertainty the data do not resolve. The
+search starts at the middle rung (0.02 on the default ladder) and climbs while the stages win;
+when the first step up does not win, it descends from the start instead; it stops at the first
+stage that does not win, or at the ladder's end. Each stage starts from the previous stage's state.
 
 **The final stage** samples the best scale :math:`\sigma^*`: it continues the best stage when that
 was the last one, else it relaxes back to :math:`\sigma^*` first, and the best stage's samples
@@ -293,16 +298,25 @@ class ChainSchedule:
         stage = self.stage
         return stage is not None and self.phase == "sample" and not stage.final and langevin_step >= stage.end
 
-    def close_stage(self, val_nll: float | None, *, budget_left: bool = True) -> str:
-        """Score the current scoring stage; returns what comes next: ``"next"`` (the next rung),
+    def close_stage(self, val_nll: float | None, *, delta: float | None = None, se: float = 0.0,
+                    budget_left: bool = True) -> str:
+        """Score the current scoring stage (``val_nll``; ``delta``: its mean per-example difference from
+        the best stage so far, ``se`` the standard error of that mean; module docstring); returns what
+        comes next: ``"next"`` (the next rung),
         ``"continue"`` (this stage was the best and goes on as the final one: :meth:`continue_as_final`),
         ``"final"`` (open the final stage at :attr:`final_prior_std`) or ``"done"`` (no stage has a sample)."""
         stage = self.stage
         stage.val_nll = None if val_nll is None or not math.isfinite(val_nll) else float(val_nll)
         k = len(self.stages) - 1
         best = None if self.best_stage is None else self.stages[self.best_stage].val_nll
-        improved = stage.samples > 0 and (self.best_stage is None or (stage.val_nll is not None and best is not None
-                                                                      and stage.val_nll < best))
+        if self.best_stage is None or stage.samples == 0:
+            improved = stage.samples > 0
+        elif stage.val_nll is None or best is None:
+            improved = False
+        else:
+            d = stage.val_nll - best if delta is None else float(delta)
+            wider = stage.prior_std > self.stages[self.best_stage].prior_std
+            improved = d < se if wider else d < -se
         if improved:
             self.best_stage = k
         step = stage.rung + self._direction
@@ -312,8 +326,8 @@ class ChainSchedule:
             self._direction, self._descended, self.next_rung = -1, True, self.stages[0].rung - 1
             return "next"
         if not improved:
-            self.ladder_reason = (f"prior_std {stage.prior_std:g} did not improve the validation NLL of the posterior "
-                                  f"average ({_fmt(stage.val_nll)} vs {_fmt(best)})")
+            self.ladder_reason = (f"prior_std {stage.prior_std:g} did not win on the validation NLL of the posterior "
+                                  f"average ({_fmt(stage.val_nll)} vs {_fmt(best)}, standard error {se:.4f})")
         elif stage.val_nll is None:
             self.ladder_reason = "no validation predictions to compare prior scales"
         elif not 0 <= step < len(self.prior_stds):

@@ -547,6 +547,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._stage_bank = SampleBank(2 * self.num_samples)
         self._best_bank: SampleBank | None = None     # the best scoring stage's samples
         self._best_probs: list[Tensor] = []
+        self._best_example_nll: Tensor | None = None   # per-example score of the best stage
+        self._example_nll: Tensor | None = None
         self._stage_probs: list[Tensor] = []         # the stage's samples' validation probabilities
         self._val_batches: list | None = None
         self._stage_prior: tuple[float, float] | None = None
@@ -1054,15 +1056,17 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _close_stage(self, trainer: Trainer, budget_left: bool) -> None:
         """Score a ladder stage and go on: the next rung, the final stage, or (no sample at all) stop."""
         chain, stage = self.chain, self.chain.stage
-        nll = self._stage_nll(trainer)
+        nll, delta, se = self._stage_nll(trainer)
         if nll is not None:
             self._metrics["val_nll_average"] = nll
         rank_zero_info(f"LangevinLoRA: stage {len(chain.stages)} (prior_std {stage.prior_std:g}, {stage.samples} "
                        f"samples): validation NLL of the posterior average, extrapolated to infinitely many samples, "
-                       f"{nll if nll is not None else math.nan:.4f}")
-        step = chain.close_stage(nll, budget_left=budget_left)
+                       f"{nll if nll is not None else math.nan:.4f}"
+                       + ("" if delta is None else f" ({delta:+.4f} ± {se:.4f} against the best stage)"))
+        step = chain.close_stage(nll, delta=delta, se=se, budget_left=budget_left)
         if chain.best_stage == len(chain.stages) - 1:   # the final stage counts its samples too
             self._best_bank, self._best_probs = self._stage_bank, list(self._stage_probs)
+            self._best_example_nll = self._example_nll
         if step == "done":
             self._finish(trainer, "no stage kept a sample")
         elif step == "continue":
@@ -1160,18 +1164,37 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.forward_fn = lambda m, b: _logits(m(b))
             return self.forward_fn(module, batch)
 
-    def _stage_nll(self, trainer: Trainer) -> float | None:
-        """The stage's score: validation NLL of its posterior average extrapolated to infinitely many
-        samples (:mod:`langevin_lora.chain`), averaged over the DDP ranks' shards by example count."""
+    def _stage_nll(self, trainer: Trainer) -> tuple[float | None, float | None, float]:
+        """The stage's score, the validation NLL of its posterior average extrapolated to infinitely many
+        samples (per example, :math:`2\,\mathrm{nll}(\bar p_S) - \mathrm{nll}(\bar p_{S/2})`), its mean
+        difference from the best stage's on the same examples and that difference's standard error
+        (:mod:`langevin_lora.chain`), summed over the DDP ranks' shards."""
         if not self._stage_probs:
-            return None
+            return None, None, 0.0
         labels = torch.cat([y for _, y in self._val_batches])
-        conv = sample_convergence(torch.stack(self._stage_probs), labels)
-        score = conv["extrapolated_nll"] if conv["extrapolated_nll"] is not None else conv["running_val_nll"][-1]
-        stats = torch.tensor([score * len(labels), float(len(labels))], dtype=torch.float64, device=labels.device)
+        probs = torch.stack(self._stage_probs).double()
+        half = max(1, len(self._stage_probs) // 2)
+
+        def nll(p: Tensor) -> Tensor:
+            return -p.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).squeeze(1)
+
+        full = nll(probs.mean(0))
+        self._example_nll = 2 * full - nll(probs[:half].mean(0)) if len(self._stage_probs) > 1 else full
+        d = self._example_nll - self._best_example_nll if self._best_example_nll is not None else None
+        stats = torch.stack([self._example_nll.sum(), torch.tensor(float(len(labels)), dtype=torch.float64,
+                                                                    device=labels.device),
+                             d.sum() if d is not None else torch.zeros((), dtype=torch.float64, device=labels.device),
+                             d.square().sum() if d is not None else torch.zeros((), dtype=torch.float64,
+                                                                                device=labels.device)])
         if getattr(trainer, "world_size", 1) > 1:
             stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        return float(stats[0] / stats[1])
+        n = float(stats[1])
+        score = float(stats[0]) / n
+        if d is None:
+            return score, None, 0.0
+        mean = float(stats[2]) / n
+        var = max(0.0, float(stats[3]) / n - mean * mean) * n / max(1.0, n - 1)
+        return score, mean, math.sqrt(var / n)
 
     @property
     def adapting(self) -> bool:
@@ -1241,6 +1264,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                           "stage_bank": None if self._stage_bank is None else self._stage_bank.state_dict(),
                           "best_bank": None if self._best_bank is None else self._best_bank.state_dict(),
                           "stage_probs": list(self._stage_probs), "best_probs": list(self._best_probs),
+                          "best_example_nll": self._best_example_nll,
                           "best_is_stage": self._best_bank is not None and self._best_bank is self._stage_bank,
                           "prior_std": self.prior_std,
                           "weight_decay": self.weight_decay}}
@@ -1283,7 +1307,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                     bank = SampleBank(2 * self.num_samples)
                     bank.load_state_dict(chain[key])
                 setattr(self, f"_{key}", bank)
-            self._best_probs = list(chain["best_probs"])
+            self._best_probs, self._best_example_nll = list(chain["best_probs"]), chain["best_example_nll"]
             if chain["best_is_stage"]:
                 self._best_bank = self._stage_bank
             if self.chain.staged and self.sampling:   # the stage's prior, set on the groups in on_train_start

@@ -375,12 +375,8 @@ def run_dropin(shared: Shared, seed: int, module, run: AdamWRun, methods: list[s
     diag = lcb.diagnostics if hasattr(lcb.diagnostics, "last_report") else None
     report = diag.last_report if diag is not None else None
     vt = list(diag.traces.get("virial_temperature", [])) if diag is not None else []
-    if diag is not None and diag.report_span is not None and vt:
-        lo, hi = diag.report_span
-        total = max(1, diag.sampling_steps)
-        vt_span = vt[len(vt) * lo // total: len(vt) * hi // total]
-    else:
-        vt_span = vt
+    vt_span = (diag.span_arguments().get("traces", {}).get("virial_temperature", vt) if diag is not None
+               else vt)
     probes = lcb.probe_steps()
     chain = lcb.chain
     scored = sum(st.samples for st in chain.stages)

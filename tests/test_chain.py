@@ -57,7 +57,7 @@ def test_ladder_climbs_from_the_middle_then_samples_the_best_scale():
     chain.open_stage(60, relax=10).samples = 4
     assert chain.stage.prior_std == 0.08
     assert chain.close_stage(0.47) == "final"        # worse: the ladder ends, back to 0.04
-    assert chain.final_prior_std == 0.04 and "did not improve" in chain.ladder_reason
+    assert chain.final_prior_std == 0.04 and "did not win" in chain.ladder_reason
     final = chain.open_stage(90, relax=10)
     assert final.final and final.prior_std == 0.04 and chain.phase == "sample" and final.sample_every == 5
     assert not chain.stage_complete(10 ** 6)          # only the caller ends the final stage
@@ -67,6 +67,27 @@ def test_ladder_climbs_from_the_middle_then_samples_the_best_scale():
     assert (final.sample_every, final.samples) == (10, 4) and chain.sample_due(110) and not chain.sample_due(105)
     chain.finish("settled")
     assert chain.phase == "done" and chain.stop_reason == "settled" and not chain.due(1000)
+
+
+def test_wider_wins_ties_narrower_must_win_clearly():
+    chain = ChainSchedule(prior_stds=(0.01, 0.02, 0.04, 0.08), num_samples=2)
+    chain.reset(1000)
+    chain.begin(0)
+    chain.open_stage(0, relax=4).samples = 2                                  # 0.02
+    assert chain.close_stage(0.50) == "next"
+    chain.open_stage(12, relax=4).samples = 2                                 # 0.04: worse, within one se
+    assert chain.close_stage(0.505, delta=0.005, se=0.01) == "next" and chain.best_stage == 1
+    chain.open_stage(24, relax=4).samples = 2                                 # 0.08: worse by more than one se
+    assert chain.close_stage(0.53, delta=0.025, se=0.01) == "final" and chain.final_prior_std == 0.04
+    chain = ChainSchedule(prior_stds=(0.01, 0.02, 0.04), num_samples=2)
+    chain.reset(1000)
+    chain.begin(0)
+    chain.open_stage(0, relax=4).samples = 2                                  # 0.02
+    chain.close_stage(0.50)
+    chain.open_stage(12, relax=4).samples = 2                                 # 0.04: clearly worse
+    assert chain.close_stage(0.60, delta=0.1, se=0.01) == "next" and chain.next_rung == 0
+    chain.open_stage(24, relax=4).samples = 2                                 # 0.01: better, but within one se
+    assert chain.close_stage(0.495, delta=-0.005, se=0.01) == "final" and chain.final_prior_std == 0.02
 
 
 def test_ladder_descends_when_the_first_step_up_fails():
