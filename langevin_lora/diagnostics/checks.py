@@ -28,6 +28,7 @@ from langevin_lora.diagnostics.chains import (
     split_rhat,
 )
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
+from langevin_lora.step_size import STEP_ACCURACY_BOUND, step_remedy
 
 __all__ = ["Evidence", "CHECKS", "stationarity_report", "STATIONARITY_TRACES"]
 
@@ -71,7 +72,9 @@ class Evidence:
             time in steps (with ``steps``, the number of sampling steps taken).
         thin: steps between recorded trace entries.
         temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
-        noise_ratio_max, step_size_max: gates on :math:`\rho` and :math:`\eta\lambda_{\max}` (0.1).
+        noise_ratio_max: gate on :math:`\rho` (0.1).
+        step_size_max: gate on the step number :math:`\eta\lambda_{\max}` (:math:`\tfrac{h^2}{2}\lambda_{\max}`
+            kinetic): :data:`langevin_lora.step_size.STEP_ACCURACY_BOUND` (0.2), twice the automatic step's.
         ess_min, geweke_max, z_max: ESS needed before judging; Geweke :math:`|z|` bound; z bound of
             the identities tested against their standard errors.
         summary: numbers the checks add for the report (filled while checking).
@@ -97,7 +100,7 @@ class Evidence:
     thin: int = 1
     temperature_tol: float = 0.1
     noise_ratio_max: float = 0.1
-    step_size_max: float = 0.1
+    step_size_max: float = STEP_ACCURACY_BOUND
     ess_min: float = 100.0
     geweke_max: float = 3.0
     z_max: float = 4.5
@@ -140,7 +143,7 @@ class Evidence:
                         "lower the learning rate or raise the batch size"))
         if _finite(self.eta_lambda_max) and self.eta_lambda_max > self.step_size_max:
             out.append((f"step size eta*lambda_max = {self.eta_lambda_max:.2g} > {self.step_size_max:g}",
-                        "lower the learning rate"))
+                        step_remedy(self.eta_lambda_max / self.step_size_max)))
         drifting = any(abs(z) >= self.geweke_max for z in self.geweke.values())
         if drifting or self.ess is None or self.ess < self.ess_min:
             out.append(("the traces are not stationary yet" if drifting else "too few effective samples",
@@ -268,7 +271,7 @@ def check_step_size(ev: Evidence) -> list[Check]:
     return [Check("eta_lambda_max", status, e, f"<= {cap:g}",
                   "largest curvature times step size"
                   + ("" if e <= 1 else ": the discretisation is unstable or heavily biased"),
-                  "" if status == "pass" else f"lower the learning rate by a factor of about {e / cap:.2g}")]
+                  "" if status == "pass" else step_remedy(e / cap))]
 
 
 def check_mean_force(ev: Evidence) -> list[Check]:
