@@ -221,7 +221,8 @@ def test_callback_guard_catches_a_step_far_too_large():
     # quarterings 20 -> 5 -> 1.25 -> ..., four of them here, refused after five while 0.011 was measurable)
     with pytest.warns(DivergenceWarning, match=r"diverged: .* the stable step measured at the restored point") as rec:
         cb, sq = run(20.0)
-    assert cb.guard.cuts == 1 and len(rec) == 1 and cb.state_dict()["step_size"]["guard"]["cuts"] == 1
+    assert cb.guard.cuts == 1 and sum("diverged" in str(w.message) for w in rec) == 1
+    assert cb.state_dict()["step_size"]["guard"]["cuts"] == 1
     assert cb.langevin_groups()[0].lr == pytest.approx(cb.auto_step.step_size)
     assert cb.auto_step.step_size == pytest.approx(OVERDAMPED_SAFETY / cb.auto_step.lambda_max)
     with warnings.catch_warnings():
