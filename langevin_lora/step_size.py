@@ -70,7 +70,7 @@ from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
 from langevin_lora.functional import check_friction
 
 __all__ = ["AUTO_STEP_MARGIN", "KINETIC_SAFETY", "OVERDAMPED_SAFETY", "STEP_ACCURACY_BOUND", "AutoStepSize",
-           "NonFiniteLossError", "StepSizeEstimate", "auto_step_size", "prior_curvature", "step_from_lambda_max", "step_number",
+           "NonFiniteLossError", "StepSizeEstimate", "StepSizeWarning", "auto_step_size", "prior_curvature", "step_from_lambda_max", "step_number",
            "step_remedy"]
 
 #: The accuracy bound, the one definition shared by the automatic step and the diagnostics' step
@@ -218,6 +218,11 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
     evals = res.loss_evaluations + (res.products if res.method == "double_backward" else 0)
     return StepSizeEstimate(step_from_lambda_max(lam, friction=friction, safety=safety), lam, evals,
                             res.products, res.method, res.vector)
+
+
+class StepSizeWarning(UserWarning):
+    r"""The Langevin step is too long for the measured curvature (step number above
+    :data:`STEP_ACCURACY_BOUND`), or ``step_size="auto"`` could not measure it; the message says what to change."""
 
 
 class NonFiniteLossError(ValueError):

@@ -60,7 +60,7 @@ from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
-from langevin_lora.step_size import STEP_ACCURACY_BOUND, step_remedy
+from langevin_lora.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 
@@ -69,9 +69,6 @@ CONFIG_TEMPERATURE_NOTE = ("its numerator |g + lambda theta|^2 includes the mini
                            "upward unless full-batch); " + NOISE_HOW_TO)
 
 
-class StepSizeWarning(UserWarning):
-    r""":math:`\eta\lambda_{\max}` exceeds the stability/bias gate (:data:`~langevin_lora.step_size.STEP_ACCURACY_BOUND`
-    = 0.2 by default, twice the automatic step's)."""
 
 
 class GibbsDiagnostics(Callback):

@@ -14,7 +14,7 @@ from langevin_lora.curvature import RngSnapshot
 from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.functional import FRICTION_AUTO, check_friction
 from langevin_lora.guard import DivergenceGuard
-from langevin_lora.step_size import AutoStepSize, NonFiniteLossError
+from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning
 from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
@@ -26,10 +26,6 @@ PRIOR_CENTRES = (None, "start")
 #: ``step_size`` of an optimizer: ``"auto"`` (measured from ``step(closure)``), ``"lr"`` (each group's
 #: ``lr`` is the Langevin step) or a float (the Langevin step at sampling start).
 STEP_SIZES = ("auto", "lr")
-
-
-class StepSizeWarning(UserWarning):
-    """``step_size="auto"`` could not measure the step (no closure): it says what to do."""
 
 
 def check_step_size(step_size: Any) -> str | float:
