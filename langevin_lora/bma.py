@@ -75,7 +75,7 @@ def check_finite_probs(probs: Tensor, bank: "SampleBank", i: int, where: str) ->
         raise FloatingPointError(
             f"{where}: sample {i} (optimizer step {bank.steps[i]}) gives non-finite probabilities for "
             f"{int(bad.sum())} of {bad.numel()} examples (first: example {first}); the chain had diverged by "
-            "that step. Shorten the Langevin step (η·λ_max(G^½∇²UG^½) ≤ 0.2, see StepSizeWarning: lower step_safety under "
+            "that step. Shorten the Langevin step (η·λ_max(G^½∇²UG^½) ≤ 0.25, see StepSizeWarning: lower step_safety under "
             "step_size='auto', else the float step_size) or keep "
             "only samples taken before the divergence.")
     return probs

@@ -8,12 +8,15 @@ issue 13 with :math:`G` frozen from AdamW, up to 1000× too long). The automatic
 
 .. math::
     \eta = \frac{c}{\lambda_{\max}} \quad\text{(overdamped, } c = 0.1\text{)}, \qquad
-    h = \frac{c_k}{\sqrt{\lambda_{\max}}} \quad\text{(kinetic BAOAB, friction } \gamma > 0,\ c_k = \sqrt{0.2} \approx 0.447\text{)}.
+    h = \frac{c_k}{\sqrt{\lambda_{\max}}} \quad\text{(kinetic BAOAB, friction } \gamma > 0,\ c_k = 0.5\text{)}.
 
-Both are one rule: the step number :math:`s` (:func:`step_number`: :math:`\eta\lambda_{\max}`, or
-:math:`\tfrac{h^2}{2}\lambda_{\max}` kinetic) is :data:`STEP_ACCURACY_BOUND` / :data:`AUTO_STEP_MARGIN`
-= 0.2 / 2 = 0.1, half the bound the diagnostics' step check applies, so the automatic step passes
-that check even when :math:`\lambda_{\max}` re-measured later is up to 2× larger.
+One bound rules both: the step number :math:`s` (:func:`step_number`: :math:`\eta\lambda_{\max}`, or
+:math:`\tfrac{h^2}{2}\lambda_{\max}` kinetic) of the automatic step is at most
+:data:`STEP_ACCURACY_BOUND` / :data:`AUTO_STEP_MARGIN` = 0.25 / 2 (kinetic: :math:`s = c_k^2/2 = 0.125`,
+exactly that; overdamped: :math:`s = c = 0.1`, below it because its bias is first order), at least
+half the bound the diagnostics' step check applies, so the automatic step passes that check even when
+:math:`\lambda_{\max}` re-measured later is up to 2× larger (2.5× overdamped). Before issue 19 the
+check's bound was 0.1, which every kinetic run failed (0.125) and every overdamped one met exactly.
 
 **The bias these constants buy.** Overdamped ULA on a Gaussian (Hessian :math:`H`) is stable for
 :math:`\eta\lambda_{\max} < 2` and samples :math:`N(\mu, \beta^{-1}[H(I - \eta H/2)]^{-1})` (THEORY §5):
@@ -26,9 +29,7 @@ and its configurational law is exact for Gaussians at any stable :math:`h`; for 
 potentials the bias is :math:`O(h^2)`. Measured on a MiniLM LoRA posterior (research helper,
 issue 13; configurational bias of :math:`\beta T_{\mathrm{conf}}`): kinetic :math:`c_k = 0.5` below 1%,
 :math:`c_k = 1` about 3%, :math:`c_k = 2` runs away; overdamped :math:`c = 0.1` the same as kinetic 0.5
-(below 1%), :math:`c = 0.5` about 8%, :math:`c = 2` diverges. Hence the defaults (kinetic
-:math:`c_k = 0.447`, step number 0.1 like the overdamped one, since issue 19: 0.5 had :math:`s = 0.125`,
-above the 0.1 the check then applied)
+(below 1%), :math:`c = 0.5` about 8%, :math:`c = 2` diverges. Hence the defaults
 :data:`OVERDAMPED_SAFETY` and :data:`KINETIC_SAFETY`: a factor 20 (overdamped) and 4 (kinetic) below
 the divergence point, at a bias below 1% on that posterior and at most 5% (overdamped) on any
 quadratic.
@@ -79,17 +80,18 @@ __all__ = ["AUTO_STEP_MARGIN", "KINETIC_SAFETY", "OVERDAMPED_SAFETY", "STEP_ACCU
 #: :math:`\tfrac{h^2}{2}\lambda_{\max}` kinetic) is at most this (overdamped bias
 #: :math:`\beta T_{\mathrm{conf}} - 1 \le s/2 \le 10\%` on any quadratic; both integrators are
 #: stable up to :math:`s = 2`).
-STEP_ACCURACY_BOUND = 0.2
-#: The automatic step takes :math:`s = ` :data:`STEP_ACCURACY_BOUND` / ``AUTO_STEP_MARGIN``: a
+STEP_ACCURACY_BOUND = 0.25
+#: The automatic step's step number is at most :data:`STEP_ACCURACY_BOUND` / ``AUTO_STEP_MARGIN``: a
 #: :math:`\lambda_{\max}` re-measured later (another batch, a later point of the chain) may be up
 #: to this factor larger before the check fails.
 AUTO_STEP_MARGIN = 2.0
-#: :math:`c` in :math:`\eta = c/\lambda_{\max}` (overdamped, :math:`s = c` = 0.1):
-#: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`.
-OVERDAMPED_SAFETY = STEP_ACCURACY_BOUND / AUTO_STEP_MARGIN
-#: :math:`c_k` in :math:`h = c_k/\sqrt{\lambda_{\max}}` (kinetic BAOAB, :math:`s = c_k^2/2` = 0.1,
-#: :math:`c_k = \sqrt{0.2} \approx 0.447`; stable below 2).
-KINETIC_SAFETY = math.sqrt(2.0 * OVERDAMPED_SAFETY)
+#: :math:`c_k` in :math:`h = c_k/\sqrt{\lambda_{\max}}` (kinetic BAOAB, stable below 2): the step number
+#: :math:`c_k^2/2` is exactly :data:`STEP_ACCURACY_BOUND` / :data:`AUTO_STEP_MARGIN` = 0.125, so 0.5.
+KINETIC_SAFETY = math.sqrt(2.0 * STEP_ACCURACY_BOUND / AUTO_STEP_MARGIN)
+#: :math:`c` in :math:`\eta = c/\lambda_{\max}` (overdamped, step number :math:`s = c`):
+#: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`; 0.1, below the 0.125 the bound allows (a first-order bias).
+OVERDAMPED_SAFETY = 0.1
+assert OVERDAMPED_SAFETY <= STEP_ACCURACY_BOUND / AUTO_STEP_MARGIN
 #: The largest ``safety`` (:math:`c` or :math:`c_k`) accepted: both integrators diverge at 2.
 MAX_SAFETY = 2.0
 
@@ -121,8 +123,8 @@ def step_from_lambda_max(lambda_max: float, *, friction: float | None = None, sa
     Example:
         >>> step_from_lambda_max(50.0)
         0.002
-        >>> round(step_from_lambda_max(100.0, friction=1.0), 6)
-        0.044721
+        >>> step_from_lambda_max(100.0, friction=1.0)
+        0.05
     """
     lam = check_real("lambda_max", lambda_max, low=0.0, low_open=True)
     kinetic = check_friction(friction) is not None

@@ -229,7 +229,7 @@ def test_power_iteration_and_step_size_check(quad):
     rep = stationarity_report({"virial_temperature": run["virial"][WINDOW:].mean(1)}, eta_lambda_max=1.5)
     assert rep.by_name("eta_lambda_max").status == "fail"
     assert rep.by_name("virial_temperature").status == "fail"
-    assert "eta*lambda_max = 1.5 > 0.2" in rep.by_name("virial_temperature").reason   # STEP_ACCURACY_BOUND
+    assert "eta*lambda_max = 1.5 > 0.25" in rep.by_name("virial_temperature").reason   # STEP_ACCURACY_BOUND
     assert stationarity_report(eta_lambda_max=0.05).by_name("eta_lambda_max").status == "pass"
     assert stationarity_report(eta_lambda_max=0.5).by_name("eta_lambda_max").status == "warn"
 

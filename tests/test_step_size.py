@@ -90,7 +90,7 @@ def test_flat_potential_has_no_auto_step_and_arguments_are_checked():
     with pytest.raises(ValueError, match=r"Invalid lambda_max: measured 0.0 .*pass a float step size"):
         auto_step_size(lambda: (theta * 0.0).sum(), [theta], num_iters=2)
     assert step_from_lambda_max(50.0) == pytest.approx(0.002)
-    assert step_from_lambda_max(100.0, friction=1.0) == pytest.approx(KINETIC_SAFETY / 10)   # sqrt(0.2)/10
+    assert step_from_lambda_max(100.0, friction=1.0) == pytest.approx(0.05)   # c_k = 0.5 (unchanged by issue 19)
     assert step_from_lambda_max(100.0, safety=0.5) == pytest.approx(0.005)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="Invalid lambda_max"):

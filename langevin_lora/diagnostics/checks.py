@@ -74,7 +74,7 @@ class Evidence:
         temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
         noise_ratio_max: gate on :math:`\rho` (0.1).
         step_size_max: gate on the step number :math:`\eta\lambda_{\max}` (:math:`\tfrac{h^2}{2}\lambda_{\max}`
-            kinetic): :data:`langevin_lora.step_size.STEP_ACCURACY_BOUND` (0.2), twice the automatic step's.
+            kinetic): :data:`langevin_lora.step_size.STEP_ACCURACY_BOUND` (0.25), at least twice the automatic step's.
         ess_min, geweke_max, z_max: ESS needed before judging; Geweke :math:`|z|` bound; z bound of
             the identities tested against their standard errors.
         summary: numbers the checks add for the report (filled while checking).

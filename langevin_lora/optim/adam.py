@@ -66,7 +66,7 @@ class LangevinAdam(LangevinOptimizer):
         step_size: ``"auto"`` (default): when sampling starts, the Langevin step is measured from
             ``step(closure)``'s closure (:math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` by power iteration on
             finite differences of its gradients, this step's dropout masks replayed, 5–40 closure calls;
-            :math:`h = 0.447/\sqrt{\lambda_{\max}}`, or :math:`\eta = 0.1/\lambda_{\max}` overdamped) and again
+            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, or :math:`\eta = 0.1/\lambda_{\max}` overdamped) and again
             every ``step_size_every_n_steps`` sampling steps; ``lr`` then only scales it (your LR schedule,
             relative to ``lr`` when sampling started). Without a closure a :class:`StepSizeWarning` says so before
             the first noisy step and ``lr`` is used. ``"lr"``: ``lr`` is the Langevin step (the behaviour

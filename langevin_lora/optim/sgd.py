@@ -71,11 +71,11 @@ class LangevinSGD(LangevinOptimizer):
         prior_centre: ``None`` (default: the prior is centred at 0) or ``"start"``.
         step_size: ``"lr"`` (default: each group's ``lr`` is the Langevin step :math:`\eta`, or :math:`h`
             with friction), ``"auto"`` (measured: :math:`\eta = 0.1/\lambda_{\max}`,
-            :math:`h = 0.447/\sqrt{\lambda_{\max}}`, :mod:`langevin_lora.step_size`, from the closure of
+            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, :mod:`langevin_lora.step_size`, from the closure of
             ``step(closure)`` at the first step and every ``step_size_every_n_steps`` steps; your LR
             schedule applies as a factor relative to ``lr`` at the first step) or a float (that step at
             the first step, times the same factor).
-        step_safety: :math:`c` of the automatic step (:math:`c_k` kinetic), in ``(0, 2)``; default 0.1 (0.447).
+        step_safety: :math:`c` of the automatic step (:math:`c_k` kinetic), in ``(0, 2)``; default 0.1 (0.5).
         step_size_every_n_steps: steps between re-measurements under ``"auto"`` (0: once).
         guard: ``True`` (default): a :class:`~langevin_lora.DivergenceGuard` watches every step of the
             groups at ``temperature > 0``; on a runaway it restores the last good snapshot and cuts the
