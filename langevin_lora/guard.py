@@ -49,7 +49,9 @@ statistic, its value and threshold, the step and the new factor); the front-end 
 step by :attr:`~DivergenceGuard.scale` (and re-measures :math:`\lambda_{\max}` when automatic).
 Past ``max_cuts`` cuts it raises :class:`DivergenceError` instead.
 
-**Custom loops** with :class:`~langevin_lora.LangevinSGD` / :class:`~langevin_lora.LangevinAdam`::
+**The optimizers** (:class:`~langevin_lora.LangevinSGD` / :class:`~langevin_lora.LangevinAdam`) hold one
+by default (``guard=True``, since issue 19) and need nothing more. To drive your own in a custom loop,
+build the optimizer with ``guard=False``::
 
     guard = DivergenceGuard()
     for batch in loader:

@@ -270,3 +270,7 @@ class LangevinAdam(LangevinOptimizer):
         for reference, groups in due.items():
             counts = {p: g["adapted"] for g in groups for p in g["params"]}
             self.engine.refreeze(counts, reference, eps=groups[0]["eps"], clamp=groups[0]["precond_clamp"])
+        if due:
+            self._remeasure = True   # the step follows the new G (at the next step(closure))
+            if self.guard is not None and self.guard.started:
+                self.guard.mark_good()   # an older snapshot would bring the old G back

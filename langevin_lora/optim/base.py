@@ -14,7 +14,7 @@ from langevin_lora.curvature import RngSnapshot
 from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.functional import FRICTION_AUTO, check_friction
 from langevin_lora.guard import DivergenceGuard
-from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning
+from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
 from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
@@ -64,6 +64,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         self._base_step: float | None = None   # the measured (auto) or given (float) step at sampling start
         self._langevin_steps = 0                # noisy/sampling steps taken (re-measurement cadence)
         self._warned_no_closure = False
+        self._remeasure = False                  # G was re-frozen: measure again at the next closure
         super().__init__(params, defaults)
         self.engine.state = self.state
 
@@ -137,7 +138,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
     def _measure_due(self) -> bool:
         if self.step_size != "auto" or not self._noisy():
             return False
-        return self._base_step is None or self.auto_step.due(self._langevin_steps)
+        return self._base_step is None or self._remeasure or self.auto_step.due(self._langevin_steps)
 
     def _measure(self, closure: Callable[[], Any], rng: RngSnapshot | None, *, cold: bool = False) -> float | None:
         """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
@@ -168,7 +169,16 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
             for p, w in masters.items():   # finite differences moved p, not its fp32 master: resync
                 if w is not p:
                     p.copy_(w)
-        return est.step_size
+        lam = est.lambda_max
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every replica must take the same step (their probe batches differ): the largest lambda_max
+            t = torch.tensor(lam, dtype=torch.float64, device=params[0].device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            lam = float(t)
+            self.auto_step.lambda_max = lam
+            self.auto_step.step_size = step_from_lambda_max(lam, friction=friction, safety=self.auto_step.safety)
+        self._remeasure = False
+        return self.auto_step.step_size
 
     def _start_steps(self, closure: Callable[[], Any] | None, rng: RngSnapshot | None) -> None:
         """At a sampling step, before the update: the step size at sampling start and when re-measurement
@@ -257,7 +267,8 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         if guard is not None:
             if not guard.started:
                 guard.start(self.engine, {p: p for _, b in pairs for p in b.params}, [b for _, b in pairs])
-            guard.observe([b for _, b in pairs], self._loss)
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            guard.observe([b for _, b in pairs], None if distributed else self._loss)   # ranks must decide alike
         self.engine.step([b for _, b in pairs])
         self._langevin_steps += 1
         if guard is not None:
