@@ -189,7 +189,21 @@ def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head
         out.append(g)
     else:
         _warn_frozen_head(model)
+    _warn_lora_dropout(model)
     return out
+
+
+def _warn_lora_dropout(model: nn.Module) -> None:
+    """LoRA dropout > 0 in train mode makes every gradient a random function of the dropout mask: the chain
+    then samples a different (dropout-averaged) target than the documented Gibbs measure. Say so once."""
+    rates = {float(d.p) for m in model.modules() for d in getattr(getattr(m, "lora_dropout", None), "values",
+                                                                    lambda: [])() if isinstance(d, nn.Dropout)}
+    rates.discard(0.0)
+    if rates:
+        warnings.warn(f"lora_param_groups: LoRA dropout p={max(rates):g} is on in train mode: while sampling, each "
+                      "gradient then depends on a random mask and the chain samples a dropout-averaged target, not "
+                      "the Gibbs measure of your loss. Set LoraConfig(lora_dropout=0.0), or call model.eval() once "
+                      "sampling starts (LangevinAdam.sampling).", UserWarning, stacklevel=3)
 
 
 #: Module names of the task heads Hugging Face models initialise at random (sequence classification).

@@ -271,3 +271,19 @@ def test_second_fit_on_a_finished_trainer_keeps_the_bank():
     with pytest.warns(UserWarning, match=r"already reached its end .*\(3 samples\) are kept"):
         t.fit(mod, loader())
     assert len(cb.sample_bank) == 3   # on main: emptied, with zero steps run
+
+
+def test_lora_dropout_while_sampling_is_named():
+    model = tiny_bert()
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for n, m in model.named_modules() if "lora_dropout" in n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lora_param_groups(model)   # lora_dropout=0: no word
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64))
+    dropped = get_peft_model(base, LoraConfig(r=4, target_modules=["query"], lora_dropout=0.1,
+                                              modules_to_save=["classifier"]))
+    with pytest.warns(UserWarning, match=r"LoRA dropout p=0.1 is on .*lora_dropout=0.0"):
+        lora_param_groups(dropped)
