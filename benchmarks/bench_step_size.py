@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "prior floor λ·max G"], srows)
     print(table)
     if not args.no_record and table:
-        cmd = "python -m benchmarks.bench_step_size " + " ".join(argv if argv is not None else [])
+        cmd = "python -m benchmarks.bench_step_size " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Automatic step size and divergence guard: the README quick start at any user lr "
                        "(bench_step_size.py)", table, cmd.strip(), machine=machine_record(),
                        path=args.results,
