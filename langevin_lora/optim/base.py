@@ -284,7 +284,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         auto = self.step_size == "auto" and self._closure is not None
         self.guard.recover(event, step_size=step, stable_step=None if auto else self._stable_step(self._closure, self._rng))
         if auto:
-            self._base_step = self._measure(self._closure, self._rng)
+            try:
+                self._base_step = self._measure(self._closure, self._rng)
+            except ValueError:   # unmeasurable at the restored point (e.g. a non-finite probe loss): keep the base
+                pass
 
     def _centre_priors(self, groups: Iterable[dict[str, Any]]) -> None:
         """``prior_centre="start"``: centre the prior of every tensor of ``groups`` (sampling now) that has
