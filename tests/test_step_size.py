@@ -308,15 +308,19 @@ def test_callback_auto_step_honours_friction(friction):
 
 def test_optimizer_step_size_is_the_user_learning_rate():
     """step_size="optimizer" (the behaviour before issue 13): every Langevin step uses the param group's
-    current lr (the user's schedule included), no curvature is measured and no probe batch is kept."""
-    seen = []
-    cb = LangevinLoRA(num_data=N, burn_in_steps=3, weight_decay=0.2, seed=0, diagnostics=False,
-                      step_size="optimizer")
-    cb.step_observers.append(lambda tr, pl, c: seen.append((c.langevin_groups()[0].lr,
-                                                            tr.optimizers[0].param_groups[0]["lr"])))
-    trainer([cb], 3 + 5).fit(Tiny(), loader())
-    assert len(seen) == 5 and all(a == b for a, b in seen) and len({a for a, _ in seen}) == 5
-    assert cb.auto_step.measurements == 0 and cb.auto_step.lambda_max is None and cb._probe.size == 0
+    current lr (the user's schedule included) and no curvature is measured. The probe batches are kept only
+    for the divergence guard (issue 19: a runaway is cut to the stable step measured on them); without the
+    guard none is kept."""
+    for guard in (True, False):
+        seen = []
+        cb = LangevinLoRA(num_data=N, burn_in_steps=3, weight_decay=0.2, seed=0, diagnostics=False,
+                          step_size="optimizer", guard=guard)
+        cb.step_observers.append(lambda tr, pl, c: seen.append((c.langevin_groups()[0].lr,
+                                                                tr.optimizers[0].param_groups[0]["lr"])))
+        trainer([cb], 3 + 5).fit(Tiny(), loader())
+        assert len(seen) == 5 and all(a == b for a, b in seen) and len({a for a, _ in seen}) == 5
+        assert cb.auto_step.measurements == 0 and cb.auto_step.lambda_max is None
+        assert (cb._probe.size > 0) == guard
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -428,7 +432,9 @@ def test_bench_step_size_smoke(monkeypatch, tmp_path, one_thread):
     bench = importlib.import_module("benchmarks.bench_step_size")
     results = tmp_path / "RESULTS.md"
     out = bench.main(["--quick", "--models", "tiny-bert", "--lrs", "1e-3", "--results", str(results)])
-    (run,) = out["runs"]
-    assert run["finite"] and run["cuts"] == 0 and run["lambda_max"] > 0 and run["grad_evals"] > 0
+    callback, optimizer = out["runs"]   # issue 19: both front-ends by default
+    for run in (callback, optimizer):
+        assert run["finite"] and run["cuts"] == 0 and run["lambda_max"] > 0 and run["grad_evals"] > 0
     text = results.read_text()
     assert "bench_step_size" in text and "| tiny-bert | 0.001 | auto |" in text and "cost: grad evals" in text
+    assert "| tiny-bert | 0.001 | optimizer: auto |" in text and "--lrs 1e-3" in text
