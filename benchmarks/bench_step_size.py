@@ -276,8 +276,13 @@ def spread(sizes=(8, 32, 128), reps: int = 3, lr: float = 2e-4, seed: int = 0) -
 
 
 # -- main -------------------------------------------------------------------------------------------
+#: LangevinAdam's behaviour before issue 19 (``--contrast``): ``lr`` is the Langevin step, overdamped, prior at 0,
+#: no guard.
+PRE19_ADAM = dict(step_size="lr", friction=None, prior_centre=None, guard=False)
+
+
 def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None = None,
-                  sizes: dict | None = None) -> dict[str, Any]:
+                  sizes: dict | None = None, legacy: bool = False) -> dict[str, Any]:
     """The README *optimizer* quick start as written, in a plain loop: ``LangevinAdam(lora_param_groups(model),
     lr=lr, num_data=N, weight_decay=weight_decay_from_prior_std(0.1, N), warmup_steps=burn_in_steps, seed=0)``
     stepped with ``opt.step(closure)`` (every other argument at its default: measured step, kinetic
@@ -293,7 +298,7 @@ def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None
     train, test, y_test = _loaders(tok, sizes, seed)
     n = sizes["n_train"]
     opt = LangevinAdam(lora_param_groups(model), lr=lr, num_data=n, weight_decay=weight_decay_from_prior_std(0.1, n),
-                       warmup_steps=sizes["burn_in_steps"], seed=0)
+                       warmup_steps=sizes["burn_in_steps"], seed=0, **(PRE19_ADAM if legacy else {}))
     bank = SampleBank(num_samples=sizes["num_samples"])
     sq, t, sampled = [], 0, 0
     t0 = time.perf_counter()
@@ -317,7 +322,8 @@ def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None
                 if t >= steps:
                     break
     wall = time.perf_counter() - t0
-    out: dict[str, Any] = {"model": kind, "lr": lr, "mode": "optimizer: auto", "wall": wall, "steps": steps,
+    out: dict[str, Any] = {"model": kind, "lr": lr, "mode": "optimizer: lr (before 19)" if legacy else "optimizer: auto",
+                           "wall": wall, "steps": steps,
                            "divergence_warnings": sum(issubclass(w.category, DivergenceWarning) for w in caught)}
     model.eval()
     try:
@@ -329,7 +335,7 @@ def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None
     out["finite"] = all(bool(torch.isfinite(p).all()) for p in params) and out["finite_probs"]
     lora = opt.param_groups[0]
     d = sum(p.numel() for p in params)
-    out.update(num_samples=sizes["num_samples"], samples=len(bank), cuts=opt.guard.cuts,
+    out.update(num_samples=sizes["num_samples"], samples=len(bank), cuts=opt.guard.cuts if opt.guard else 0,
                lambda_max=opt.auto_step.lambda_max or math.nan, grad_evals=opt.auto_step.grad_evals,
                measure_seconds=opt.auto_step.seconds, step_size=opt.group_step(lora),
                theta_sq_start=sq[0] if sq else math.nan, theta_sq_end=_lora_sq(model),
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
-    ap.add_argument("--contrast", action="store_true", help="also run step_size='optimizer' (the old behaviour)")
+    ap.add_argument("--contrast", action="store_true", help="also run the old behaviour: step_size='optimizer' (callback), LangevinAdam with lr as the step and no guard (optimizer)")
     ap.add_argument("--spread", action="store_true", help="lambda_max spread vs probe size on MiniLM")
     ap.add_argument("--size", choices=sorted(SIZES), default="small", help="data and step sizes (default small)")
     ap.add_argument("--quick", action="store_true", help="--size quick (smoke test)")
@@ -396,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(run_one(kind, lr, step_size="optimizer", **one))
             if "optimizer" in args.front_ends:
                 runs.append(run_optimizer(kind, lr, **one))
+                if args.contrast:
+                    runs.append(run_optimizer(kind, lr, legacy=True, **one))
             for r in runs:
                 r["acc_adamw"] = base["acc"]
                 results["runs"].append(r)
