@@ -73,6 +73,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.engine import LangevinEngine, StepGroup
 
@@ -104,6 +105,7 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+@readable_docstring
 class DivergenceGuard:
     """Online detection of a runaway chain, last-good snapshots and step cuts (module docstring).
 

@@ -66,6 +66,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
 from langevin_lora.functional import check_friction
@@ -256,6 +257,7 @@ def _check_finite_loss(closure: Callable[[], Tensor], backward_closure: bool = F
             "pass loss_fn=...); a float step_size skips the measurement but the training loss is broken too")
 
 
+@readable_docstring
 class AutoStepSize:
     r"""The automatic step of a front-end over a chain: measured when sampling starts and again every
     ``every_n_steps`` Langevin steps (warm-started from the previous eigenvector, ``warm_iters``

@@ -5,6 +5,7 @@ from typing import Any, Iterable
 
 import torch
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_real
 from langevin_lora.engine import LOW_PRECISION, StepGroup
 from langevin_lora.functional import FRICTION_AUTO, adam_inverse_scale, check_clamp
@@ -12,6 +13,7 @@ from langevin_lora.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
+@readable_docstring
 class LangevinAdam(LangevinOptimizer):
     r"""Adam warm-up, then exact Langevin sampling with a frozen Adam preconditioner.
 

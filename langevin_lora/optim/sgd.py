@@ -2,11 +2,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora.engine import StepGroup
 from langevin_lora.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
+@readable_docstring
 class LangevinSGD(LangevinOptimizer):
     r"""Stochastic-gradient Langevin dynamics (SGLD / ULA) with coupled weight decay.
 
