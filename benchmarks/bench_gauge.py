@@ -392,7 +392,7 @@ def run(target, *, chains: int, warmup: int, steps: int, balance_every: int | No
             _balance(target, params)
     if balance_at_start:
         _balance(target, params)
-    opt = LangevinSGD(params, lr=target.lr, beta=target.beta, weight_decay=target.weight_decay, seed=seed + 1)
+    opt = LangevinSGD(params, lr=target.lr, beta=target.beta, weight_decay=target.weight_decay, seed=seed + 1, guard=False)
     traces: dict[str, list] = {}
     t0 = time.perf_counter()
     for _ in range(steps):

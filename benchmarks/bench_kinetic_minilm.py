@@ -159,7 +159,8 @@ def sampler(params, adamw: torch.optim.AdamW, *, lr: float, friction, lam: float
     """A :class:`LangevinAdam` frozen at once from AdamW's second moment (its bias-corrected
     :math:`\\hat v`, clamp [0.1, 10] x median), prior centred at the current parameters."""
     opt = LangevinAdam(params, lr=lr, num_data=num_data, temperature=1.0, weight_decay=lam, warmup_steps=None,
-                       precond_clamp=(0.1, 10.0), friction=friction, prior_centre="start", seed=seed)
+                       precond_clamp=(0.1, 10.0), friction=friction, prior_centre="start", seed=seed,
+                       step_size="lr", guard=False)   # this benchmark sets the step itself
     group = opt.param_groups[0]
     for p in params:
         st = adamw.state[p]

@@ -72,11 +72,11 @@ def make_contenders(n_layers: int, width: int, device: str) -> dict[str, callabl
     out["torch SGD"] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinSGD(p, lr=LR, num_data=10_000, weight_decay=WD, foreach=True, seed=0)
+    opt = LangevinSGD(p, lr=LR, num_data=10_000, weight_decay=WD, foreach=True, seed=0, guard=False)
     out["LangevinSGD T=1"] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinSGD(p, lr=LR, num_data=10_000, temperature=0.0, weight_decay=WD, foreach=True, seed=0)
+    opt = LangevinSGD(p, lr=LR, num_data=10_000, temperature=0.0, weight_decay=WD, foreach=True, seed=0, guard=False)
     out["LangevinSGD T=0"] = opt.step
 
     p = lora_params(n_layers, width, device)
@@ -84,11 +84,13 @@ def make_contenders(n_layers: int, width: int, device: str) -> dict[str, callabl
     out["torch AdamW" + (" fused" if cuda else "")] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=None, foreach=True, seed=0)
+    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=None, foreach=True, seed=0,
+                       friction=None, prior_centre=None, step_size="lr", guard=False)   # the step as measured before
     out["LangevinAdam warm-up"] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=1, foreach=True, seed=0)
+    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=1, foreach=True, seed=0,
+                       friction=None, prior_centre=None, step_size="lr", guard=False)
     opt.step()  # one Adam step, then the preconditioner is frozen
     assert opt.sampling
     out["LangevinAdam sampling"] = opt.step

@@ -405,7 +405,7 @@ def _gauge(target: Target, params, seed: int):
 
 def make_ours_sgd(target: Target, eta: float, seed: int, gauge: bool = False):
     params = _batched_init(target, target.chains)
-    opt = LangevinSGD(params, lr=eta, beta=target.beta, weight_decay=target.lam, seed=seed)
+    opt = LangevinSGD(params, lr=eta, beta=target.beta, weight_decay=target.lam, seed=seed, guard=False)
     move = _gauge(target, params, seed) if gauge else None
 
     def step():
@@ -422,7 +422,8 @@ def make_ours_adam(target: Target, h: float, H: np.ndarray, seed: int, gauge: bo
     changes, so that eta * lambda_max(G^1/2 H G^1/2) = h (same h as SGLD) for every chain."""
     params = _batched_init(target, target.chains)
     opt = LangevinAdam(params, lr=target.warm_lr, beta=target.beta, weight_decay=target.lam,
-                       warmup_steps=target.warm_steps, adapt_steps=target.adapt_steps if adapt else 0, seed=seed)
+                       warmup_steps=target.warm_steps, adapt_steps=target.adapt_steps if adapt else 0, seed=seed,
+                       friction=None, prior_centre=None, step_size="lr", guard=False)   # the sampler compared
     move = _gauge(target, params, seed) if gauge else None
     info: dict = {"eta": None, "gauge": move}
     phase = ["warm-up"]
@@ -551,7 +552,7 @@ def check_posteriors_convention(target: Target, eta: float, seed: int = 0, steps
     out = {}
     for key, temp in (("noise_free", 0.0), ("same_noise", 1.0)):
         ours = [nn.Parameter(x0.clone())]
-        opt = LangevinSGD(ours, lr=eta, beta=target.beta, temperature=temp, weight_decay=target.lam, seed=seed)
+        opt = LangevinSGD(ours, lr=eta, beta=target.beta, temperature=temp, weight_decay=target.lam, seed=seed, guard=False)
 
         def log_post(tree, batch):
             return -target.potential([tree["p0"]]).sum(), torch.zeros(())

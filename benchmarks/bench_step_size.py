@@ -1,4 +1,4 @@
-"""Benchmark: does the README callback quick start survive any user learning rate? (issue 13)
+"""Benchmark: do the README quick starts (callback and optimizer) survive any user learning rate? (issues 13, 19)
 
 For each model and each learning rate of the user's AdamW, two Lightning runs from the same
 initialisation, data order and step budget:
@@ -18,6 +18,9 @@ finite. ``--contrast`` adds the old behaviour (``step_size="optimizer"``: the Ad
 step) with the guard on, to show what the guard has to rescue. ``--spread`` measures how the
 :math:`\\lambda_{\\max}` estimate varies with the probe size on MiniLM (3 disjoint probes per size).
 
+- **the README optimizer quick start** (issue 19, ``--front-ends optimizer``): ``LangevinAdam`` in a plain
+  loop with ``opt.step(closure)`` (:func:`run_optimizer`), samples into a ``SampleBank``, averaged.
+
 Models: ``minilm`` (packaged all-MiniLM-L6-v2), ``tiny-bert`` and ``tiny-gpt2`` (random, built from
 configs: no download), ``smollm2`` (packaged SmolLM2-135M as a sequence classifier). Data: the UCI SMS
 Spam Collection (stratified, fixed seed): 64 training and 128 held-out messages by default (``--size``).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -272,6 +276,75 @@ def spread(sizes=(8, 32, 128), reps: int = 3, lr: float = 2e-4, seed: int = 0) -
 
 
 # -- main -------------------------------------------------------------------------------------------
+#: LangevinAdam's behaviour before issue 19 (``--contrast``): ``lr`` is the Langevin step, overdamped, prior at 0,
+#: no guard.
+PRE19_ADAM = dict(step_size="lr", friction=None, prior_centre=None, guard=False)
+
+
+def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None = None,
+                  sizes: dict | None = None, legacy: bool = False) -> dict[str, Any]:
+    """The README *optimizer* quick start as written, in a plain loop: ``LangevinAdam(lora_param_groups(model),
+    lr=lr, num_data=N, weight_decay=weight_decay_from_prior_std(0.1, N), warmup_steps=burn_in_steps, seed=0)``
+    stepped with ``opt.step(closure)`` (every other argument at its default: measured step, kinetic
+    ``friction="auto"``, prior centred where sampling starts, guard on); a sample every ``sample_every``
+    sampling steps into a :class:`~langevin_lora.samples.SampleBank`, accuracy of the averaged softmax."""
+    from langevin_lora import LangevinAdam, lora_param_groups, weight_decay_from_prior_std
+    from langevin_lora.samples import SampleBank
+
+    sizes = dict(FULL, **(sizes or {}))
+    steps = sizes["burn_in_steps"] + sizes["sample_every"] * sizes["num_samples"]
+    L.seed_everything(seed, verbose=False)
+    model, tok = build_model(kind, top_layers)
+    train, test, y_test = _loaders(tok, sizes, seed)
+    n = sizes["n_train"]
+    opt = LangevinAdam(lora_param_groups(model), lr=lr, num_data=n, weight_decay=weight_decay_from_prior_std(0.1, n),
+                       warmup_steps=sizes["burn_in_steps"], seed=0, **(PRE19_ADAM if legacy else {}))
+    bank = SampleBank(num_samples=sizes["num_samples"])
+    sq, t, sampled = [], 0, 0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DivergenceWarning)
+        while t < steps:
+            for batch in train:
+                def closure(batch=batch):
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(_forward(model, batch), batch[2])
+                    loss.backward()
+                    return loss
+                if opt.sampling and not sq:
+                    sq.append(_lora_sq(model))
+                opt.step(closure)
+                t += 1
+                if opt.sampling and t > sizes["burn_in_steps"]:
+                    sampled += 1
+                    if sampled % sizes["sample_every"] == 0:
+                        bank.add(model, t)
+                if t >= steps:
+                    break
+    wall = time.perf_counter() - t0
+    out: dict[str, Any] = {"model": kind, "lr": lr, "mode": "optimizer: lr (before 19)" if legacy else "optimizer: auto",
+                           "wall": wall, "steps": steps,
+                           "divergence_warnings": sum(issubclass(w.category, DivergenceWarning) for w in caught)}
+    model.eval()
+    try:
+        probs = bma_predict_proba(model, bank, test, forward_fn=_forward)
+        out["acc"], out["finite_probs"] = float((probs.argmax(-1) == y_test).float().mean()), True
+    except (FloatingPointError, ValueError):
+        out["acc"], out["finite_probs"] = math.nan, False
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    out["finite"] = all(bool(torch.isfinite(p).all()) for p in params) and out["finite_probs"]
+    lora = opt.param_groups[0]
+    d = sum(p.numel() for p in params)
+    out.update(num_samples=sizes["num_samples"], samples=len(bank), cuts=opt.guard.cuts if opt.guard else 0,
+               lambda_max=opt.auto_step.lambda_max or math.nan, grad_evals=opt.auto_step.grad_evals,
+               measure_seconds=opt.auto_step.seconds, step_size=opt.group_step(lora),
+               theta_sq_start=sq[0] if sq else math.nan, theta_sq_end=_lora_sq(model),
+               prior_spread=d / (opt.group_beta(lora) * lora["weight_decay"]), langevin_steps=sampled,
+               weight_decay=lora["weight_decay"], virial=math.nan)
+    out["sec_per_step"] = (wall - out["measure_seconds"]) / steps
+    return out
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.3g}"
@@ -288,14 +361,18 @@ def _notes(sizes: dict, top_layers: int | None) -> str:
             "without the callback. `cost`: gradient evaluations of the probe set (64 examples) spent measuring "
             "λ_max (all measurements), and their wall time; `s per step`: one training step, for scale. "
             "`guard cuts` 0 = never diverged; β·T_virial: the live diagnostics' last windows (1 at stationarity; "
-            "these runs are far too short to get there).")
+            "these runs are far too short to get there). `optimizer: auto` rows: the README optimizer quick start, "
+            f"LangevinAdam(lora_param_groups(model), lr=<user lr>, num_data={sizes['n_train']}, "
+            "weight_decay=weight_decay_from_prior_std(0.1, N), warmup_steps=<burn-in>) stepped with "
+            "opt.step(closure) in a plain loop (measured kinetic step, prior centred where sampling starts, guard "
+            "on); η is its time step h, λ_max measured by finite differences of the closure's gradients.")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
-    ap.add_argument("--contrast", action="store_true", help="also run step_size='optimizer' (the old behaviour)")
+    ap.add_argument("--contrast", action="store_true", help="also run the old behaviour: step_size='optimizer' (callback), LangevinAdam with lr as the step and no guard (optimizer)")
     ap.add_argument("--spread", action="store_true", help="lambda_max spread vs probe size on MiniLM")
     ap.add_argument("--size", choices=sorted(SIZES), default="small", help="data and step sizes (default small)")
     ap.add_argument("--quick", action="store_true", help="--size quick (smoke test)")
@@ -304,18 +381,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--front-ends", nargs="+", default=["callback", "optimizer"], choices=["callback", "optimizer"],
+                    help="the README's callback quick start, its optimizer quick start (LangevinAdam in a plain "
+                         "loop), or both (default)")
+    ap.add_argument("--sample-every", type=int, default=None, help="override the size's sample_every (more "
+                                                                   "sampling steps per run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sizes = SIZES["quick" if args.quick else args.size]
+    sizes = dict(SIZES["quick" if args.quick else args.size])
+    if args.sample_every:
+        sizes["sample_every"] = args.sample_every
     top_layers = args.top_layers or None
     rows, results = [], {"runs": [], "spread": []}
     for kind in args.models:
         for lr in args.lrs:
             one = dict(sizes=sizes, top_layers=top_layers)
             base = run_one(kind, lr, langevin=False, **one)
-            runs = [run_one(kind, lr, **one)]
-            if args.contrast:
+            runs = [run_one(kind, lr, **one)] if "callback" in args.front_ends else []
+            if args.contrast and "callback" in args.front_ends:
                 runs.append(run_one(kind, lr, step_size="optimizer", **one))
+            if "optimizer" in args.front_ends:
+                runs.append(run_optimizer(kind, lr, **one))
+                if args.contrast:
+                    runs.append(run_optimizer(kind, lr, legacy=True, **one))
             for r in runs:
                 r["acc_adamw"] = base["acc"]
                 results["runs"].append(r)
@@ -342,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "prior floor λ·max G"], srows)
     print(table)
     if not args.no_record and table:
-        cmd = "python -m benchmarks.bench_step_size " + " ".join(argv if argv is not None else [])
+        cmd = "python -m benchmarks.bench_step_size " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Automatic step size and divergence guard: the README quick start at any user lr "
                        "(bench_step_size.py)", table, cmd.strip(), machine=machine_record(),
                        path=args.results,

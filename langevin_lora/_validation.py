@@ -23,8 +23,9 @@ def check_real(name: str, value: Any, *, low: float = -math.inf, high: float = m
     The interval is ``[low, high]`` with each end open when ``low_open`` / ``high_open``.
     NaN is always rejected; ``inf`` only when ``allow_inf``.
     """
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
+    # An infinite end is shown open unless inf is accepted: "(0, inf)" then rejects inf consistently.
+    lo = "(" if low_open or (math.isinf(low) and not allow_inf) else "["
+    hi = ")" if high_open or (math.isinf(high) and not allow_inf) else "]"
     allowed = f"{lo}{low:g}, {high:g}{hi}"
     if not _is_real(value) or math.isnan(float(value)):
         raise ValueError(f"Invalid {name}: {value!r} (expected a real number in {allowed})")

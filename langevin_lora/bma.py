@@ -19,6 +19,8 @@ A sample whose probabilities are not finite (a chain that diverged) is never ave
 """
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,16 +35,35 @@ __all__ = ["bma_predict_proba", "default_forward"]
 Forward = Callable[[nn.Module, Any], Tensor]
 
 
+def _required_inputs(model: nn.Module) -> int:
+    """How many positional inputs ``model.forward`` requires (at least 1; 1 when it takes ``*args``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return max(1, sum(1 for p in params if p.kind in positional and p.default is inspect.Parameter.empty))
+
+
 def default_forward(model: nn.Module, batch: Any) -> Tensor:
-    """Logits of a batch: ``model(**inputs)`` for a dict (``labels``/``label`` removed),
-    ``model(batch[0])`` for a tuple/list ``(x, y)``, else ``model(batch)``; ``.logits`` is taken
-    from model outputs that have it (Hugging Face models)."""
-    if isinstance(batch, Mapping):
-        out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
-    elif isinstance(batch, (tuple, list)):
-        out = model(batch[0])
-    else:
-        out = model(batch)
+    """Logits of a batch: ``model(**inputs)`` for a dict (``labels``/``label`` removed); for a tuple/list
+    ``(x_1, …, x_k, y)``, ``model(x_1, …, x_k)`` with ``k`` the number of positional inputs ``forward``
+    requires (``model(batch[0])`` for the usual ``(x, y)``); else ``model(batch)``. ``.logits`` is taken
+    from model outputs that have it (Hugging Face models). Any other layout: pass
+    ``forward_fn=lambda model, batch: ...`` to :func:`bma_predict_proba`."""
+    try:
+        if isinstance(batch, Mapping):
+            out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label")})
+        elif isinstance(batch, (tuple, list)):
+            k = min(_required_inputs(model), max(1, len(batch) - 1))
+            out = model(*batch[:k])
+        else:
+            out = model(batch)
+    except TypeError as exc:
+        kind = "dict" if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(f"bma_predict_proba: the default forward could not call {type(model).__name__} on a {kind} "
+                        f"batch ({exc}); pass forward_fn=lambda model, batch: <logits>, e.g. "
+                        "forward_fn=lambda m, b: m(b[0], b[1]) for batches (x, mask, y)") from exc
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -54,7 +75,8 @@ def check_finite_probs(probs: Tensor, bank: "SampleBank", i: int, where: str) ->
         raise FloatingPointError(
             f"{where}: sample {i} (optimizer step {bank.steps[i]}) gives non-finite probabilities for "
             f"{int(bad.sum())} of {bad.numel()} examples (first: example {first}); the chain had diverged by "
-            "that step. Lower the Langevin step size (η·λ_max(G^½∇²UG^½) ≲ 0.1, see StepSizeWarning) or keep "
+            "that step. Shorten the Langevin step (η·λ_max(G^½∇²UG^½) ≤ 0.25, see StepSizeWarning: lower step_safety under "
+            "step_size='auto', else the float step_size) or keep "
             "only samples taken before the divergence.")
     return probs
 
@@ -100,7 +122,8 @@ def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batche
         dataloader_or_batches: a DataLoader without shuffling, a list of batches, or any iterable
             of batches (a one-shot iterator is read once into a list).
         forward_fn: ``forward_fn(model, batch) -> logits`` of shape ``(batch, n_classes)``;
-            default :func:`default_forward`.
+            default :func:`default_forward` (a dict batch as keywords; ``(x_1, …, x_k, y)`` as the ``k``
+            inputs ``forward`` requires). Pass it for any other batch layout.
 
     Returns:
         ``(n_examples, n_classes)`` float32 tensor of averaged probabilities, in data order.

@@ -27,8 +27,8 @@ keeps them). ``weight_decay`` :math:`\lambda` may be one number or one per tenso
 """
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -42,6 +42,7 @@ __all__ = [
     "batched_dot",
     "num_coordinates",
     "HessianVectorProduct",
+    "BackwardClosureHVP",
     "rademacher",
     "hutchinson_laplacian",
     "power_iteration",
@@ -61,6 +62,7 @@ def check_batch_dims(batch_dims: int, tensors: Sequence[Tensor]) -> int:
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
 
 
 def _product(x: Tensor, y: Tensor) -> Tensor:
@@ -130,7 +132,8 @@ class HessianVectorProduct:
         \qquad \epsilon = \texttt{fd\_eps}\cdot\max(\lVert\theta\rVert, 1)/\lVert v\rVert,
 
     exact for quadratics, :math:`O(\epsilon^2)` otherwise, with :math:`\theta` restored bitwise;
-    ``"auto"`` tries double backward and falls back (with one warning) when it raises, e.g. for
+    ``"auto"`` tries double backward and falls back (one debug log line, logger
+    ``langevin_lora.curvature``) when it raises, e.g. for
     kernels without a second derivative. ``loss_fn`` must be deterministic between calls (replay
     dropout with :class:`RngSnapshot`). ``batch_dims`` marks leading chain dimensions (the loss must
     then be a sum of independent per-chain losses). :attr:`loss_evaluations` counts the calls of
@@ -222,11 +225,33 @@ class HessianVectorProduct:
             self.used_method = "double_backward"
             return out
         except (RuntimeError, NotImplementedError) as exc:
-            warnings.warn(f"Hessian-vector product by double backward failed ({str(exc).splitlines()[0][:160]}); "
-                          "falling back to central finite differences of the gradient", RuntimeWarning, stacklevel=2)
+            # The expected path for kernels without a second derivative (e.g. fused attention on CPU): a
+            # debug line, not a warning on every run.
+            _log.debug("Hessian-vector product by double backward failed (%s); falling back to central finite "
+                       "differences of the gradient", str(exc).splitlines()[0][:160])
             self._grads = None
             self.used_method = "finite_difference"
             return self._finite_difference(vs)
+
+
+class BackwardClosureHVP(HessianVectorProduct):
+    r"""Hessian-vector products from a *torch optimizer closure* (it zeroes the gradients, computes the
+    loss, calls ``backward()`` and returns the loss, as :meth:`torch.optim.Optimizer.step` takes it):
+    central finite differences of the gradients it leaves in ``.grad``. This is how
+    :class:`~langevin_lora.LangevinSGD` / :class:`~langevin_lora.LangevinAdam` measure
+    :math:`\lambda_{\max}` from ``opt.step(closure)`` with no other access to the loss. Every ``.grad``
+    the closure writes is the caller's to save and restore; ``.grad`` of ``params`` is set to ``None``
+    before each call, so a closure that does not zero them is still right."""
+
+    def __init__(self, closure: Callable[[], Tensor], params: Sequence[Tensor], *, fd_eps: float = 1e-3) -> None:
+        super().__init__(closure, params, method="finite_difference", fd_eps=fd_eps)
+
+    def _gradient(self) -> list[Tensor]:
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            self._loss()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
 
 
 def rademacher(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
@@ -337,7 +362,7 @@ def top_eigenvalue(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
                    scale: Sequence[Tensor | float] | None = None, weight_decay: float | Sequence[float] = 0.0,
                    num_iters: int = 20, rtol: float | None = None, init: Sequence[Tensor] | None = None,
                    generator: torch.Generator | None = None, method: str = "auto", fd_eps: float = 1e-3,
-                   batch_dims: int = 0) -> TopEigenvalue:
+                   batch_dims: int = 0, backward_closure: bool = False) -> TopEigenvalue:
     r""":math:`\lambda_{\max}(M^{1/2}\nabla^2 U\,M^{1/2})` of the loss closure ``loss_fn`` at the
     current ``params``: :class:`HessianVectorProduct` + :func:`power_iteration`.
 
@@ -347,9 +372,13 @@ def top_eigenvalue(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
         lr = 0.1 / float(res.eigenvalue)
 
     ``res.loss_evaluations`` counts forward passes (each with a backward); about two gradient
-    evaluations per iteration in all.
+    evaluations per iteration in all. ``backward_closure``: ``loss_fn`` is a torch optimizer closure
+    (:class:`BackwardClosureHVP`, finite differences).
     """
-    hvp = HessianVectorProduct(loss_fn, params, method=method, fd_eps=fd_eps, batch_dims=batch_dims)
+    if backward_closure:   # a torch optimizer closure: gradients from .grad (BackwardClosureHVP)
+        hvp = BackwardClosureHVP(loss_fn, params, fd_eps=fd_eps)
+    else:
+        hvp = HessianVectorProduct(loss_fn, params, method=method, fd_eps=fd_eps, batch_dims=batch_dims)
     eig, vec = power_iteration(hvp, params, weight_decay=weight_decay, scale=scale, num_iters=num_iters,
                                generator=generator, batch_dims=batch_dims, init=init, rtol=rtol)
     return TopEigenvalue(eig, vec, hvp.products, hvp.loss_evaluations, hvp.used_method)

@@ -66,6 +66,7 @@ contract shared by three front-ends; the update formulas themselves live in :mod
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ __all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEng
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise")
 _DERIVED = ("precond_sqrt",)   # recomputed on load instead of saved
+_log = logging.getLogger(__name__)
 
 
 class NonFiniteGradientWarning(UserWarning):
@@ -286,8 +288,11 @@ class LangevinEngine:
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{self.owner}: non-finite gradient (inf or NaN); nothing was updated")
         self.skipped_steps += 1
+        # One constant message (the count is ``skipped_steps``): Python's warning filter then shows it once
+        # per call site instead of flooding the log with one distinct line per skipped step.
         warnings.warn(f"{self.owner}: non-finite gradient (inf or NaN); step skipped, nothing updated, no noise "
-                      f"drawn ({self.skipped_steps} skipped so far)", NonFiniteGradientWarning, stacklevel=stacklevel)
+                      "drawn (the count is the skipped_steps attribute)", NonFiniteGradientWarning,
+                      stacklevel=stacklevel)
         return False
 
     # -- the preconditioner ----------------------------------------------------------------------------
@@ -354,7 +359,14 @@ class LangevinEngine:
                 or (precond is not None and (len(precond) != len(cached[0])
                                              or any(a is not b for a, b in zip(precond, cached[0]))))):
             cached = self._auto[group.name] = (precond, group.weight_decay, auto_friction(group.weight_decay, precond))
+            _log.info("%s: friction='auto' of group %r: gamma = 2*sqrt(weight_decay * min G) = %.4g "
+                      "(weight_decay %.4g)", self.owner, group.name, cached[2], group.weight_decay)
         return cached[2]
+
+    def auto_frictions(self) -> dict[str, float]:
+        """The :math:`\gamma` that ``friction="auto"`` resolved to, by group name (also logged at INFO by
+        logger ``langevin_lora.engine`` each time it is resolved)."""
+        return {name: value[2] for name, value in self._auto.items()}
 
     def _init_momenta(self, groups: Sequence[StepGroup]) -> None:
         """Draw :math:`p \sim N(0, G/\beta)` for every kinetic tensor without a momentum (one draw)."""

@@ -10,8 +10,13 @@ step and warns with the numbers; after ``max_cuts`` cuts it raises :class:`Diver
 **Statistics** (per step; one host synchronisation), over the sampled tensors with per-group
 :math:`\beta_g`, :math:`\lambda_g` and :math:`d = \sum_g d_g` coordinates:
 
-- non-finite parameters after an update (immediate alarm), and ``max_skips`` consecutive steps
-  skipped for non-finite gradients (reported by the front-end with :meth:`DivergenceGuard.skipped`);
+- non-finite parameters after an update (immediate alarm);
+- at a step skipped for non-finite gradients (reported by the front-end with
+  :meth:`DivergenceGuard.skipped`), the parameters themselves: non-finite, or
+  :math:`\lVert\theta\rVert^2` above its single-step threshold, is a runaway; finite parameters in
+  range mean a bad batch, not divergence, and nothing is cut (a skipped step counts toward no
+  window and no cut; ``max_skips`` of them in a row give one warning that the data or the loss,
+  not the chain, is producing them);
 - the window mean of :math:`\lVert\theta\rVert^2` above
   ``theta_factor`` :math:`\cdot(\lVert\theta_0\rVert^2 + \sum_g d_g/(\beta_g\lambda_g))`
   (:math:`\theta_0` at the start; the Gibbs measure's prior part has :math:`\mathbb E\lVert\theta\rVert^2`
@@ -19,8 +24,9 @@ step and warns with the numbers; after ``max_cuts`` cuts it raises :class:`Diver
 - the window mean of :math:`U = \hat L_B + \sum_g \tfrac{\lambda_g}{2}\lVert\theta_g - c_g\rVert^2` (the
   minibatch loss the step returned; :math:`c_g` the prior centre, 0 unless one was set) above :math:`U_0` + ``energy_factor``
   :math:`\cdot(\sum_g d_g/(2\beta_g) + |U_0|)` (at stationarity :math:`\mathbb E U - U^* \approx d_{\mathrm{eff}}/(2\beta)`);
-- the window mean of the virial :math:`\frac1d\sum_g \beta_g(\theta_g - \theta_{g,0})\cdot\nabla U_g`
-  above ``virial_limit``: for any fixed :math:`\theta_0` its expectation under :math:`\pi_\beta` is
+- (overdamped chains) the window mean of the virial :math:`\frac1d\sum_g \beta_g(\theta_g - \theta_{g,0})\cdot\nabla U_g`
+  above ``virial_limit`` (a kinetic chain's stable transient overshoots its mode and makes it large, so
+  kinetic chains are judged by the other statistics): for any fixed :math:`\theta_0` its expectation under :math:`\pi_\beta` is
   exactly 1 (THEORY §3, :math:`\phi = \theta - \theta_0`), ``1 + ρ`` with minibatch noise, and it is
   *negative* while a chain relaxes from :math:`\theta_0` towards the mode, so only a runaway
   drives it far above 1.
@@ -36,12 +42,16 @@ becomes the *good* one once another ``snapshot_every`` steps have passed without
 chain is never returned to a point already on its way out. The position at the start is good.
 
 **Recovery.** :meth:`DivergenceGuard.recover` restores the good snapshot, multiplies the step
-factor :attr:`~DivergenceGuard.scale` by ``cut`` and warns (:class:`DivergenceWarning`, with the
+factor :attr:`~DivergenceGuard.scale` by ``cut`` (or more: when the front-end can measure the stable
+step at the restored point, ``stable_step``, the step goes straight down to it, so a step far too
+long is not refused after ``max_cuts`` quarterings that never reached the measurable scale) and warns (:class:`DivergenceWarning`, with the
 statistic, its value and threshold, the step and the new factor); the front-end multiplies its
 step by :attr:`~DivergenceGuard.scale` (and re-measures :math:`\lambda_{\max}` when automatic).
 Past ``max_cuts`` cuts it raises :class:`DivergenceError` instead.
 
-**Custom loops** with :class:`~langevin_lora.LangevinSGD` / :class:`~langevin_lora.LangevinAdam`::
+**The optimizers** (:class:`~langevin_lora.LangevinSGD` / :class:`~langevin_lora.LangevinAdam`) hold one
+by default (``guard=True``, since issue 19) and need nothing more. To drive your own in a custom loop,
+build the optimizer with ``guard=False``::
 
     guard = DivergenceGuard()
     for batch in loader:
@@ -58,11 +68,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.engine import LangevinEngine, StepGroup
 
@@ -94,6 +105,7 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+@readable_docstring
 class DivergenceGuard:
     """Online detection of a runaway chain, last-good snapshots and step cuts (module docstring).
 
@@ -109,7 +121,8 @@ class DivergenceGuard:
         snapshot_every: steps between snapshots (a snapshot becomes good ``snapshot_every`` steps later).
         theta_factor, energy_factor: margins of the :math:`\\lVert\\theta\\rVert^2` and :math:`U` thresholds.
         virial_limit: threshold of the window-mean virial temperature (1 at stationarity).
-        max_skips: consecutive steps skipped for non-finite gradients that count as a runaway.
+        max_skips: consecutive steps skipped for non-finite gradients at in-range parameters after
+            which one warning says that the data or the loss produce them (no cut: that is not divergence).
         cut: factor applied to the step at each recovery, in (0, 1).
         max_cuts: recoveries allowed; the next runaway raises :class:`DivergenceError`.
         owner: the front-end's name, used in messages.
@@ -144,6 +157,7 @@ class DivergenceGuard:
         self._limits: dict[str, float] = {}
         self.theta_scale = math.nan   # |theta_0|^2 + sum_g d_g / (beta_g lambda_g), set by start()
         self._dims = 0
+        self._kinetic = False
         self._u0: float | None = None
         self._skips = 0
         self._pending: Tensor | None = None
@@ -177,6 +191,10 @@ class DivergenceGuard:
             energy += n / (2.0 * g.beta)
             spread += n / (g.beta * g.weight_decay) if g.weight_decay > 0 else math.inf
         self._dims = dims
+        # A kinetic chain started away from its mode overshoots: (theta - theta_0) . grad U turns positive and
+        # large in a stable transient (excess energy beta * dU / d), so the virial is judged for overdamped
+        # chains only; |theta|^2, U and finiteness watch kinetic ones.
+        self._kinetic = any(getattr(g, "friction", None) is not None for g in groups)
         self.theta_scale = theta0 + spread
         self._limits = {"theta_sq": self.theta_factor * self.theta_scale, "energy_scale": energy}
         self._u0 = None
@@ -222,13 +240,26 @@ class DivergenceGuard:
             energy = lval + prior
         self._pending = torch.stack([sq, virial / self._dims if self._dims else nan, energy])
 
+    @torch.no_grad()
     def skipped(self) -> Divergence | None:
-        """Report a step skipped for non-finite gradients; ``max_skips`` in a row are a runaway."""
+        """Report a step skipped for non-finite gradients. A bad batch is not divergence: the step counts
+        toward no window and no cut. The parameters are judged instead: non-finite, or
+        :math:`\lVert\theta\rVert^2` above the single-step threshold (the chain ran away and its loss
+        overflowed) is a runaway, returned as a :class:`Divergence`."""
         self._pending = None
         self._skips += 1
-        if self._skips >= self.max_skips:
-            return Divergence("consecutive steps with non-finite gradients", float(self._skips), float(self.max_skips),
-                              self.steps)
+        if self._ref is not None and self._params:
+            works = [_wide(self._engine.work_tensor(k, p)) for k, p in self._params.items()]
+            sq = float(torch.stack(torch._foreach_norm(works)).double().square().sum())
+            if not math.isfinite(sq):
+                return self._event("|theta|^2 at a step with non-finite gradients (non-finite parameters)", sq, math.inf)
+            if sq > self._limits["theta_sq"]:
+                return self._event("|theta|^2 at a step with non-finite gradients", sq, self._limits["theta_sq"])
+        if self._skips == self.max_skips:
+            warnings.warn(f"{self.owner}: {self._skips} consecutive steps with non-finite gradients at finite parameters "
+                          f"in range (|theta|^2 below {self._limits.get('theta_sq', math.inf):.4g}): a bad batch or loss, "
+                          "not a divergence of the chain; nothing was cut. Check the data (NaN/inf inputs, empty "
+                          "sequences) or the loss.", DivergenceWarning, stacklevel=3)
         return None
 
     @torch.no_grad()
@@ -258,8 +289,8 @@ class DivergenceGuard:
         for i, (name, value) in enumerate(zip(names, values)):
             if i == 2 and math.isnan(value):
                 continue  # no loss given
-            if i == 1 and math.isnan(value) and not self._dims:
-                continue  # noise-free chain: no virial
+            if i == 1 and ((math.isnan(value) and not self._dims) or self._kinetic):
+                continue  # noise-free chain: no virial; kinetic chain: not judged (see start())
             if not math.isfinite(value):
                 return self._event(name.replace("window mean of ", ""), value, math.inf)
             self._sums[i] += value
@@ -306,10 +337,14 @@ class DivergenceGuard:
         return Divergence(reason, value, threshold, self.steps)
 
     # -- recovery -----------------------------------------------------------------------------------
-    def recover(self, event: Divergence, *, step_size: float | None = None) -> float:
+    def recover(self, event: Divergence, *, step_size: float | None = None,
+                stable_step: Callable[[], float | None] | None = None) -> float:
         """Return the chain to the good snapshot and cut the step: :attr:`scale` is multiplied by ``cut``
         and returned; a :class:`DivergenceWarning` says what happened (``step_size``, the step in use,
-        is quoted). Raises :class:`DivergenceError` after ``max_cuts`` cuts."""
+        is quoted). ``stable_step``: called after the restore, the step measured there (e.g.
+        :func:`~langevin_lora.step_size.auto_step_size`'s, ``None`` when it cannot be measured); when the
+        cut step is still longer, the step goes down to it in this one cut. Raises
+        :class:`DivergenceError` after ``max_cuts`` cuts."""
         self.events.append(event)
         if self.cuts >= self.max_cuts:
             raise DivergenceError(
@@ -322,11 +357,18 @@ class DivergenceGuard:
         self._skips = 0
         self._clear_window()
         self.cuts += 1
-        self.scale *= self.cut
-        new = "" if step_size is None else f"; step {step_size:.3g} -> {step_size * self.cut:.3g}"
+        factor = self.cut
+        measured = ""
+        if stable_step is not None and step_size is not None and step_size > 0:
+            stable = stable_step()
+            if stable is not None and math.isfinite(stable) and 0 < stable < step_size * self.cut:
+                factor = stable / step_size
+                measured = f", the stable step measured at the restored point {stable:.3g}"
+        self.scale *= factor
+        new = "" if step_size is None else f"; step {step_size:.3g} -> {step_size * factor:.3g}{measured}"
         warnings.warn(f"{self.owner}: the Langevin chain diverged: {event}. Returned to the last good snapshot (step "
                       f"{self._good_step}) and "
-                      f"cut the step by {self.cut:g} (cut {self.cuts} of {self.max_cuts}, step factor "
+                      f"cut the step by {factor:.3g} (cut {self.cuts} of {self.max_cuts}, step factor "
                       f"{self.scale:.3g}{new}).", DivergenceWarning, stacklevel=3)
         return self.scale
 
@@ -363,7 +405,8 @@ class DivergenceGuard:
             event = self.check([opt.engine.work_tensor(p, p) for p in self._params])
         if event is not None:
             lr = opt.param_groups[0]["lr"]
+            before = self.scale
             self.recover(event, step_size=float(lr))
             for group in opt.param_groups:
-                group["lr"] = group["lr"] * self.cut
+                group["lr"] = group["lr"] * (self.scale / before)
         return event

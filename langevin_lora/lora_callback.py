@@ -223,6 +223,14 @@ def _ladder(prior_std: Any, weight_decay: Any, auto: bool) -> tuple[float, ...]:
     return tuple(prior_std)
 
 
+def _no_steps_left(trainer: Trainer) -> bool:
+    """Whether this fit can take no optimizer step: the Trainer already ran to its ``max_steps``/``max_epochs``."""
+    try:
+        return trainer.global_step > 0 and bool(trainer.fit_loop.done)
+    except Exception:   # a Trainer without the loop state: assume steps are left
+        return False
+
+
 class LangevinLoRA(EngineFrontEnd, Callback):
     r"""Langevin sampling of the LoRA adapters of a LightningModule, plus a posterior sample bank.
 
@@ -511,7 +519,13 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             raise MisconfigurationException(f"LangevinLoRA: {exc}") from exc
         if self.sample_bank.directory is not None and trainer.is_global_zero:
             check_directory("sample_dir", self.sample_bank.directory, must_write=True)
-        self._new_chain()
+        if _no_steps_left(trainer):   # issue 19: a second fit on a finished Trainer runs no step
+            rank_zero_warn(f"LangevinLoRA: this Trainer already reached its end (global step {trainer.global_step}, "
+                           f"max_steps={trainer.max_steps}): fit runs no step, so the chain and its sample bank "
+                           f"({len(self.sample_bank)} samples) are kept. Use a new Trainer, or raise max_steps, to sample "
+                           "again.")
+        else:
+            self._new_chain()
         self._attach_diagnostics(trainer)
         max_steps = trainer.max_steps
         if (not self.chain.auto and self._num_samples_given and self.num_samples > 0 and max_steps is not None
@@ -630,7 +644,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.sampling and self.chain.phase == "watch" and self.chain.due(trainer.global_step):
             self._leave_burn_in(trainer, pl_module)
-        if self.step_size == "auto" and not self.sampling:
+        if self.step_size == "auto" or self.guard is not None:   # the guard measures a fixed step's stable scale
             self._probe.add(batch, batch_idx)
         if self.chain.phase == "sample" and not self.dropout:
             pl_module.eval()   # the deterministic network's posterior (no dropout while sampling)
@@ -820,10 +834,27 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _recover(self, event: Divergence) -> None:
         """The guard saw a runaway: restore, cut, re-measure (``"auto"``); raises past its last cut."""
         first = self._groups[0] if self._groups else None
-        self.guard.recover(event, step_size=self.group_step(first) if first is not None else None)
+        stable = self._stable_step if self.step_size != "auto" and first is not None else None
+        self.guard.recover(event, step_size=self.group_step(first) if first is not None else None, stable_step=stable)
         if self.step_size == "auto":
             self._measure_step()
         self._metrics["step_cuts"] = float(self.guard.cuts)
+
+    def _stable_step(self) -> float | None:
+        """A fixed step that ran away: the automatic step measured at the restored point, in units of the
+        step now (issue 19: the guard cuts straight to it instead of refusing after quarterings that never
+        reach it); ``None`` when it cannot be measured. The fixed base step is kept."""
+        base = self._base_step
+        try:
+            self._measure_step()
+            measured = self._base_step
+        except ValueError:
+            return None
+        finally:
+            self._base_step = base
+        g = self._groups[0]
+        lr0 = self._lr0.get(g.name)
+        return measured * (g.lr / lr0 if lr0 else 1.0)
 
     # -- the optimizer step ------------------------------------------------------------------------
     def _on_optimizer_step(self, original: Callable, closure: Callable | None, kwargs: dict) -> Any:

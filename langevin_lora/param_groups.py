@@ -8,6 +8,7 @@ and DoRA's ``lora_magnitude_vector``. The effective update is :math:`\Delta W = 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -186,4 +187,37 @@ def lora_param_groups(model: nn.Module, adapter_name: str | None = None, *, head
         if head_weight_decay is not None:
             g["weight_decay"] = head_weight_decay
         out.append(g)
+    else:
+        _warn_frozen_head(model)
+    _warn_lora_dropout(model)
     return out
+
+
+def _warn_lora_dropout(model: nn.Module) -> None:
+    """LoRA dropout > 0 in train mode makes every gradient a random function of the dropout mask: the chain
+    then samples a different (dropout-averaged) target than the documented Gibbs measure. Say so once."""
+    rates = {float(d.p) for m in model.modules() for d in getattr(getattr(m, "lora_dropout", None), "values",
+                                                                    lambda: [])() if isinstance(d, nn.Dropout)}
+    rates.discard(0.0)
+    if rates:
+        warnings.warn(f"lora_param_groups: LoRA dropout p={max(rates):g} is on in train mode: while sampling, each "
+                      "gradient then depends on a random mask and the chain samples a dropout-averaged target, not "
+                      "the Gibbs measure of your loss. Set LoraConfig(lora_dropout=0.0), or call model.eval() once "
+                      "sampling starts (LangevinAdam.sampling).", UserWarning, stacklevel=3)
+
+
+#: Module names of the task heads Hugging Face models initialise at random (sequence classification).
+TASK_HEADS = ("classifier", "score")
+
+
+def _warn_frozen_head(model: nn.Module) -> None:
+    """No trainable tensor besides LoRA: warn when a task head that is usually freshly initialised is
+    frozen (a ``LoraConfig`` without ``modules_to_save`` or ``task_type``), since it then stays at its
+    random initialisation and no "head" group is built."""
+    frozen = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TASK_HEADS
+              and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+    if frozen:
+        warnings.warn(f"lora_param_groups: no 'head' group: {frozen[0]!r} is frozen (the LoraConfig has no "
+                      "modules_to_save), so it stays at its initialisation, random for a new classification "
+                      "head. Pass LoraConfig(..., modules_to_save=['classifier']) (or task_type='SEQ_CLS') to "
+                      "train it.", UserWarning, stacklevel=3)

@@ -346,6 +346,21 @@ class SampleBank:
 
     # -- loading into a model ------------------------------------------------------------------------
     def _targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameter of ``model`` that receives each banked tensor, keyed by the bank's names, after
+        checking that every shape agrees (``ValueError`` naming the parameter and both shapes)."""
+        targets = self._match_targets(model)
+        for name, p in targets.items():
+            want = (self._shapes or {}).get(name)
+            if want is None and self._memory:
+                want = tuple(self._memory[0][name].shape)
+            if want is not None and tuple(p.shape) != tuple(want):
+                raise ValueError(
+                    f"SampleBank: the banked tensor {name!r} has shape {tuple(want)} but {type(model).__name__}'s "
+                    f"parameter for it has shape {tuple(p.shape)}: the samples come from a model with other LoRA "
+                    "ranks or layer sizes; load them into a model built like the one they were taken from.")
+        return targets
+
+    def _match_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameter of ``model`` that receives each banked tensor, keyed by the bank's names.
 
         Matched by name; else by identity with the bound root's parameters (``model`` is the root

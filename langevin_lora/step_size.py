@@ -10,6 +10,14 @@ issue 13 with :math:`G` frozen from AdamW, up to 1000× too long). The automatic
     \eta = \frac{c}{\lambda_{\max}} \quad\text{(overdamped, } c = 0.1\text{)}, \qquad
     h = \frac{c_k}{\sqrt{\lambda_{\max}}} \quad\text{(kinetic BAOAB, friction } \gamma > 0,\ c_k = 0.5\text{)}.
 
+One bound rules both: the step number :math:`s` (:func:`step_number`: :math:`\eta\lambda_{\max}`, or
+:math:`\tfrac{h^2}{2}\lambda_{\max}` kinetic) of the automatic step is at most
+:data:`STEP_ACCURACY_BOUND` / :data:`AUTO_STEP_MARGIN` = 0.25 / 2 (kinetic: :math:`s = c_k^2/2 = 0.125`,
+exactly that; overdamped: :math:`s = c = 0.1`, below it because its bias is first order), at least
+half the bound the diagnostics' step check applies, so the automatic step passes that check even when
+:math:`\lambda_{\max}` re-measured later is up to 2× larger (2.5× overdamped). Before issue 19 the
+check's bound was 0.1, which every kinetic run failed (0.125) and every overdamped one met exactly.
+
 **The bias these constants buy.** Overdamped ULA on a Gaussian (Hessian :math:`H`) is stable for
 :math:`\eta\lambda_{\max} < 2` and samples :math:`N(\mu, \beta^{-1}[H(I - \eta H/2)]^{-1})` (THEORY §5):
 the configurational temperature is :math:`\beta T_{\mathrm{conf}} \approx 1 + \tfrac{\eta}{2}
@@ -52,23 +60,61 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
 from langevin_lora.functional import check_friction
 
-__all__ = ["KINETIC_SAFETY", "OVERDAMPED_SAFETY", "AutoStepSize", "StepSizeEstimate", "auto_step_size",
-           "prior_curvature", "step_from_lambda_max"]
+__all__ = ["AUTO_STEP_MARGIN", "KINETIC_SAFETY", "OVERDAMPED_SAFETY", "STEP_ACCURACY_BOUND", "AutoStepSize",
+           "NonFiniteLossError", "StepSizeEstimate", "StepSizeWarning", "auto_step_size", "prior_curvature", "step_from_lambda_max", "step_number",
+           "step_remedy"]
 
-#: :math:`c` in :math:`\eta = c/\lambda_{\max}` (overdamped): :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`.
+#: The accuracy bound, the one definition shared by the automatic step and the diagnostics' step
+#: check (:func:`step_number`, :func:`langevin_lora.diagnostics.checks.check_step_size`): a step
+#: passes when its step number :math:`s` (:math:`\eta\lambda_{\max}` overdamped,
+#: :math:`\tfrac{h^2}{2}\lambda_{\max}` kinetic) is at most this (overdamped bias
+#: :math:`\beta T_{\mathrm{conf}} - 1 \le s/2 \le 10\%` on any quadratic; both integrators are
+#: stable up to :math:`s = 2`).
+STEP_ACCURACY_BOUND = 0.25
+#: The automatic step's step number is at most :data:`STEP_ACCURACY_BOUND` / ``AUTO_STEP_MARGIN``: a
+#: :math:`\lambda_{\max}` re-measured later (another batch, a later point of the chain) may be up
+#: to this factor larger before the check fails.
+AUTO_STEP_MARGIN = 2.0
+#: :math:`c_k` in :math:`h = c_k/\sqrt{\lambda_{\max}}` (kinetic BAOAB, stable below 2): the step number
+#: :math:`c_k^2/2` is exactly :data:`STEP_ACCURACY_BOUND` / :data:`AUTO_STEP_MARGIN` = 0.125, so 0.5.
+KINETIC_SAFETY = math.sqrt(2.0 * STEP_ACCURACY_BOUND / AUTO_STEP_MARGIN)
+#: :math:`c` in :math:`\eta = c/\lambda_{\max}` (overdamped, step number :math:`s = c`):
+#: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`; 0.1, below the 0.125 the bound allows (a first-order bias).
 OVERDAMPED_SAFETY = 0.1
-#: :math:`c_k` in :math:`h = c_k/\sqrt{\lambda_{\max}}` (kinetic BAOAB, stable below 2).
-KINETIC_SAFETY = 0.5
+assert OVERDAMPED_SAFETY <= STEP_ACCURACY_BOUND / AUTO_STEP_MARGIN
+#: The largest ``safety`` (:math:`c` or :math:`c_k`) accepted: both integrators diverge at 2.
+MAX_SAFETY = 2.0
+
+
+def step_number(step_size: float, lambda_max: float, *, kinetic: bool = False) -> float:
+    r"""The step number :math:`s` the accuracy bound :data:`STEP_ACCURACY_BOUND` applies to:
+    :math:`\eta\lambda_{\max}` (overdamped) or :math:`\tfrac{h^2}{2}\lambda_{\max}` (kinetic BAOAB, the
+    overdamped step it matches at high friction, with the same stability margin :math:`s < 2`)."""
+    return (0.5 * step_size * step_size if kinetic else step_size) * lambda_max
+
+
+def step_remedy(ratio: float | None = None) -> str:
+    """What to change when the step number exceeds :data:`STEP_ACCURACY_BOUND` (``ratio``: by how much)."""
+    by = "" if ratio is None or not math.isfinite(ratio) else f" by a factor of about {ratio:.2g}"
+    return (f"shorten the Langevin step{by}: under step_size='auto' lower step_safety (LangevinLoRA, "
+            "LangevinSGD/LangevinAdam; the learning rate does not set the step there), else lower the float "
+            "step_size, or the learning rate with step_size='optimizer' (LangevinLoRA) / 'lr' (the optimizers)")
+
+
+def check_safety(value: object, name: str = "step_safety") -> float:
+    """``step_safety`` (:math:`c` / :math:`c_k`) must lie in ``(0, 2)``: both integrators diverge at 2."""
+    return check_real(name, value, low=0.0, high=MAX_SAFETY, low_open=True, high_open=True)
 
 
 def step_from_lambda_max(lambda_max: float, *, friction: float | None = None, safety: float | None = None) -> float:
@@ -83,7 +129,7 @@ def step_from_lambda_max(lambda_max: float, *, friction: float | None = None, sa
     """
     lam = check_real("lambda_max", lambda_max, low=0.0, low_open=True)
     kinetic = check_friction(friction) is not None
-    c = (KINETIC_SAFETY if kinetic else OVERDAMPED_SAFETY) if safety is None else check_positive("safety", safety)
+    c = (KINETIC_SAFETY if kinetic else OVERDAMPED_SAFETY) if safety is None else check_safety(safety)
     return c / math.sqrt(lam) if kinetic else c / lam
 
 
@@ -120,7 +166,13 @@ class StepSizeEstimate:
     grad_evals: int
     products: int
     method: str | None
-    vector: list[Tensor]
+    vector: list[Tensor] = field(repr=False)
+
+    def __repr__(self) -> str:   # the eigenvector is shown by its shapes, not its values
+        shapes = ", ".join("x".join(map(str, v.shape)) or "scalar" for v in self.vector)
+        return (f"StepSizeEstimate(step_size={self.step_size:.4g}, lambda_max={self.lambda_max:.4g}, "
+                f"grad_evals={self.grad_evals}, products={self.products}, method={self.method!r}, "
+                f"vector=[{len(self.vector)} tensors: {shapes}])")
 
 
 def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
@@ -128,7 +180,7 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
                    friction: float | None = None, safety: float | None = None, num_iters: int = 20,
                    rtol: float | None = 0.01, init: Sequence[Tensor] | None = None,
                    generator: torch.Generator | None = None, method: str = "auto",
-                   fd_eps: float = 1e-3) -> StepSizeEstimate:
+                   fd_eps: float = 1e-3, backward_closure: bool = False) -> StepSizeEstimate:
     r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})` at the current ``params`` and return
     the Langevin step it allows (module docstring), for custom loops.
 
@@ -144,15 +196,24 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
             :data:`KINETIC_SAFETY`.
         num_iters, rtol, init, generator: of the power iteration (``init``: a previous ``vector``).
         method, fd_eps: of the Hessian-vector products (:class:`~langevin_lora.curvature.HessianVectorProduct`).
+        backward_closure: ``closure`` is a torch optimizer closure (zero_grad, loss, ``backward()``,
+            return the loss): gradients are read from ``.grad`` (finite differences; the ``.grad`` it
+            writes are the caller's to save and restore).
 
-    Raises ``ValueError`` when :math:`\lambda_{\max}` is not a finite positive number (a flat
-    potential or a broken loss): then no step follows from the curvature.
+    Raises :class:`NonFiniteLossError` (a ``ValueError``) naming the cause when the parameters or the
+    probe loss are inf/NaN (e.g. a NaN batch during burn-in), and ``ValueError`` when
+    :math:`\lambda_{\max}` is not a finite positive number otherwise (a flat potential): then no step
+    follows from the curvature.
     """
     check_friction(friction)
+    _check_finite_start(params)
     with torch.enable_grad():
         res = top_eigenvalue(closure, params, scale=precond, weight_decay=weight_decay, num_iters=num_iters,
-                             rtol=rtol, init=init, generator=generator, method=method, fd_eps=fd_eps)
+                             rtol=rtol, init=init, generator=generator, method=method, fd_eps=fd_eps,
+                             backward_closure=backward_closure)
     lam = max(abs(float(res.eigenvalue)), prior_curvature(params, precond, weight_decay))
+    if not math.isfinite(lam):
+        _check_finite_loss(closure, backward_closure)   # names a non-finite probe loss; else the message below
     if not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"Invalid lambda_max: measured {lam!r} (expected a finite positive top eigenvalue of "
                          "G^1/2 Hess U G^1/2; is the loss finite and the prior weight_decay > 0?); pass a float "
@@ -162,6 +223,41 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
                             res.products, res.method, res.vector)
 
 
+class StepSizeWarning(UserWarning):
+    r"""The Langevin step is too long for the measured curvature (step number above
+    :data:`STEP_ACCURACY_BOUND`), or ``step_size="auto"`` could not measure it; the message says what to change."""
+
+
+class NonFiniteLossError(ValueError):
+    """The parameters or the probe loss are inf/NaN where the step size is measured: no curvature
+    (and no step) follows from them."""
+
+
+def _check_finite_start(params: Sequence[Tensor]) -> None:
+    """Refuse a measurement at non-finite parameters or loss with the cause, before power iteration
+    turns it into a meaningless ``lambda_max = nan``."""
+    with torch.no_grad():
+        bad = [i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(
+            f"Invalid parameters: {len(bad)} of the {len(params)} sampled tensors hold inf/NaN where sampling starts "
+            "(a non-finite loss or gradient during burn-in / warm-up reached them: your optimizer does not skip such "
+            "steps). Find the batch with a non-finite loss (e.g. torch.autograd.set_detect_anomaly, or skip it in "
+            "training_step), or lower the burn-in learning rate; a float step_size does not help, the parameters "
+            "themselves are broken")
+
+def _check_finite_loss(closure: Callable[[], Tensor], backward_closure: bool = False) -> None:
+    with torch.enable_grad():
+        loss = closure()
+    value = float(loss.detach().float().sum()) if torch.is_tensor(loss) else float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"Invalid probe loss: {value!r} at finite parameters where the step size is measured (a batch of the probe "
+            "set gives a non-finite loss: check the data of the last burn-in batches, e.g. empty or NaN inputs, or "
+            "pass loss_fn=...); a float step_size skips the measurement but the training loss is broken too")
+
+
+@readable_docstring
 class AutoStepSize:
     r"""The automatic step of a front-end over a chain: measured when sampling starts and again every
     ``every_n_steps`` Langevin steps (warm-started from the previous eigenvector, ``warm_iters``
@@ -187,8 +283,9 @@ class AutoStepSize:
     def __init__(self, *, safety: float | None = None, every_n_steps: int = 1000, num_iters: int = 20,
                  warm_iters: int = 8, rtol: float = 0.01, method: str = "auto", fd_eps: float = 1e-3,
                  seed: int = 0) -> None:
-        self.safety = None if safety is None else check_positive("safety", safety)
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, low=0)
+        # Named as LangevinLoRA and the optimizers take them (step_safety, step_size_every_n_steps).
+        self.safety = None if safety is None else check_safety(safety)
+        self.every_n_steps = check_int("step_size_every_n_steps", every_n_steps, low=0)
         self.num_iters = check_int("num_iters", num_iters, low=1)
         self.warm_iters = check_int("warm_iters", warm_iters, low=1)
         self.rtol = check_positive("rtol", rtol)
@@ -216,7 +313,7 @@ class AutoStepSize:
 
     def measure(self, closure: Callable[[], Tensor], params: Sequence[Tensor], *,
                 precond: Sequence[Tensor | float] | None, weight_decay: Sequence[float],
-                friction: float | None = None, cold: bool = False) -> StepSizeEstimate:
+                friction: float | None = None, cold: bool = False, backward_closure: bool = False) -> StepSizeEstimate:
         """Measure at the current ``params`` (:func:`auto_step_size`), warm-started unless ``cold`` or
         the shapes changed; updates :attr:`lambda_max`, :attr:`step_size` and the counters."""
         params = list(params)
@@ -231,7 +328,8 @@ class AutoStepSize:
         start = time.perf_counter()
         est = auto_step_size(closure, params, precond=precond, weight_decay=list(weight_decay), friction=friction,
                              safety=self.safety, num_iters=self.num_iters if init is None else self.warm_iters,
-                             rtol=self.rtol, init=init, generator=generator, method=method, fd_eps=self.fd_eps)
+                             rtol=self.rtol, init=init, generator=generator, method=method, fd_eps=self.fd_eps,
+                             backward_closure=backward_closure)
         if est.method == "finite_difference" and method == "auto":
             self.fallback = True
         self.lambda_max, self.step_size, self.vector = est.lambda_max, est.step_size, est.vector

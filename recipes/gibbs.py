@@ -332,7 +332,8 @@ class GibbsChains(LightningModule):
         params = self.lora_tensors()
         if hp.sampler == "sgld":
             return LangevinSGD(params, **kw)
-        return LangevinAdam(params, warmup_steps=hp.warmup_steps, **kw)
+        # the recipe's measured behaviour (before issue 19's defaults): lr is the step, prior centred at 0
+        return LangevinAdam(params, warmup_steps=hp.warmup_steps, prior_centre=None, step_size="lr", **kw)
 
     # -- summary ---------------------------------------------------------------------------------
     def on_fit_end(self) -> None:

@@ -250,7 +250,10 @@ def configure_lora_optimizer(module: LightningModule):
                              "exposing num_train_examples")
         opt = LangevinAdam(lora_param_groups(module.model), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                            num_data=module.num_data, temperature=hp.temperature, weight_decay=hp.prior_weight_decay,
-                           warmup_steps=hp.burn_in_steps, seed=hp.sampler_seed)
+                           warmup_steps=hp.burn_in_steps, seed=hp.sampler_seed,
+                           # the recipe's behaviour before issue 19's defaults (lr is the step, overdamped,
+                           # prior centred at 0); the measured step needs step(closure) outside Lightning
+                           prior_centre=None, friction=None, step_size="lr")
     step = hp.get("lr_drop_step")
     if step is None or hp.get("lr_drop_factor", 1.0) == 1.0:
         return opt

@@ -2,7 +2,9 @@
 and each check failing where it must."""
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -196,14 +198,16 @@ class _Once(torch.autograd.Function):
         return 2 * x * grad
 
 
-def test_hvp_falls_back_to_finite_differences_when_double_backward_raises():
+def test_hvp_falls_back_to_finite_differences_when_double_backward_raises(caplog):
     x = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     loss = lambda: (_Once.apply(x) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()  # noqa: E731
     with pytest.raises(RuntimeError):
         HessianVectorProduct(loss, [x], method="double_backward")([torch.ones(3, dtype=torch.float64)])
     hvp = HessianVectorProduct(loss, [x], method="auto")
-    with pytest.warns(RuntimeWarning, match="falling back to central finite differences"):
+    with caplog.at_level(logging.DEBUG, logger="langevin_lora.curvature"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # issue 19: a debug line, not a warning on every CPU run
         hv = hvp([torch.ones(3, dtype=torch.float64)])
+    assert "falling back to central finite differences" in caplog.text
     assert hvp.used_method == "finite_difference"
     torch.testing.assert_close(hv[0], torch.tensor([2.0, 4.0, 6.0], dtype=torch.float64), rtol=1e-6, atol=1e-8)
 
@@ -225,7 +229,7 @@ def test_power_iteration_and_step_size_check(quad):
     rep = stationarity_report({"virial_temperature": run["virial"][WINDOW:].mean(1)}, eta_lambda_max=1.5)
     assert rep.by_name("eta_lambda_max").status == "fail"
     assert rep.by_name("virial_temperature").status == "fail"
-    assert "eta*lambda_max = 1.5 > 0.1" in rep.by_name("virial_temperature").reason
+    assert "eta*lambda_max = 1.5 > 0.25" in rep.by_name("virial_temperature").reason   # STEP_ACCURACY_BOUND
     assert stationarity_report(eta_lambda_max=0.05).by_name("eta_lambda_max").status == "pass"
     assert stationarity_report(eta_lambda_max=0.5).by_name("eta_lambda_max").status == "warn"
 

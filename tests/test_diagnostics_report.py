@@ -71,7 +71,9 @@ def test_each_failure_has_reason_and_remedy():
     assert "minibatch noise ratio 0.42 > 0.1" in v.reason and "eta*lambda_max = 1.3" in v.reason
     assert "lower the learning rate or raise the batch size" in v.remedy
     assert by["noise_ratio"].status == "fail"
-    assert by["eta_lambda_max"].status == "fail" and "factor of about 13" in by["eta_lambda_max"].remedy
+    # issue 19: the bound is STEP_ACCURACY_BOUND (0.25) and the remedy names step_safety, not the learning rate
+    assert by["eta_lambda_max"].status == "fail" and "factor of about 5.2" in by["eta_lambda_max"].remedy
+    assert "step_safety" in by["eta_lambda_max"].remedy
     assert by["geweke/U"].status == "fail" and "burn-in" in by["geweke/U"].remedy
     assert by["mean_force_chi2"].status == "fail"
     g = by["gauge/layer0.query"]

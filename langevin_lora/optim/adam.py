@@ -5,12 +5,15 @@ from typing import Any, Iterable
 
 import torch
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_real
 from langevin_lora.engine import LOW_PRECISION, StepGroup
-from langevin_lora.functional import adam_inverse_scale, check_clamp
+from langevin_lora.functional import FRICTION_AUTO, adam_inverse_scale, check_clamp
+from langevin_lora.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
+@readable_docstring
 class LangevinAdam(LangevinOptimizer):
     r"""Adam warm-up, then exact Langevin sampling with a frozen Adam preconditioner.
 
@@ -57,8 +60,36 @@ class LangevinAdam(LangevinOptimizer):
             (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
             burn-in: discard them. Recommended when the warm-up's path gradients are not a
             curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``).
-        friction: ``None`` (overdamped sampling), :math:`\gamma > 0` or ``"auto"`` (kinetic, BAOAB).
-        prior_centre: ``None`` (centre 0) or ``"start"`` (the parameters when sampling starts).
+        friction: ``"auto"`` (default: kinetic BAOAB after the warm-up, :math:`\gamma = 2\sqrt{\lambda G_{\min}}`,
+            logged at INFO by ``langevin_lora.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
+            or ``None`` (overdamped sampling). ``"auto"`` needs ``weight_decay > 0`` in groups at ``temperature > 0``.
+        prior_centre: ``"start"`` (default: the parameters when sampling starts, i.e. where the warm-up
+            ended: a local posterior around it, as :class:`~langevin_lora.LangevinLoRA`) or ``None`` (centre 0).
+        step_size: ``"auto"`` (default): when sampling starts, the Langevin step is measured from
+            ``step(closure)``'s closure (:math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` by power iteration on
+            finite differences of its gradients, this step's dropout masks replayed, 5–40 closure calls;
+            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, or :math:`\eta = 0.1/\lambda_{\max}` overdamped) and again
+            every ``step_size_every_n_steps`` sampling steps; ``lr`` then only scales it (your LR schedule,
+            relative to ``lr`` when sampling started). Without a closure a :class:`StepSizeWarning` says so before
+            the first noisy step and ``lr`` is used. ``"lr"``: ``lr`` is the Langevin step (the behaviour
+            before issue 19); a float: that step when sampling starts.
+        step_safety, step_size_every_n_steps, guard: as in :class:`~langevin_lora.LangevinSGD` (the guard
+            watches the sampling steps, not the warm-up).
+
+    **Defaults** (since issue 18/19, as :class:`~langevin_lora.LangevinLoRA`'s): prior centred where
+    sampling starts, kinetic ``friction="auto"``, measured step, divergence guard on. The earlier
+    behaviour is ``prior_centre=None, friction=None, step_size="lr", guard=False``.
+
+    The quick start (a plain loop, with the closure the measurement needs)::
+
+        opt = LangevinAdam(lora_param_groups(model), lr=2e-4, num_data=N, weight_decay=1e-3, warmup_steps=200)
+        for x, y in loader:
+            def closure():
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
 
     Sampling starts right after the ``warmup_steps``-th Adam step (``warmup_steps=0``: the first
     step already samples, with :math:`G \equiv 1`). With ``adapt_steps > 0`` the first
@@ -82,12 +113,16 @@ class LangevinAdam(LangevinOptimizer):
                  beta: float | None = None, weight_decay: float = 0.0, warmup_steps: int | None = 100,
                  precond_clamp: tuple[float, float] = (0.01, 100.0), adapt_steps: int = 0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
-                 friction: float | str | None = None, prior_centre: str | None = None) -> None:
+                 friction: float | str | None = "auto", prior_centre: str | None = "start",
+                 step_size: str | float = "auto", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
+                 guard: bool | DivergenceGuard = True) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, temperature=temperature, weight_decay=weight_decay,
                         warmup_steps=warmup_steps, precond_clamp=precond_clamp, adapt_steps=adapt_steps,
                         foreach=foreach, sampling=False, step=0, adapted=0, precond_reference=None,
                         friction=friction, prior_centre=prior_centre)
-        super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
+        super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite,
+                         step_size=step_size, step_safety=step_safety, step_size_every_n_steps=step_size_every_n_steps,
+                         guard=guard)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -100,6 +135,12 @@ class LangevinAdam(LangevinOptimizer):
         check_int("warmup_steps", group["warmup_steps"], low=0, allow_none=True)
         group["precond_clamp"] = check_clamp(group["precond_clamp"])
         check_int("adapt_steps", group["adapt_steps"], low=0)
+        if group["friction"] == FRICTION_AUTO and group["temperature"] > 0 and group["weight_decay"] == 0:
+            raise ValueError(
+                f"Invalid friction: 'auto' (the default) with weight_decay=0 in group {group.get('name', '')!r}: "
+                "'auto' damps the prior-dominated modes (gamma = 2*sqrt(weight_decay * min G)) and needs "
+                "weight_decay > 0 (the Gaussian prior); pass weight_decay > 0, a number friction > 0, or "
+                "friction=None (overdamped)")
 
     @property
     def sampling(self) -> bool:
@@ -176,10 +217,11 @@ class LangevinAdam(LangevinOptimizer):
             else:
                 self._adam(group, batch)
                 self.engine.write_back(batch)
+        if not sampling:
+            return
         self._centre_priors(group for group, _ in sampling)
         adapting = [(group, batch) for group, batch in sampling if self._adapting(group)]
-        self.engine.accumulate(batch for _, batch in adapting)   # at the pre-step point
-        self.engine.step([batch for _, batch in sampling])
+        self._langevin_step(sampling, before=lambda: self.engine.accumulate(batch for _, batch in adapting))  # pre-step
         for group, _ in adapting:
             group["adapted"] += 1
             group["refreeze_due"] = group["adapted"] == group["adapt_steps"]
@@ -230,3 +272,7 @@ class LangevinAdam(LangevinOptimizer):
         for reference, groups in due.items():
             counts = {p: g["adapted"] for g in groups for p in g["params"]}
             self.engine.refreeze(counts, reference, eps=groups[0]["eps"], clamp=groups[0]["precond_clamp"])
+        if due:
+            self._remeasure = True   # the step follows the new G (at the next step(closure))
+            if self.guard is not None and self.guard.started:
+                self.guard.mark_good()   # an older snapshot would bring the old G back

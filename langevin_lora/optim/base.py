@@ -2,6 +2,7 @@
 hyperparameter in the param group, the engine's per-tensor state in ``Optimizer.state``."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -9,16 +10,31 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
+from langevin_lora.curvature import RngSnapshot
 from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
-from langevin_lora.functional import check_friction
+from langevin_lora.functional import FRICTION_AUTO, check_friction
+from langevin_lora.guard import DivergenceGuard
+from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
 from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.view import LangevinGroupView
 
-__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES"]
+__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES", "STEP_SIZES"]
 
 #: ``prior_centre`` of a param group: ``None`` (the prior is centred at 0) or ``"start"`` (at the
 #: parameters of the group's first sampling step).
 PRIOR_CENTRES = (None, "start")
+#: ``step_size`` of an optimizer: ``"auto"`` (measured from ``step(closure)``), ``"lr"`` (each group's
+#: ``lr`` is the Langevin step) or a float (the Langevin step at sampling start).
+STEP_SIZES = ("auto", "lr")
+
+
+def check_step_size(step_size: Any) -> str | float:
+    if isinstance(step_size, str):
+        return check_choice("step_size", step_size, STEP_SIZES)
+    try:
+        return check_positive("step_size", step_size)
+    except ValueError:
+        raise ValueError(f"Invalid step_size: {step_size!r} (expected 'auto', 'lr' or a finite float > 0)") from None
 
 
 class LangevinOptimizer(EngineFrontEnd, Optimizer):
@@ -33,10 +49,22 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, num_data: int | None,
-                 beta: float | None, seed: int | None, nonfinite: str) -> None:
+                 beta: float | None, seed: int | None, nonfinite: str, step_size: str | float = "lr",
+                 step_safety: float | None = None, step_size_every_n_steps: int = 1000,
+                 guard: bool | DivergenceGuard = True) -> None:
         base_beta = resolve_base_beta(num_data, beta)
         defaults = dict(defaults, base_beta=base_beta)
-        self.engine = LangevinEngine(seed=seed, nonfinite=nonfinite, owner=type(self).__name__)
+        owner = type(self).__name__
+        self.step_size = check_step_size(step_size)
+        self.auto_step = AutoStepSize(safety=step_safety, every_n_steps=step_size_every_n_steps)
+        if not isinstance(guard, (bool, DivergenceGuard)):
+            raise ValueError(f"Invalid guard: {guard!r} (expected True, False or a langevin_lora.DivergenceGuard)")
+        self.guard = DivergenceGuard(owner=owner) if guard is True else guard or None
+        self.engine = LangevinEngine(seed=seed, nonfinite=nonfinite, owner=owner)
+        self._base_step: float | None = None   # the measured (auto) or given (float) step at sampling start
+        self._langevin_steps = 0                # noisy/sampling steps taken (re-measurement cadence)
+        self._warned_no_closure = False
+        self._remeasure = False                  # G was re-frozen: measure again at the next closure
         super().__init__(params, defaults)
         self.engine.state = self.state
 
@@ -73,24 +101,193 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         """The tensor updated for ``p``: its fp32 master copy (fp16/bf16), else ``p``."""
         return self.engine.work_tensor(p, p)
 
+    # -- the step size -----------------------------------------------------------------------
+    def _is_sampling(self, group: dict[str, Any]) -> bool:
+        return group.get("sampling", True)
+
+    def _friction_of(self, group: dict[str, Any]) -> float | str | None:
+        """``friction="auto"`` damps the thermal prior-dominated modes; a noise-free group (``temperature=0``,
+        e.g. the head of :func:`~langevin_lora.lora_param_groups`) has none and steps overdamped (descent)."""
+        friction = group["friction"]
+        if friction == FRICTION_AUTO and group["temperature"] == 0:
+            return None
+        return friction
+
+    def group_step(self, group: dict[str, Any]) -> float:
+        r"""The Langevin step of ``group`` now: ``lr`` before sampling (Adam's warm-up), for noise-free
+        groups and with ``step_size="lr"``; else the measured (``"auto"``) or given (float) step at sampling
+        start times :math:`\mathrm{lr}_t/\mathrm{lr}_{t_0}` (your LR schedule, relative to its value when
+        sampling started). Times the divergence guard's cut factor while sampling."""
+        lr = group["lr"]
+        if not self._is_sampling(group):
+            return lr
+        if self.step_size != "lr" and group["temperature"] > 0 and self._base_step is not None:
+            lr0 = group.get("sampling_lr0") or lr
+            lr = self._base_step * lr / lr0
+        return lr * (self.guard.scale if self.guard is not None else 1.0)
+
+    def _gather(self, i: int, group: dict[str, Any]) -> StepGroup:
+        return self.engine.gather(group["params"], lr=self.group_step(group), beta=self.group_beta(group),
+                                  weight_decay=group["weight_decay"], foreach=group["foreach"],
+                                  friction=self._friction_of(group), name=str(i))
+
+    def _noisy(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """The sampling groups at a finite temperature, with their parameters."""
+        return [(g, list(g["params"])) for g in self.param_groups if self._is_sampling(g) and g["temperature"] > 0]
+
+    def _measure_due(self) -> bool:
+        if self.step_size != "auto" or not self._noisy():
+            return False
+        return self._base_step is None or self._remeasure or self.auto_step.due(self._langevin_steps)
+
+    def _measure(self, closure: Callable[[], Any], rng: RngSnapshot | None, *, cold: bool = False) -> float | None:
+        """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
+        torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
+        this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
+        noisy = self._noisy()
+        params, scale, decay = [], [], []
+        for group, ps in noisy:
+            G = self.engine.preconditioners(ps)
+            params += ps
+            scale += G if G is not None else [1.0] * len(ps)
+            decay += [group["weight_decay"]] * len(ps)
+        friction = next((f for f in (self._friction_of(g) for g, _ in noisy) if f is not None), None)
+        if friction == FRICTION_AUTO:
+            friction = 1.0   # only kinetic or not matters to the step rule
+        every = [p for g in self.param_groups for p in g["params"]]
+        saved = [p.grad for p in every]
+        masters = {p: self.engine.work_tensor(p, p) for p in params}
+        try:
+            if rng is None:
+                rng = RngSnapshot()
+            with rng.replaying() as replay:
+                est = self.auto_step.measure(replay(closure), params, precond=scale, weight_decay=decay,
+                                             friction=friction, cold=cold, backward_closure=True)
+        finally:
+            for p, g in zip(every, saved):
+                p.grad = g
+            for p, w in masters.items():   # finite differences moved p, not its fp32 master: resync
+                if w is not p:
+                    p.copy_(w)
+        lam = est.lambda_max
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every replica must take the same step (their probe batches differ): the largest lambda_max
+            t = torch.tensor(lam, dtype=torch.float64, device=params[0].device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            lam = float(t)
+            self.auto_step.lambda_max = lam
+            self.auto_step.step_size = step_from_lambda_max(lam, friction=friction, safety=self.auto_step.safety)
+        self._remeasure = False
+        return self.auto_step.step_size
+
+    def _start_steps(self, closure: Callable[[], Any] | None, rng: RngSnapshot | None) -> None:
+        """At a sampling step, before the update: the step size at sampling start and when re-measurement
+        is due (``"auto"``; a warning before the first noisy step when there is no closure), and each
+        group's lr at sampling start (the LR schedule's reference)."""
+        for group, _ in self._noisy():
+            group.setdefault("sampling_lr0", group["lr"])
+        if self._base_step is None and isinstance(self.step_size, float):
+            self._base_step = self.step_size
+        if not self._measure_due():
+            return
+        if closure is None:
+            if self._base_step is None and not self._warned_no_closure:
+                self._warned_no_closure = True
+                lrs = sorted({g["lr"] for g, _ in self._noisy()})
+                warnings.warn(
+                    f"{type(self).__name__}: step_size='auto' measures the Langevin step from a closure, and step() got "
+                    f"none: this first noisy step and the next ones use lr={lrs[0]:.3g} as the Langevin step, unmeasured "
+                    "(an optimizer's lr is usually far too long for a chain; the divergence guard will cut it). Pass "
+                    "the closure: opt.step(closure) with closure() = zero_grad, loss on the batch, loss.backward(), "
+                    "return loss (at least at the first sampling step); or pass step_size=<float> or 'lr' to choose "
+                    "the step yourself.", StepSizeWarning, stacklevel=4)
+            return
+        self._base_step = self._measure(closure, rng, cold=self._base_step is None)
+
+    def _stable_step(self, closure: Callable[[], Any] | None, rng: RngSnapshot | None) -> Callable[[], float | None] | None:
+        """For the guard's recovery: the stable step measured at the restored point (``None`` without a closure)."""
+        if closure is None or not self._noisy():
+            return None
+
+        def measure() -> float | None:
+            try:
+                est = self._measure(closure, rng, cold=True)
+            except (NonFiniteLossError, ValueError):
+                return None
+            group = self._noisy()[0][0]
+            # in units of the first noisy group's step now (group_step), whatever the mode
+            lr0 = group.get("sampling_lr0") or group["lr"]
+            return est * group["lr"] / lr0
+        return measure
+
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        rng = RngSnapshot() if closure is not None and self._measure_due_soon() else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = [self.engine.gather(group["params"], lr=group["lr"], beta=self.group_beta(group),
-                                      weight_decay=group["weight_decay"], foreach=group["foreach"],
-                                      friction=group["friction"], name=str(i))
-                   for i, group in enumerate(self.param_groups)]
-        if self.engine.check_finite([g for b in batches for g in b.grads], stacklevel=4):
-            self._update(batches)
+        self._closure, self._rng, self._loss = closure, rng, loss
+        try:
+            batches = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
+            if self.engine.check_finite([g for b in batches for g in b.grads], stacklevel=4):
+                self._update(batches)
+            elif self.guard is not None and self.guard.started:
+                event = self.guard.skipped()   # judges the parameters: a bad batch is not a divergence
+                if event is not None:
+                    self._recover(event)
+        finally:
+            self._closure = self._rng = self._loss = None
         return loss
+
+    def _measure_due_soon(self) -> bool:
+        """Whether this step may measure (so its dropout masks are worth a snapshot): ``"auto"`` and the first
+        sampling step or a re-measurement is near."""
+        if self.step_size != "auto":
+            return False
+        if self._base_step is None:
+            return True
+        return self.auto_step.due(self._langevin_steps) or self.guard is not None
 
     def _update(self, batches: list[StepGroup]) -> None:
         """Update every group (``batches[i]`` belongs to ``self.param_groups[i]``)."""
         raise NotImplementedError
+
+    def _langevin_step(self, pairs: list[tuple[dict[str, Any], StepGroup]], *, before: Callable[[], None] | None = None) -> None:
+        """The engine step of the sampling groups ``pairs`` with the step size, the guard and the
+        re-measurement around it. ``before`` runs after the step size is set (e.g. adaptation sums)."""
+        closure, rng = self._closure, self._rng
+        self._start_steps(closure, rng)
+        for group, batch in pairs:
+            batch.lr = self.group_step(group)
+        if before is not None:
+            before()
+        guard = self.guard if self._noisy() else None   # a noise-free run has no chain to guard
+        if guard is not None:
+            if not guard.started:
+                guard.start(self.engine, {p: p for _, b in pairs for p in b.params}, [b for _, b in pairs])
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            guard.observe([b for _, b in pairs], None if distributed else self._loss)   # ranks must decide alike
+        self.engine.step([b for _, b in pairs])
+        self._langevin_steps += 1
+        if guard is not None:
+            event = guard.check([w for _, b in pairs for w in b.works])
+            if event is not None:
+                self._recover(event)
+
+    def _recover(self, event: Any) -> None:
+        """The guard saw a runaway: restore, cut (straight to the measured stable step when a closure allows
+        it), re-measure under ``"auto"``; :class:`~langevin_lora.DivergenceError` past the last cut."""
+        noisy = self._noisy()
+        step = self.group_step(noisy[0][0]) if noisy else None
+        auto = self.step_size == "auto" and self._closure is not None
+        self.guard.recover(event, step_size=step, stable_step=None if auto else self._stable_step(self._closure, self._rng))
+        if auto:
+            try:
+                self._base_step = self._measure(self._closure, self._rng)
+            except ValueError:   # unmeasurable at the restored point (e.g. a non-finite probe loss): keep the base
+                pass
 
     def _centre_priors(self, groups: Iterable[dict[str, Any]]) -> None:
         """``prior_centre="start"``: centre the prior of every tensor of ``groups`` (sampling now) that has
@@ -108,9 +305,9 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         for i, group in enumerate(self.param_groups):
             params = list(group["params"])
             friction = self.engine.friction(StepGroup(params, [], [], [], weight_decay=group["weight_decay"],
-                                                      friction=group["friction"], name=str(i)))
+                                                      friction=self._friction_of(group), name=str(i)))
             views.append(LangevinGroupView(
-                name=group.get("name", f"group{i}"), params=params, lr=group["lr"],
+                name=group.get("name", f"group{i}"), params=params, lr=self.group_step(group),
                 beta=self.group_beta(group), weight_decay=group["weight_decay"],
                 precond=self.engine.preconditioners(params), sampling=group.get("sampling", True),
                 friction=friction, momentum=self.engine.momenta(params) if friction is not None else None,
@@ -121,6 +318,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["langevin"] = self.engine.state_dict(per_tensor=False)
+        state["langevin"]["step_size"] = {
+            "base": self._base_step, "langevin_steps": self._langevin_steps, "auto": self.auto_step.state_dict(),
+            "warned_no_closure": self._warned_no_closure,
+            "guard": None if self.guard is None else {"scale": self.guard.scale, "cuts": self.guard.cuts}}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -139,4 +340,15 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         for (p, key), value in keep.items():
             self.state[p][key] = value.to(device=p.device, copy=True)
         if extra is not None:
+            extra = dict(extra)
+            step = extra.pop("step_size", None)
             self.engine.load_state_dict(extra)
+            if step is not None:
+                self._base_step = step["base"]
+                self._langevin_steps = int(step["langevin_steps"])
+                self.auto_step.load_state_dict(step["auto"])
+                self._warned_no_closure = bool(step["warned_no_closure"])
+                if self.guard is not None and step["guard"] is not None:
+                    # the guard restarts its windows and snapshots at the next sampling step
+                    self.guard.reset()
+                    self.guard.scale, self.guard.cuts = float(step["guard"]["scale"]), int(step["guard"]["cuts"])

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora.engine import StepGroup
+from langevin_lora.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
+@readable_docstring
 class LangevinSGD(LangevinOptimizer):
     r"""Stochastic-gradient Langevin dynamics (SGLD / ULA) with coupled weight decay.
 
@@ -68,6 +71,27 @@ class LangevinSGD(LangevinOptimizer):
         friction: ``None`` (default: the overdamped step above), :math:`\gamma > 0` or ``"auto"``:
             kinetic Langevin (BAOAB) with time step ``lr``.
         prior_centre: ``None`` (default: the prior is centred at 0) or ``"start"``.
+        step_size: ``"lr"`` (default: each group's ``lr`` is the Langevin step :math:`\eta`, or :math:`h`
+            with friction), ``"auto"`` (measured: :math:`\eta = 0.1/\lambda_{\max}`,
+            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, :mod:`langevin_lora.step_size`, from the closure of
+            ``step(closure)`` at the first step and every ``step_size_every_n_steps`` steps; your LR
+            schedule applies as a factor relative to ``lr`` at the first step) or a float (that step at
+            the first step, times the same factor).
+        step_safety: :math:`c` of the automatic step (:math:`c_k` kinetic), in ``(0, 2)``; default 0.1 (0.5).
+        step_size_every_n_steps: steps between re-measurements under ``"auto"`` (0: once).
+        guard: ``True`` (default): a :class:`~langevin_lora.DivergenceGuard` watches every step of the
+            groups at ``temperature > 0``; on a runaway it restores the last good snapshot and cuts the
+            step (straight to the measured stable step when ``step(closure)`` gives a closure), and raises
+            :class:`~langevin_lora.DivergenceError` after its last cut. A bad batch (non-finite gradients
+            at finite parameters) is skipped and is not a divergence. ``False``: off; or your own guard.
+
+    **Defaults, and why they differ from** :class:`~langevin_lora.LangevinAdam`'s: ``LangevinSGD``
+    samples from its first step, so its "start" is your initialisation, not a mode: a prior centred
+    there (``prior_centre="start"``) would centre the Bayesian prior at a random point, hence
+    ``None`` (centre 0). Its ``lr`` is the Langevin step itself (SGLD's :math:`\eta`, a sampler's step
+    you chose, no descent learning rate), hence ``step_size="lr"``, and ``friction=None``: kinetic
+    sampling would silently re-read that ``lr`` as a time step :math:`h` on a :math:`1/\sqrt{\lambda}`
+    scale. The divergence guard is on, as everywhere.
 
     Parameters whose ``.grad`` is ``None`` are left untouched. fp16/bf16 parameters are updated
     through an fp32 master copy kept in the optimizer state, so noise far below the
@@ -84,11 +108,15 @@ class LangevinSGD(LangevinOptimizer):
     def __init__(self, params: Iterable, lr: float, *, num_data: int | None = None,
                  temperature: float = 1.0, beta: float | None = None, weight_decay: float = 0.0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
-                 friction: float | str | None = None, prior_centre: str | None = None) -> None:
+                 friction: float | str | None = None, prior_centre: str | None = None,
+                 step_size: str | float = "lr", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
+                 guard: bool | DivergenceGuard = True) -> None:
         defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach, friction=friction,
                         prior_centre=prior_centre)
-        super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite)
+        super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite,
+                         step_size=step_size, step_safety=step_safety, step_size_every_n_steps=step_size_every_n_steps,
+                         guard=guard)
 
     def _update(self, batches: list[StepGroup]) -> None:
         self._centre_priors(self.param_groups)
-        self.engine.step(batches)
+        self._langevin_step(list(zip(self.param_groups, batches)))
