@@ -142,6 +142,14 @@ class DivergenceGuard:
         self.owner = owner
         self.reset()
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed chain keeps: the step factor and the cuts so far (the snapshots and window
+        statistics are not saved: the guard restarts its references where the run resumes)."""
+        return {"scale": self.scale, "cuts": self.cuts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.cuts = float(state["scale"]), int(state["cuts"])
+
     def reset(self) -> None:
         """Forget the chain: references, windows, snapshots, cuts."""
         self.scale = 1.0

@@ -249,8 +249,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             ladder of them to choose from on validation (``None``: the ladder
             :data:`~langevin_lora.chain.DEFAULT_PRIOR_LADDER` with ``"auto"``, ``DEFAULT_PRIOR_STD`` = 0.1
             with an integer ``burn_in_steps``); only with ``weight_decay=None``.
-        step_size: ``"auto"`` (default), a float :math:`\eta > 0` (at sampling start) or ``"optimizer"``
-            (the param group's learning rate); module docstring.
+        step_size: ``"auto"`` (default), an :class:`~langevin_lora.step_size.AutoStepSize` to configure it
+            (as ``guard=`` takes a :class:`~langevin_lora.guard.DivergenceGuard`), a float :math:`\eta > 0`
+            (at sampling start) or ``"optimizer"`` (the param group's learning rate); module docstring.
         step_safety: :math:`c` of :math:`\eta = c/\lambda_{\max}` (:math:`c_k` of :math:`h = c_k/\sqrt{\lambda_{\max}}`
             with friction); ``None``: 0.1 (0.5 kinetic).
         step_size_every_n_steps: Langevin steps between re-measurements of :math:`\lambda_{\max}`
@@ -401,15 +402,19 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._head_weight_decay_arg = (None if head_weight_decay is None
                                        else check_non_negative("head_weight_decay", head_weight_decay))
         self.head_weight_decay = self._head_weight_decay_arg if head_weight_decay is not None else self.weight_decay
+        auto_step = step_size if isinstance(step_size, AutoStepSize) else None
+        if auto_step is not None:
+            step_size = "auto"
         if not (step_size in STEP_SIZE_MODES or (isinstance(step_size, Real) and not isinstance(step_size, bool))):
-            raise ValueError(f"Invalid step_size: {step_size!r} (expected 'auto', 'optimizer' or a float > 0)")
+            raise ValueError(f"Invalid step_size: {step_size!r} (expected 'auto', 'optimizer', a float > 0 or a "
+                             "langevin_lora.AutoStepSize)")
         self.step_size = step_size if isinstance(step_size, str) else check_positive("step_size", step_size)
         self.probe_examples = check_int("probe_examples", probe_examples, low=1)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (expected a callable (pl_module, batch) -> loss)")
         self.loss_fn = loss_fn
-        self.auto_step = AutoStepSize(safety=step_safety, every_n_steps=step_size_every_n_steps,
-                                      seed=0 if seed is None else check_int("seed", seed, low=0))
+        self.auto_step = auto_step or AutoStepSize(safety=step_safety, every_n_steps=step_size_every_n_steps,
+                                                   seed=0 if seed is None else check_int("seed", seed, low=0))
         if not isinstance(guard, (bool, DivergenceGuard)):
             raise ValueError(f"Invalid guard: {guard!r} (expected True, False or a langevin_lora.DivergenceGuard)")
         self.guard = DivergenceGuard(owner="LangevinLoRA") if guard is True else guard or None
@@ -1005,12 +1010,12 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 chain.thin()
         left = self._steps_left()
         if stage.final:
-            reason = "the Trainer's budget ran out" if left <= 1 else self._final_stage_done(trainer, kept)
+            reason = "the Trainer's budget ran out" if left < 3 else self._final_stage_done(trainer, kept)
             if reason:
                 self._finish(trainer, reason)
         elif chain.stage_complete(kept):   # the next stage needs about as many steps as this one
             self._close_stage(trainer, left - 1 >= stage.relax + stage.collect)
-        elif left <= 1:
+        elif left < 3:   # this step counts too (global_step moves on after it), and a probe may follow
             self._close_stage(trainer, False)
 
     def _final_stage_done(self, trainer: Trainer, kept: int) -> str:
@@ -1061,7 +1066,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         from langevin_lora.diagnostics.chains import effective_sample_size
         from langevin_lora.diagnostics.checks import STATIONARITY_TRACES
 
-        ess_min = float(getattr(diag, "ess_min", 100.0))
+        from langevin_lora.diagnostics.checks import Evidence
+
+        ess_min = float(Evidence.ess_min * Evidence.segments)   # the report's gate for one run
         diag.report_span = self._final_spans()
         traces = diag.span_arguments()["traces"]
         for name in STATIONARITY_TRACES:
@@ -1091,8 +1098,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if nll is not None:
             self._metrics["val_nll_average"] = nll
         rank_zero_info(f"LangevinLoRA: stage {len(chain.stages)} (prior_std {stage.prior_std:g}, {stage.samples} "
-                       f"samples): validation NLL of the posterior average, extrapolated to infinitely many samples, "
-                       f"{nll if nll is not None else math.nan:.4f}"
+                       f"samples): validation NLL of the posterior average {nll if nll is not None else math.nan:.4f}"
                        + ("" if delta is None else f" ({delta:+.4f} ± {se:.4f} against the best stage)"))
         step = chain.close_stage(nll, delta=delta, se=se, budget_left=budget_left)
         if chain.best_stage == len(chain.stages) - 1:   # the final stage counts its samples too
@@ -1196,21 +1202,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             return self.forward_fn(module, batch)
 
     def _stage_nll(self, trainer: Trainer) -> tuple[float | None, float | None, float]:
-        """The stage's score, the validation NLL of its posterior average extrapolated to infinitely many
-        samples (per example, :math:`2\,\mathrm{nll}(\bar p_S) - \mathrm{nll}(\bar p_{S/2})`), its mean
-        difference from the best stage's on the same examples and that difference's standard error
+        """The stage's score, the validation NLL of its posterior average, its mean per-example difference
+        from the best stage's on the same examples and that difference's standard error
         (:mod:`langevin_lora.chain`), summed over the DDP ranks' shards."""
         if not self._stage_probs:
             return None, None, 0.0
         labels = torch.cat([y for _, y in self._val_batches])
-        probs = torch.stack(self._stage_probs).double()
-        half = max(1, len(self._stage_probs) // 2)
-
-        def nll(p: Tensor) -> Tensor:
-            return -p.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).squeeze(1)
-
-        full = nll(probs.mean(0))
-        self._example_nll = 2 * full - nll(probs[:half].mean(0)) if len(self._stage_probs) > 1 else full
+        average = torch.stack(self._stage_probs).double().mean(0)
+        self._example_nll = -average.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).squeeze(1)
         d = self._example_nll - self._best_example_nll if self._best_example_nll is not None else None
         stats = torch.stack([self._example_nll.sum(), torch.tensor(float(len(labels)), dtype=torch.float64,
                                                                     device=labels.device),
@@ -1286,8 +1285,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 "num_data": self.num_data, "engine": self.engine.state_dict(),
                 "step_size": {"base": self._base_step, "lr0": dict(self._lr0), "auto": self.auto_step.state_dict(),
                               "probe": self._probe.state_dict() if self.step_size == "auto" else None,
-                              "guard": None if self.guard is None else {"scale": self.guard.scale,
-                                                                        "cuts": self.guard.cuts}},
+                              "guard": None if self.guard is None else self.guard.state_dict()},
                 "precond_reference": self._precond_reference, "sample_bank": self.sample_bank.state_dict(),
                 "balance": None if self.balance is None else self.balance.state_dict(),
                 "gauge_moves": None if self.gauge_moves is None else self.gauge_moves.state_dict(),
@@ -1323,7 +1321,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.auto_step.load_state_dict(step["auto"])
             self._probe_state = step.get("probe")   # moved to the module's device in on_train_start
             if self.guard is not None and step["guard"] is not None:
-                self.guard.scale, self.guard.cuts = float(step["guard"]["scale"]), int(step["guard"]["cuts"])
+                self.guard.load_state_dict(step["guard"])
         self.sample_bank.load_state_dict(state_dict["sample_bank"])
         for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
             if obj is not None and state_dict.get(key) is not None:

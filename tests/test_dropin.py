@@ -139,3 +139,17 @@ def test_resume_in_every_phase_is_bitwise(tmp_path, resume_epoch):
     assert cb_res.sample_bank.steps == cb_full.sample_bank.steps and len(cb_res.sample_bank) > 0
     for a, b in zip(cb_full.sample_bank, cb_res.sample_bank):
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_step_size_and_guard_take_configured_instances():
+    from langevin_lora import AutoStepSize, DivergenceGuard
+
+    auto, guard = AutoStepSize(safety=0.3, every_n_steps=50), DivergenceGuard(max_cuts=2)
+    cb = LangevinLoRA(step_size=auto, guard=guard)
+    assert cb.auto_step is auto and cb.step_size == "auto" and cb.guard is guard
+    guard.scale, guard.cuts = 0.25, 1
+    other = DivergenceGuard()
+    other.load_state_dict(guard.state_dict())
+    assert (other.scale, other.cuts) == (0.25, 1)
+    with pytest.raises(ValueError, match="Invalid step_size: 'fast'.*AutoStepSize"):
+        LangevinLoRA(step_size="fast")

@@ -3,9 +3,11 @@
 Each block is extracted from README.md and executed verbatim in a namespace that defines only what the
 README leaves to the reader, documented in :func:`reader_namespace`: ``base_model`` (a tiny random BERT
 sequence classifier, built offline), ``train_set`` / ``train_loader`` (dict batches with ``labels``),
-``num_epochs``, and for the Lightning block ``L``, ``module`` and ``test_loader``. Nothing in a block's
-text is substituted. A block that needs a name this namespace lacks fails with ``NameError``: add the name
-here (documented) rather than editing the test's copy of the block.
+``num_epochs``, and for the Lightning blocks ``L``, ``module`` (it logs ``val_loss``), ``val_loader`` and
+``test_loader``. Nothing in a block's
+text is substituted. A block that reads ``langevin.`` without building it (the ArviZ export) runs after the
+one-line quick start, whose fitted callback it reads. A block that needs a name this namespace lacks fails
+with ``NameError``: add the name here (documented) rather than editing the test's copy of the block.
 """
 from __future__ import annotations
 
@@ -50,16 +52,17 @@ def token_examples(n: int, seq: int = 8, seed: int = 1) -> list[dict[str, torch.
 
 def reader_namespace(tmp_path: Path) -> dict:
     """The names the README leaves to its reader (module docstring). ``num_epochs`` is chosen so that the
-    optimizer quick start (``warmup_steps=200``) takes 40 sampling steps; the Lightning block's own
-    ``max_steps`` runs as printed."""
+    optimizer quick start (``warmup_steps=200``) takes 40 sampling steps; the Lightning blocks' own
+    ``max_epochs``/``max_steps`` run as printed."""
     import lightning as L
     from torch.utils.data import DataLoader
 
     from langevin_lora import lora_param_groups  # noqa: F401  (the blocks import what they use themselves)
 
-    train_set = token_examples(32)
+    train_set = token_examples(64)
     test_set = token_examples(16, seed=2)
     train_loader = DataLoader(train_set, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val_loader = DataLoader(token_examples(32, seed=3), batch_size=16, shuffle=False)
     test_loader = DataLoader(test_set, batch_size=8, shuffle=False)
 
     class Module(L.LightningModule):
@@ -79,16 +82,20 @@ def reader_namespace(tmp_path: Path) -> dict:
         def training_step(self, batch, batch_idx):
             return self.model(**batch).loss
 
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.model(**batch).loss)
+
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
-    return dict(base_model=tiny_base_model(), train_set=train_set, train_loader=train_loader, num_epochs=60,
-                L=L, module=Module(), test_loader=test_loader, __name__="readme")
+    return dict(base_model=tiny_base_model(), train_set=train_set, train_loader=train_loader, num_epochs=30,
+                L=L, module=Module(), val_loader=val_loader, test_loader=test_loader, __name__="readme")
 
 
 def test_readme_has_the_quick_starts():
     assert len(BLOCKS) >= 2, [line for line, _ in BLOCKS]
     assert any("LangevinAdam(" in code and "opt.step(closure)" in code for _, code in BLOCKS)
+    assert any("LangevinLoRA()" in code and "bma_predict_proba" in code for _, code in BLOCKS)
 
 
 @pytest.mark.slow
@@ -98,12 +105,17 @@ def test_readme_python_block_runs_as_printed(line, code, tmp_path, monkeypatch):
     ns = reader_namespace(tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        if re.search(r"\blangevin\.", code) and "LangevinLoRA(" not in code:   # a block that reads the quick
+            line0, first = next((n, c) for n, c in BLOCKS if "LangevinLoRA()" in c)  # start's fitted callback
+            exec(compile(first, f"README.md:{line0}", "exec"), ns)   # noqa: S102
         exec(compile(code, f"README.md:{line}", "exec"), ns)   # noqa: S102  (the README's own text)
     # what each quick start promises, checked on what it left behind
     if "opt" in ns and hasattr(ns["opt"], "auto_step"):
         opt = ns["opt"]
         assert opt.sampling and opt.auto_step.measurements >= 1 and opt.guard.cuts == 0
         assert all(torch.isfinite(p).all() for g in opt.param_groups for p in g["params"])
+    if "langevin" in ns and ns["langevin"].chain.auto:   # the drop-in went through its phases
+        assert ns["langevin"].chain.phase == "done" and len(ns["langevin"].sample_bank) > 0
     if "probs" in ns:
         probs = ns["probs"]
         assert probs.shape == (16, 2) and torch.isfinite(probs).all()
