@@ -10,9 +10,12 @@ prior, keep a sample, stop the Trainer); every decision lives here and is tested
 validation value (``monitor``, default ``"val_loss"``, ``mode="min"``) improves by more than
 ``min_delta``; each improvement asks the caller for a snapshot of the trainable tensors and the
 optimizer state. After ``patience`` validation checks without improvement (as in Lightning's
-``EarlyStopping``), or at ``max_burn_in_fraction`` of the planned optimizer steps at the latest
-(the well-fit case, where the validation value keeps improving, and the fallback when it is never
-logged), sampling starts at the best snapshot. An integer ``burn_in_steps`` starts at that step.
+``EarlyStopping``), sampling starts at the best snapshot. When the monitored value is never logged,
+sampling starts at ``max_burn_in_fraction`` of the planned steps (the caller warns). When it is
+still improving at the end of the budget (the well-fit case), there is no over-fitting tail to
+replace: nothing is sampled and the best point is the single sample
+(:meth:`ChainSchedule.end_watching`), so the drop-in does no harm where early stopping would not
+have stopped either. An integer ``burn_in_steps`` starts at that step.
 
 **Sampling: a ladder of prior scales.** Sampling targets the local posterior
 
@@ -119,6 +122,8 @@ class Stage:
     val_nll: float | None = None
     final: bool = False
     rung: int = 0
+    delta: float | None = None   # val_nll minus the best stage's then, per example on average
+    se: float | None = None      # standard error of delta
 
     @property
     def end(self) -> int:
@@ -135,8 +140,8 @@ class ChainSchedule:
         mode: ``"min"`` or ``"max"``.
         patience: validation checks without improvement before sampling starts (>= 1).
         min_delta: an improvement must beat the best value by more than this (>= 0).
-        max_burn_in_fraction: in ``(0, 1)``; sampling starts at this fraction of the planned steps at
-            the latest (also the fallback when ``monitor`` is never logged).
+        max_burn_in_fraction: in ``(0, 1)``; when ``monitor`` is never logged, sampling starts at this
+            fraction of the planned steps.
         prior_stds: the ladder :math:`\sigma_1 < \sigma_2 < \dots` (one value: a single stage).
         num_samples: samples that score a ladder stage, and that the final stage keeps at least (>= 1).
         relax_efolds: e-folds of the slowest prior mode before a stage keeps samples (> 0).
@@ -225,7 +230,16 @@ class ChainSchedule:
             return self.phase == "sample"
         if not self.auto:
             return step >= self.burn_in_steps
-        return self.triggered or step >= self.fallback_step
+        return self.triggered or (self.checks == 0 and step >= self.fallback_step)
+
+    def end_watching(self) -> str:
+        """The budget ended while the monitored value was still improving (``patience`` was never
+        exhausted): there is no over-fitting tail to replace, so nothing is sampled and the caller keeps
+        the best point as the single sample. Returns why."""
+        self.phase = "done"
+        self.stop_reason = (f"{self.monitor} was still improving when the budget ended (best {self.best_value:.4g} at "
+                            f"step {self.best_step}): no over-fitting tail to sample in; the bank holds that point")
+        return self.stop_reason
 
     def begin(self, step: int) -> str:
         """Sampling starts at optimizer step ``step``; returns why (for the log)."""
@@ -235,10 +249,6 @@ class ChainSchedule:
         elif self.triggered:
             self.start_reason = (f"{self.monitor} did not improve for {self.patience} validation checks; best "
                                  f"{self.best_value:.4g} at step {self.best_step}")
-        elif self.best_step is not None:
-            self.start_reason = (f"{self.max_burn_in_fraction:g} of the planned {self.planned_steps:g} steps reached "
-                                 f"while {self.monitor} still improved; best {self.best_value:.4g} at step "
-                                 f"{self.best_step}")
         else:
             self.start_reason = (f"no {self.monitor!r} was logged; sampling starts at {self.max_burn_in_fraction:g} "
                                  f"of the planned steps")
@@ -311,6 +321,7 @@ class ChainSchedule:
         ``"final"`` (open the final stage at :attr:`final_prior_std`) or ``"done"`` (no stage has a sample)."""
         stage = self.stage
         stage.val_nll = None if val_nll is None or not math.isfinite(val_nll) else float(val_nll)
+        stage.delta, stage.se = (None, None) if delta is None else (float(delta), float(se))
         k = len(self.stages) - 1
         best = None if self.best_stage is None else self.stages[self.best_stage].val_nll
         if self.best_stage is None or stage.samples == 0:

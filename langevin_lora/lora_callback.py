@@ -10,10 +10,11 @@ optimizer (typically AdamW) and logs ``val_loss`` in its validation loop::
 
 **Two modes.** ``burn_in_steps="auto"`` (default) is the zero-config drop-in, at no extra training
 cost: the user's optimizer runs while ``val_loss`` improves; ``patience`` validation checks after
-the best one (or at ``max_burn_in_fraction`` of the planned steps) the callback restores the best
-point (adapters, heads, optimizer state) and samples a local posterior centred there, with the
-prior scale chosen on validation from a ladder of scales, until the posterior average has settled;
-then it stops the Trainer (:mod:`langevin_lora.chain`). Its defaults are the measured target: prior
+the best one the callback restores the best point (adapters, heads, optimizer state) and samples a
+local posterior centred there, with the prior scale chosen on validation from a ladder of scales,
+until the posterior average has settled; then it stops the Trainer (:mod:`langevin_lora.chain`).
+Validation still improving at the end of the budget: nothing to replace, the best point is the one
+sample. ``val_loss`` never logged: one warning, sampling from ``max_burn_in_fraction`` of the plan. Its defaults are the measured target: prior
 centred where sampling starts (``prior_centre="burn_in"``), the head sampled with the adapters
 (``head_temperature=1``), kinetic BAOAB (``friction="auto"``), :math:`G` clamped to
 ``[0.1, 10]`` × its median, the model in eval mode while sampling (``dropout=False``). An integer
@@ -163,6 +164,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from langevin_lora._docs import readable_docstring
 from langevin_lora._replay import ProbeBatches, replayed_training_loss
 from langevin_lora._step_wrapper import StepWrapper
 from langevin_lora._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
@@ -231,6 +233,7 @@ def _no_steps_left(trainer: Trainer) -> bool:
         return False
 
 
+@readable_docstring
 class LangevinLoRA(EngineFrontEnd, Callback):
     r"""Langevin sampling of the LoRA adapters of a LightningModule, plus a posterior sample bank.
 
@@ -270,9 +273,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         monitor, mode, patience: with ``burn_in_steps="auto"``: the logged validation value watched
             (``"val_loss"``), ``"min"``/``"max"``, and the validation checks without improvement
             after which sampling starts (2), as in Lightning's ``EarlyStopping``.
-        max_burn_in_fraction: with ``"auto"``, sampling starts at this fraction of the planned
-            steps at the latest (0.75): when ``monitor`` keeps improving, and (with one warning) when
-            it is never logged.
+        max_burn_in_fraction: with ``"auto"`` and ``monitor`` never logged, sampling starts (with one
+            warning) at this fraction of the planned steps (0.75).
         sample_every: fixed schedule: keep a sample every this many Langevin steps (>= 1; default 1).
         num_samples: fixed schedule: capacity of :attr:`sample_bank` (0: keep none; default 16), the
             most recent are kept. ``"auto"``: the final stage keeps between ``num_samples`` and twice
@@ -671,6 +673,19 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                                            if p.requires_grad},
                                 "optimizer": copy.deepcopy(opt.state_dict())}
 
+    def _keep_best_point(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The budget ended while ``monitor`` was still improving (the well-fit case): no sampling; the
+        best-monitored point goes back into the module and is the bank's one sample."""
+        best = self._best_point
+        with torch.no_grad():
+            for n, p in pl_module.named_parameters():
+                if n in best["params"]:
+                    p.copy_(best["params"][n])
+        self._best_point = None
+        reason = self.chain.end_watching()
+        self.sample_bank.add(pl_module, best["step"], write=trainer.is_global_zero)
+        rank_zero_info(f"LangevinLoRA: {reason}")
+
     def _leave_burn_in(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sampling is due: go back to the best-monitored point (weights and optimizer state), so the
         chain starts, and the prior is centred, where validation was best."""
@@ -712,6 +727,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             with torch.no_grad():
                 self.guard.finish()   # a runaway in the last, partial window: restored and warned
         chain = self.chain
+        if chain.auto and chain.phase == "watch" and self._best_point is not None:   # still improving at the end
+            self._keep_best_point(trainer, pl_module)
         if chain.staged and chain.phase == "sample" and chain.stage is not None:   # the budget ended in a stage
             if not chain.stage.final:
                 self._close_stage(trainer, budget_left=False)
@@ -719,7 +736,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                 self._finish(trainer, "the Trainer's budget ran out")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.langevin_steps == 0:
+        if self.langevin_steps == 0 and not (self.chain.auto and self.chain.phase == "done"):
             rank_zero_warn(f"LangevinLoRA: the fit ended without a Langevin step (global_step {trainer.global_step}, "
                            f"burn_in_steps={self.burn_in_steps}, {self.skipped_steps} steps skipped for non-finite "
                            "gradients): the adapters are the optimizer's and the sample bank is empty.")

@@ -29,9 +29,10 @@ def test_fallback_without_monitor_and_when_still_improving():
     assert not chain.due(49) and chain.due(50)
     assert "no 'val_loss' was logged" in chain.begin(50)
     chain.reset(planned_steps=100)
-    for step in range(10, 60, 10):
-        chain.observe(1.0 / step, step)         # still improving at the fallback step
-    assert chain.due(50) and "still improved" in chain.begin(50)
+    for step in range(10, 110, 10):
+        chain.observe(1.0 / step, step)         # still improving: the fraction does not apply
+    assert not chain.due(99)
+    assert "still improving when the budget ended" in chain.end_watching() and chain.phase == "done"
 
 
 def test_integer_burn_in_is_the_fixed_schedule():
@@ -46,25 +47,25 @@ def test_ladder_climbs_from_the_middle_then_samples_the_best_scale():
     chain.reset(1000)
     chain.begin(0)
     stage = chain.open_stage(0, relax=10)
-    assert (stage.prior_std, stage.sample_every, stage.collect, stage.end, stage.final) == (0.02, 5, 20, 30, False)
-    kept = [k for k in range(1, 31) if chain.sample_due(k)]
-    assert kept == [15, 20, 25, 30] and chain.stage_complete(30) and not chain.stage_complete(29)
+    assert (stage.prior_std, stage.sample_every, stage.collect, stage.end, stage.final) == (0.02, 2, 8, 18, False)
+    kept = [k for k in range(1, 19) if chain.sample_due(k)]
+    assert kept == [12, 14, 16, 18] and chain.stage_complete(18) and not chain.stage_complete(17)
     stage.samples = 4
     assert chain.close_stage(0.50) == "next"         # first stage: the best so far, go up
-    chain.open_stage(30, relax=10).samples = 4
+    chain.open_stage(18, relax=10).samples = 4
     assert chain.stage.prior_std == 0.04
     assert chain.close_stage(0.45) == "next" and chain.best_stage == 1
-    chain.open_stage(60, relax=10).samples = 4
+    chain.open_stage(36, relax=10).samples = 4
     assert chain.stage.prior_std == 0.08
     assert chain.close_stage(0.47) == "final"        # worse: the ladder ends, back to 0.04
     assert chain.final_prior_std == 0.04 and "did not win" in chain.ladder_reason
-    final = chain.open_stage(90, relax=10)
-    assert final.final and final.prior_std == 0.04 and chain.phase == "sample" and final.sample_every == 5
+    final = chain.open_stage(54, relax=10)
+    assert final.final and final.prior_std == 0.04 and chain.phase == "sample" and final.sample_every == 2
     assert not chain.stage_complete(10 ** 6)          # only the caller ends the final stage
-    assert [k for k in range(90, 130) if chain.sample_due(k)] == [105, 110, 115, 120, 125]
+    assert [k for k in range(54, 75) if chain.sample_due(k)] == [66, 68, 70, 72, 74]
     final.samples = 8
     chain.thin()                                     # the reservoir dropped every other sample
-    assert (final.sample_every, final.samples) == (10, 4) and chain.sample_due(110) and not chain.sample_due(105)
+    assert (final.sample_every, final.samples) == (4, 4) and chain.sample_due(72) and not chain.sample_due(70)
     chain.finish("settled")
     assert chain.phase == "done" and chain.stop_reason == "settled" and not chain.due(1000)
 

@@ -289,7 +289,7 @@ def test_lora_dropout_while_sampling_is_named():
         lora_param_groups(dropped)
 
 
-@pytest.mark.parametrize("name", ["LangevinSGD", "LangevinAdam", "DivergenceGuard", "AutoStepSize"])
+@pytest.mark.parametrize("name", ["LangevinSGD", "LangevinAdam", "DivergenceGuard", "AutoStepSize", "LangevinLoRA"])
 def test_help_reads_as_plain_text_and_keeps_the_math(name):
     """help() of the public classes showed raw reStructuredText roles (`:math:` 34-52 times per class); the
     class docstrings now read as Unicode text with the math kept (the LaTeX source stays in the module)."""
