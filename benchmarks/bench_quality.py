@@ -55,7 +55,7 @@ def verdicts(summary: list[dict], arm: str = "langevin", regime: str = "overfit"
     if lg is None or not adamw:
         return {}
     out = {}
-    if "adamw" in s and s["adamw"]["grad_evals_mean"]:
+    if "adamw" in s and s["adamw"].get("grad_evals_mean") and lg.get("grad_evals_mean") is not None:
         ratio = lg["grad_evals_mean"] / s["adamw"]["grad_evals_mean"]
         out["cost <= 1.0x adamw's gradient evaluations"] = (ratio <= 1.0, f"ratio {ratio:.3f}")
     if regime == "wellfit" and "adamw_best" in s:
@@ -120,8 +120,12 @@ def prior_lines(rows: list[dict]) -> list[str]:
             continue
         rungs = ", ".join(f"{st['prior_std']:g}: " + ("n/a" if st["val_nll"] is None else f"{st['val_nll']:.4f}")
                           for st in ladder if st["val_nll"] is not None or st is ladder[-1])
+        if r["plan_burn_in_steps"] is None:
+            lines.append(f"- seed {r['seed']}: never sampled, {r['num_samples']} sample(s); stopped at step "
+                         f"{r['optimizer_steps']} ({r['stop_reason']})")
+            continue
         lines.append(f"- seed {r['seed']}: burn-in ended at step {r['plan_burn_in_steps']} ({r['start_reason']}); "
-                     f"ladder σ_p → validation NLL of the average (extrapolated) [{rungs}]; kept σ_p = "
+                     f"ladder σ_p → validation NLL of the stage's average [{rungs}]; kept σ_p = "
                      f"{r['prior_std']:g}, {r['num_samples']} samples; stopped at step {r['optimizer_steps']} "
                      f"({r['stop_reason']})")
     if lg:

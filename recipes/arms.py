@@ -413,5 +413,6 @@ def run_dropin(shared: Shared, seed: int, module, run: AdamWRun, methods: list[s
                                  wall_time_s=wall + time.perf_counter() - t1, **common))
     extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
               "step_size": common["step_size"], "lambda_max": common["lambda_max"], "beta": lcb.beta,
-              "ladder": common["ladder"], "start_reason": chain.start_reason, "stop_reason": chain.stop_reason}
+              "ladder": common["ladder"], "start_reason": chain.start_reason, "stop_reason": chain.stop_reason,
+              "stop_step": trainer.global_step}
     return rows, probs, extras

@@ -198,9 +198,10 @@ def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras:
         if p["burn_in_mode"] == "auto":
             ladder = ", ".join(f"σ_p {st['prior_std']:g}: {st['samples']} samples, val NLL "
                                + ("n/a" if st["val_nll"] is None else f"{st['val_nll']:.4f}") for st in e["ladder"])
+            started = (f"burn-in ended at step {p['burn_in_steps']} ({e['start_reason']}); prior ladder [{ladder}]; "
+                       if p["burn_in_steps"] is not None else "never sampled; ")
             notes.append(f"Langevin drop-in (seed {seed}): LangevinLoRA({settings.dropin_kwargs() or ''}) in the AdamW "
-                         f"Trainer; burn-in ended at step {p['burn_in_steps']} ({e['start_reason']}); prior ladder "
-                         f"[{ladder}]; stopped at step {p['burn_in_steps'] + p['sampling_steps']} ({e['stop_reason']}); "
+                         f"Trainer; {started}stopped at step {e['stop_step']} ({e['stop_reason']}); "
                          f"{p['num_samples']} samples, T = {settings.temperature}, β = N/T = {beta}"
                          + (f"; h = {e['step_size']:.4g} from λ_max = {e['lambda_max']:.4g}" if e.get("step_size") else "")
                          + ".")

@@ -71,11 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
             txt = "n/a" if bv is None else f"beta*T_virial = {bv:.2f} (1 at the target temperature)"
             print(f"[demo] seed {row['seed']}: measured temperature {txt}; stationarity where the samples were kept: "
                   f"{row['stationarity']}")
-            if row.get("ladder") is not None:
+            if row.get("ladder") and row.get("prior_std") is not None:
                 print(f"[demo] seed {row['seed']}: LangevinLoRA() ended burn-in at step {row['plan_burn_in_steps']} "
                       f"({row['start_reason']}), chose prior_std {row['prior_std']:g} on validation and stopped at "
                       f"step {row['optimizer_steps']} ({row['stop_reason']}): {row['grad_evals']:.0f} gradient "
                       f"evaluations, AdamW's run {shared_steps(result)}")
+            elif row.get("ladder") is not None:
+                print(f"[demo] seed {row['seed']}: LangevinLoRA() did not sample ({row['stop_reason']})")
             diag = row.get("diagnostics") or {}
             rh = {k.split("/", 1)[1]: c["value"] for k, c in diag.items() if k.startswith("split_rhat/") and c["value"]}
             ess = (diag.get("effective_sample_size") or {}).get("value")

@@ -234,3 +234,11 @@ def test_bench_quality_verdicts_per_langevin_arm(monkeypatch):
     ts = bench.verdicts(summary, "langevin_ts")
     assert [ok for ok, _ in ts.values()] == [True, True, True, True, False]   # one seed not stationary
     assert bench.verdicts(summary, "missing") == {}
+    for r, g in zip(summary, (100, 100, 100, 99, 101)):   # issue 18: the cost goal and the well-fit regime
+        r["grad_evals_mean"] = g
+    cost = bench.verdicts(summary)["cost <= 1.0x adamw's gradient evaluations"]
+    assert cost[0] and not bench.verdicts(summary, "langevin_ts")["cost <= 1.0x adamw's gradient evaluations"][0]
+    wellfit = bench.verdicts(summary, regime="wellfit")
+    assert wellfit["NLL <= adamw_best + 0.01"][0] and wellfit["accuracy within 0.5 points of adamw_best"][0]
+    assert not bench.verdicts([*summary[:3], row("langevin", .71, .02, .69, "3/3 pass")], regime="wellfit")[
+        "NLL <= adamw_best + 0.01"][0]

@@ -61,11 +61,14 @@ def test_compare_configs_parse(name):
     cfg = load_config(CONFIGS / name)
     settings = LangevinSettings(**cfg["langevin"])
     plan = settings.plan(total_steps=100, num_data=1000, best_step=40)   # best_step: for burn_in 'best'
-    burn = 40 if settings.burn_in == "best" else round(settings.burn_in * 100)
-    # the sampling steps: the rest of the AdamW budget, or the config's sampling_steps (compare_twitter: 2400)
-    assert plan["sampling_steps"] == (settings.sampling_steps or 100 - burn)
-    assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= plan["sampling_steps"]
-    assert plan["weight_decay"] == pytest.approx(1 / (1000 * settings.prior_std ** 2))
+    if settings.burn_in == "auto":   # the drop-in plans itself (issue 18)
+        assert plan["burn_in_mode"] == "auto" and plan["burn_in_steps"] is None and plan["beta"] == 1000
+    else:
+        burn = 40 if settings.burn_in == "best" else round(settings.burn_in * 100)
+        # the sampling steps: the rest of the AdamW budget, or the config's sampling_steps (two-pass: 2400)
+        assert plan["sampling_steps"] == (settings.sampling_steps or 100 - burn)
+        assert plan["burn_in_steps"] == burn and plan["sample_every"] * plan["num_samples"] <= plan["sampling_steps"]
+        assert plan["weight_decay"] == pytest.approx(1 / (1000 * settings.prior_std ** 2))
     for section, cls in (("data", TextClassificationData), ("model", LoRAClassifier)):
         params = inspect.signature(cls).parameters
         unknown = set(cfg[section]) - set(params)
@@ -296,7 +299,7 @@ def test_compare_misspelled_key_is_one_line_listing_valid_keys(capsys, override,
 @pytest.mark.parametrize("override, match", [
     ("trainer.max_steps=3=4", "Invalid trainer.max_steps: '3=4' (expected an integer)"),
     ("data.batch_size=abc", "Invalid data.batch_size: 'abc' (expected an integer)"),
-    ("langevin.precond_clamp=[1, 2, 3]", "Invalid langevin.precond_clamp: [1, 2, 3] (expected a list)"),
+    ("langevin.precond_clamp=[1, 2, 3]", "Invalid langevin.precond_clamp: [1, 2, 3] (expected a list or null)"),
     ("trainer.callbacks=[]", "Invalid key trainer.callbacks: the comparison sets the Trainer's callbacks itself"),
     ("langevin.temperature.x=1", "langevin.temperature is 1.0, not a section with keys"),
     ("dataa.x=1", "unknown section 'dataa'; valid sections, closest first: data, "),

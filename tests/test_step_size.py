@@ -256,7 +256,8 @@ def test_callback_loss_nonfinite_for_good_is_skipped_not_cut():
 
 
 @pytest.mark.parametrize("invalid, match", [
-    (dict(step_size="adam"), r"Invalid step_size: 'adam' \(expected 'auto', 'optimizer' or a float > 0\)"),
+    (dict(step_size="adam"), r"Invalid step_size: 'adam' \(expected 'auto', 'optimizer', a float > 0 or a "
+                             r"langevin_lora.AutoStepSize\)"),
     (dict(step_size=0.0), "Invalid step_size"),
     (dict(step_size=True), "Invalid step_size"),
     (dict(probe_examples=0), "Invalid probe_examples"),
