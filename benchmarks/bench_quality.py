@@ -63,8 +63,9 @@ def verdicts(summary: list[dict], arm: str = "langevin", regime: str = "overfit"
         dnll, dacc = lg["nll_mean"] - ref["nll_mean"], 100 * (lg["accuracy_mean"] - ref["accuracy_mean"])
         out["NLL <= adamw_best + 0.01"] = (dnll <= 0.01, f"{dnll:+.4f}")
         out["accuracy within 0.5 points of adamw_best"] = (dacc >= -0.5, f"{dacc:+.2f} points")
-        passed, total = _passes(lg["stationarity"])
-        out["stationarity passes on every seed"] = (total > 0 and passed == total, lg["stationarity"])
+        if lg["stationarity"] != "n/a":   # n/a: nothing was sampled (validation improved to the end)
+            passed, total = _passes(lg["stationarity"])
+            out["stationarity passes on every seed"] = (total > 0 and passed == total, lg["stationarity"])
         return out
     best_acc = max(r["accuracy_mean"] for r in adamw)
     dacc = 100 * (lg["accuracy_mean"] - best_acc)
@@ -85,7 +86,7 @@ def verdicts(summary: list[dict], arm: str = "langevin", regime: str = "overfit"
 
 
 def _passes(verdict: str) -> tuple[int, int]:
-    return tuple(int(x) for x in verdict.split()[0].split("/")) if "/" in verdict else (0, 0)
+    return tuple(int(x) for x in verdict.split()[0].split("/")) if verdict.endswith(" pass") else (0, 0)
 
 
 def cost_table(rows: list[dict], batch_size: int) -> str:
