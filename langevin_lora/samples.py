@@ -251,39 +251,33 @@ class SampleBank:
             self.bind(root, self.adapter_name)
         params = _trainable(root)
         self._check_layout(params, "SampleBank.add")
+        self._store(step, {n: p.detach() for n, p in params.items()}, write)
+        self._delete_unreferenced()
+
+    def _store(self, step: int, sample: Mapping[str, Tensor], write: bool) -> None:
+        """Keep a copy of ``sample`` (in memory, or as a PEFT folder when ``write``) and evict the oldest."""
         if self.directory is None:
-            self._memory.append({n: p.detach().to(self.device, copy=True) for n, p in params.items()})
+            self._memory.append({n: t.to(self.device, copy=True) for n, t in sample.items()})
         else:
             path = self.directory / f"{SAMPLE_PREFIX}{step:08d}"
             if write:
-                self._write_folder(path, {n: p.detach() for n, p in params.items()})
+                self._write_folder(path, sample)
             self._paths.append(str(path))
             self._evicted = [e for e in self._evicted if e != str(path)]
         self.steps.append(int(step))
         while len(self) > self.num_samples:
             self._drop_oldest(write)
-        self._delete_unreferenced()
 
     def adopt(self, other: "SampleBank", *, write: bool = True) -> None:
         """Add every sample of ``other`` (an in-memory bank of the same model), oldest first, as
         :meth:`add` would have (written as PEFT folders when this bank has a ``directory``)."""
         if other._root_ref is not None and self._root_ref is not other._root_ref:
             self.bind(other._root_ref, other.adapter_name or self.adapter_name)
+        if self.num_samples == 0:
+            return
         for step, sample in zip(other.steps, other._memory):
             self._check_layout(sample, "SampleBank.adopt")
-            if self.num_samples == 0:
-                return
-            if self.directory is None:
-                self._memory.append({n: t.to(self.device, copy=True) for n, t in sample.items()})
-            else:
-                path = self.directory / f"{SAMPLE_PREFIX}{step:08d}"
-                if write:
-                    self._write_folder(path, sample)
-                self._paths.append(str(path))
-                self._evicted = [e for e in self._evicted if e != str(path)]
-            self.steps.append(int(step))
-            while len(self) > self.num_samples:
-                self._drop_oldest(write)
+            self._store(step, sample, write)
         self._delete_unreferenced()
 
     def thin(self) -> None:

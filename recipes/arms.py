@@ -236,6 +236,24 @@ def _sample_predictions(shared: Shared, module, bank) -> tuple[Tensor, Tensor, f
     return torch.stack(vals), torch.stack(tests), val_s
 
 
+def _langevin_rows(shared: Shared, seed: int, val: Tensor, test: Tensor, methods: list[str], wall: float,
+                   common: dict[str, Any]) -> tuple[list[dict], dict[str, Tensor]]:
+    """The ``langevin`` (posterior average) and ``langevin_ts`` (plus a temperature fitted on
+    validation) rows and test probabilities from the samples' ``(S, n, K)`` probabilities."""
+    rows, probs = [], {}
+    mean_val, mean_test = val.mean(0), test.mean(0)
+    if "langevin" in methods:
+        probs["langevin"] = mean_test
+        rows.append(_metrics_row("langevin", seed, mean_test, shared.test_labels, wall_time_s=wall, **common))
+    if "langevin_ts" in methods:
+        t1 = time.perf_counter()
+        T = fit_temperature(mean_val, shared.val_labels, shared.settings.temperature_scaling_bounds)
+        probs["langevin_ts"] = apply_temperature(mean_test, T)
+        rows.append(_metrics_row("langevin_ts", seed, probs["langevin_ts"], shared.test_labels, ts_temperature=T,
+                                 wall_time_s=wall + time.perf_counter() - t1, **common))
+    return rows, probs
+
+
 def _span_report(diag, span: float):
     """The stationarity report of the part of the chain the kept samples come from (the last
     ``span`` of the sampling steps), and the mean of β·T_virial there."""
@@ -310,17 +328,7 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
               "step_size": auto.step_size, "lambda_max": auto.lambda_max, "step_measurements": auto.measurements}
     if full is not None:
         common["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in full.checks}
-    rows, probs = [], {}
-    mean_val, mean_test = val.mean(0), test.mean(0)
-    if "langevin" in methods:
-        probs["langevin"] = mean_test
-        rows.append(_metrics_row("langevin", seed, mean_test, shared.test_labels, wall_time_s=wall, **common))
-    if "langevin_ts" in methods:
-        t1 = time.perf_counter()
-        T = fit_temperature(mean_val, shared.val_labels, s.temperature_scaling_bounds)
-        probs["langevin_ts"] = apply_temperature(mean_test, T)
-        rows.append(_metrics_row("langevin_ts", seed, probs["langevin_ts"], shared.test_labels, ts_temperature=T,
-                                 wall_time_s=wall + time.perf_counter() - t1, **common))
+    rows, probs = _langevin_rows(shared, seed, val, test, methods, wall, common)
     vt = list(diag.traces.get("virial_temperature", []))
     extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
               "step_size": common["step_size"], "lambda_max": common["lambda_max"],
@@ -399,18 +407,7 @@ def run_dropin(shared: Shared, seed: int, module, run: AdamWRun, methods: list[s
                           "relax": st.relax} for st in chain.stages]}
     if report is not None:
         common["diagnostics"] = {c.name: {"status": c.status, "value": c.value} for c in report.checks}
-    rows, probs = [], {}
-    wall = fit_s + val_s
-    mean_val, mean_test = val.mean(0), test.mean(0)
-    if "langevin" in methods:
-        probs["langevin"] = mean_test
-        rows.append(_metrics_row("langevin", seed, mean_test, shared.test_labels, wall_time_s=wall, **common))
-    if "langevin_ts" in methods:
-        t1 = time.perf_counter()
-        T = fit_temperature(mean_val, shared.val_labels, s.temperature_scaling_bounds)
-        probs["langevin_ts"] = apply_temperature(mean_test, T)
-        rows.append(_metrics_row("langevin_ts", seed, probs["langevin_ts"], shared.test_labels, ts_temperature=T,
-                                 wall_time_s=wall + time.perf_counter() - t1, **common))
+    rows, probs = _langevin_rows(shared, seed, val, test, methods, fit_s + val_s, common)
     extras = {"convergence": conv, "plan": plan, "loss": loss.values, "virial": vt,
               "step_size": common["step_size"], "lambda_max": common["lambda_max"], "beta": lcb.beta,
               "ladder": common["ladder"], "start_reason": chain.start_reason, "stop_reason": chain.stop_reason,
