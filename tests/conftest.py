@@ -38,6 +38,20 @@ def minilm_lora_factory():
 
 
 @pytest.fixture
+def quiet_lightning():
+    """Silence the Lightning warnings that small CPU test runs trigger by design (few workers, short
+    epochs, the pytree deprecation) and the step-size warning of deliberately short chains."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", ".*StepSizeWarning.*")
+        yield
+
+
+@pytest.fixture
 def one_thread():
     """Run a test on one torch thread: small vectorised chains gain nothing from OpenMP, and one
     thread keeps timings comparable on shared CPUs."""

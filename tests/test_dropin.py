@@ -1,7 +1,6 @@
 """The zero-config drop-in: ``Trainer(callbacks=[LangevinLoRA()])`` on a module that logs
 ``val_loss`` goes through every phase (watch, restore the best point, the prior-scale ladder, stop),
 warns and falls back without ``val_loss``, and resumes bitwise in the middle of each phase."""
-import warnings
 
 import lightning.pytorch as L
 import pytest
@@ -12,14 +11,7 @@ from dropin_helpers import TinyClassifier, blobs, loaders, trainer
 from langevin_lora import LangevinLoRA, bma_predict_proba
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", ".*StepSizeWarning.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 def _trainable(module):
