@@ -673,15 +673,19 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                                            if p.requires_grad},
                                 "optimizer": copy.deepcopy(opt.state_dict())}
 
+    @torch.no_grad()
+    def _take_best_point(self, pl_module: LightningModule) -> dict[str, Any]:
+        """Copy the best-monitored trainable tensors back into the module and hand over the snapshot."""
+        best, self._best_point = self._best_point, None
+        for n, p in pl_module.named_parameters():
+            if n in best["params"]:
+                p.copy_(best["params"][n])
+        return best
+
     def _keep_best_point(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The budget ended while ``monitor`` was still improving (the well-fit case): no sampling; the
         best-monitored point goes back into the module and is the bank's one sample."""
-        best = self._best_point
-        with torch.no_grad():
-            for n, p in pl_module.named_parameters():
-                if n in best["params"]:
-                    p.copy_(best["params"][n])
-        self._best_point = None
+        best = self._take_best_point(pl_module)
         reason = self.chain.end_watching()
         self.sample_bank.add(pl_module, best["step"], write=trainer.is_global_zero)
         rank_zero_info(f"LangevinLoRA: {reason}")
@@ -697,12 +701,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                            f"max_burn_in_fraction={self.chain.max_burn_in_fraction:g} of the "
                            f"{self.chain.planned_steps:g} planned steps, from the current weights.")
         elif best is not None:
-            with torch.no_grad():
-                for n, p in pl_module.named_parameters():
-                    if n in best["params"]:
-                        p.copy_(best["params"][n])
+            self._take_best_point(pl_module)
             trainer.optimizers[0].load_state_dict(copy.deepcopy(best["optimizer"]))
-            self._best_point = None
         if self.chain.auto and self.balance is not None:
             self.balance.start_sampling(pl_module, optimizer=trainer.optimizers[0], adapter_name=self.adapter_name)
         rank_zero_info(f"LangevinLoRA: burn-in ends at step {trainer.global_step} ({reason})"
@@ -1047,7 +1047,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             settled = True
             probs = self._final_probs()
             if probs:
-                labels = torch.cat([y for _, y in self._val_batches])
+                labels = self._val_labels()
                 settled = bool(sample_convergence(torch.stack(probs), labels)["converged"])
             ess, ess_min = self._final_stage_ess(kept)
             if settled and (ess is None or ess >= ess_min):
@@ -1191,6 +1191,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self._val_batches.append((move_data_to_device(batch, device), labels.to(device)))
         return self._val_batches
 
+    def _val_labels(self) -> Tensor:
+        return torch.cat([y for _, y in self._val_batches])
+
     @torch.no_grad()
     def _validation_probs(self, trainer: Trainer, module: LightningModule) -> Tensor | None:
         batches = self._validation_batches(trainer)
@@ -1224,7 +1227,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         (:mod:`langevin_lora.chain`), summed over the DDP ranks' shards."""
         if not self._stage_probs:
             return None, None, 0.0
-        labels = torch.cat([y for _, y in self._val_batches])
+        labels = self._val_labels()
         average = torch.stack(self._stage_probs).double().mean(0)
         self._example_nll = -average.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).squeeze(1)
         d = self._example_nll - self._best_example_nll if self._best_example_nll is not None else None
