@@ -2,7 +2,7 @@ r"""Statistical tests: the project's samplers hit the laws of THEORY §5.
 
 Every test runs many independent chains at once through one project optimizer (chains are the
 leading dimension of the parameter tensors), estimates each statistic by its per-chain time
-average, and z-tests the mean over chains against the exact value (:func:`targets.zscores`),
+average, and z-tests the mean over chains against the exact value (:func:`langevin_lora.testing.zscores`),
 passing at :math:`|z| \le 4.5`. Known biases (THEORY §3) are predicted exactly, not allowed for:
 the full-batch ULA law of a quadratic, the minibatch law (discrete Lyapunov equation), the
 frozen-preconditioner law, the discrete gauge recursion; where no exact discrete law exists
@@ -19,10 +19,10 @@ import torch
 from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import LangevinAdam, LangevinSGD, langevin_step_
-from targets import (RANK1_GROUND_TRUTH, BlockQuadratic, Quadratic, attention_loss, attention_loss_and_grad,
-                     attention_potential, attention_sample_posterior, linear_chain_law,
-                     load_attention_ground_truth, lora_gauge, lora_gauge_source, lora_grads, lora_loss,
-                     lora_quadrature_moments, run_chains, zscores)
+from langevin_lora.testing import (RANK1_GROUND_TRUTH, BlockQuadratic, Quadratic, attention_ground_truth,
+                                   attention_loss, attention_loss_and_grad, attention_potential,
+                                   attention_sample_posterior, linear_chain_law, lora_gauge, lora_gauge_source,
+                                   lora_grads, lora_loss, lora_quadrature_moments, run_chains, zscores)
 
 Z_MAX = 4.5
 DT = torch.float64
@@ -369,7 +369,7 @@ def test_gauge_identity_stationary():
     r"""A 1x2, b scalar, w = (1, 0.5): E[|a|^2 - b^2] = (in - out)/(beta lam) = 0.5 (THEORY §3).
 
     The discrete chain obeys E[D'] = (1 - eta lam)^2 D + eta^2 E q + (2 eta/beta)(in - out) exactly, with
-    q = B^T Gamma Gamma^T B - A Gamma^T Gamma A^T (targets.lora_gauge_source), so the per-chain time
+    q = B^T Gamma Gamma^T B - A Gamma^T Gamma A^T (testing.lora_gauge_source), so the per-chain time
     average of D - eta^2 q / (1 - (1 - eta lam)^2) has expectation (in - out)/(beta lam (1 - eta lam/2)):
     tested with no allowance. The raw E[D] is also z-tested against THEORY's 0.5: its O(eta) deviation
     (the factor 1/(1 - eta lam/2) and the eta^2 q term) is far below the SE."""
@@ -434,8 +434,8 @@ def test_gauge_identity_relaxes_at_rate_two_lambda():
 
 
 def test_attention_hand_gradient_matches_autograd():
-    gt = load_attention_ground_truth()
-    x, y = torch.tensor(gt["x"], dtype=DT), torch.tensor(gt["y"], dtype=DT)
+    gt = attention_ground_truth(DT)
+    x, y = gt["x"], gt["y"]
     theta = torch.randn(64, 3, dtype=DT, generator=torch.Generator().manual_seed(30)).requires_grad_(True)
     loss, grad = attention_loss_and_grad(theta.detach(), x, y)
     auto, = torch.autograd.grad(attention_loss(theta, x, y).sum(), theta)  # sum over chains: per-chain grads
@@ -445,21 +445,22 @@ def test_attention_hand_gradient_matches_autograd():
 
 def test_attention_layer_moments():
     r"""theta = (q, k, v), f_i = v sum_j softmax_j(q k x_in x_ij) x_ij, U = mean (f - y)^2/2 + (lam/2)|theta|^2,
-    lam = 0.1, beta = 50, against the quadrature of benchmarks/attention_quadrature.py (same data, from the JSON).
+    lam = 0.1, beta = 50, against the quadrature of benchmarks/attention_quadrature.py (same data: langevin_lora.testing's
+    ATTENTION_X, ATTENTION_Y and ATTENTION_MOMENTS, checked against the JSON below).
 
     Initialisation: the posterior has two mirror modes +-(q, k) separated by a barrier of ~11.8/beta
     (see the JSON), which chains do not cross in the run. Chains therefore start from draws of the
-    grid posterior itself (targets.attention_sample_posterior: both modes in proportion, v | q, k exact);
+    grid posterior itself (testing.attention_sample_posterior: both modes in proportion, v | q, k exact);
     a stationary sampler preserves that law, a wrong one drifts away from it during the run.
     Step size eta = 0.02 (THEORY's). Its bias is below the standard error: separate runs at eta = 0.04,
     0.02 and 0.01 (1024 chains x 40 time units each, outside the suite) differed by at most ~1.2
     standard errors of the difference in every moment, with no trend in eta (E U: 0.19521, 0.19523,
     0.19472 against SE 0.0002), so the O(eta) term is not resolvable even at twice this step.
-    The gradient is the hand-written one of targets.attention_loss_and_grad (checked against autograd)."""
-    gt = load_attention_ground_truth()
+    The gradient is the hand-written one of testing.attention_loss_and_grad (checked against autograd)."""
+    gt = attention_ground_truth(DT)
     p = gt["params"]
     lam, beta = p["weight_decay"], p["beta"]
-    x, y = torch.tensor(gt["x"], dtype=DT), torch.tensor(gt["y"], dtype=DT)
+    x, y = gt["x"], gt["y"]
     eta, C = 0.02, 512
     gen = torch.Generator().manual_seed(31)
     theta = torch.nn.Parameter(attention_sample_posterior(x, y, lam, beta, C, gen))
