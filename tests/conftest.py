@@ -51,14 +51,25 @@ def quiet_lightning():
         yield
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one torch thread: small vectorised chains gain nothing from OpenMP, and one
-    thread keeps timings comparable on shared CPUs."""
+def _on_one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: small vectorised chains gain nothing from OpenMP, and one
+    thread keeps timings comparable on shared CPUs."""
+    yield from _on_one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """:func:`one_thread` for a whole module, its module-scoped fixtures included
+    (``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``)."""
+    yield from _on_one_thread()
 
 
 def cuda_only(fn):

@@ -1,4 +1,5 @@
-"""Small exactly solvable targets (THEORY §5) for the diagnostics tests, as vectorised chains.
+"""Small exactly solvable targets (THEORY §5) for the diagnostics tests, as vectorised chains, and the
+linear regression module the diagnostics-callback tests train.
 
 Chains are a leading tensor dimension, so one :class:`langevin_lora.LangevinSGD` steps all of them.
 """
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader, TensorDataset
 
 from langevin_lora import LangevinSGD
 
@@ -100,9 +103,30 @@ def ou_center_bias(a: np.ndarray, window: int) -> np.ndarray:
     return -a * s * s / window ** 2
 
 
-def one_thread():
-    """Generator for an autouse fixture: tiny tensors, many steps, shared cores: one thread is fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+class Regression(LightningModule):
+    """Linear regression with a LangevinSGD optimizer (or a plain torch one)."""
+
+    def __init__(self, optimizer="langevin", lr=1e-2, weight_decay=0.1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 1)
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.lin(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return LangevinSGD(self.parameters(), lr=self.lr, beta=100.0, weight_decay=self.weight_decay, seed=0)
+
+
+def regression_loader(n=64, batch_size=8, duplicate=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g)
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.3 * torch.randn(n, generator=g)
+    if duplicate:  # consecutive micro-batches identical: the micro-batch gradients coincide
+        x = x[:batch_size].repeat(n // batch_size, 1)
+        y = y[:batch_size].repeat(n // batch_size)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)

@@ -19,89 +19,9 @@ from langevin_lora.callback import LangevinLoRA
 from langevin_lora.diagnostics import StepSizeWarning
 from langevin_lora.functional import adam_inverse_scale, adapted_preconditioner, frozen_preconditioner, median_scale
 from langevin_lora.param_groups import lora_modules
+from callback_helpers import IN, OUT, N, R, Tiny, all_tensors, data, loader, lora_tensors, trainer
 
-IN, OUT, R, N = 6, 3, 2, 32
-
-
-class Base(nn.Module):
-    def __init__(self, d_in=IN, d_out=OUT):
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-        self.head = nn.Linear(d_out, d_out)
-
-    def forward(self, x):
-        return self.head(self.lin(x))
-
-
-class Tiny(L.LightningModule):
-    """A LoRA r=2 adapter on ``lin`` plus a trainable head (PEFT modules_to_save), AdamW + LR schedule."""
-
-    def __init__(self, lr=1e-2, optimizer="adamw", schedule=True, zero_loss=False, inf_at=None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = get_peft_model(Base(), LoraConfig(r=R, lora_alpha=R, target_modules=["lin"],
-                                                       modules_to_save=["head"], lora_dropout=0.0))
-        with torch.no_grad():  # start away from B = 0 so both factors get gradients at once
-            for f in lora_modules(self.model):
-                f.B.normal_(0.0, 0.3)
-        self.lr, self.optimizer_name, self.schedule = lr, optimizer, schedule
-        self.zero_loss, self.inf_at = zero_loss, inf_at
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = ((self(x) - y) ** 2).sum(-1).mean() / 2
-        if self.zero_loss:
-            loss = loss * 0.0
-        if self.inf_at is not None and self.global_step == self.inf_at:
-            loss = loss * math.inf
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        else:
-            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
-        if not self.schedule:
-            return opt
-        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + 0.05 * k))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
-
-
-def data(n=N, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, IN, generator=g)
-    y = x @ torch.randn(IN, OUT, generator=g) + 0.1 * torch.randn(n, OUT, generator=g)
-    return TensorDataset(x, y)
-
-
-def loader(batch_size=8, n=N):
-    return DataLoader(data(n), batch_size=batch_size, shuffle=False)
-
-
-def trainer(callbacks, max_steps, **kw):
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, accelerator="cpu", devices=1, max_epochs=-1, **kw)
-
-
-def lora_tensors(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
-
-
-def all_tensors(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 
 # -- argument validation --------------------------------------------------------------------------

@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 import csv
-import warnings
 
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger
-from test_callback import Tiny, loader, trainer
 
 from langevin_lora import LangevinLoRA
 from langevin_lora.diagnostics import GibbsDiagnostics
+from callback_helpers import Tiny, loader, trainer
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_default_diagnostics_log_the_virial_temperature(tmp_path):

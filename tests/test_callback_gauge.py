@@ -3,26 +3,20 @@ sampling (THEORY §4), wired to the real adapter tensors inside a lightning.Trai
 from __future__ import annotations
 
 import csv
-import warnings
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from test_callback import Tiny, loader, trainer
 
 from langevin_lora import BalanceSchedule, GaugeMoves, LangevinLoRA
 from langevin_lora.gauge import gauge_imbalance
 from langevin_lora.param_groups import lora_modules
+from callback_helpers import Tiny, loader, trainer
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", ".*preconditioner is the identity.*")
-        yield
+pytestmark = [pytest.mark.usefixtures("quiet_lightning"),
+              pytest.mark.filterwarnings("ignore:.*preconditioner is the identity")]
 
 
 def _factors_at_first_langevin_step(cb: LangevinLoRA, module: Tiny, steps: int):

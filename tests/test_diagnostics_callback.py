@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from langevin_lora import LangevinSGD, lora_param_groups
 from langevin_lora.diagnostics import GibbsDiagnostics
 from langevin_lora.view import LangevinGroupView
-from tests.diag_helpers import one_thread
+from diag_helpers import Regression, regression_loader
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _trainer(tmp_path, callbacks, *, max_steps, accumulate=1, logger=False):
@@ -104,50 +104,21 @@ def test_minilm_keys_reach_csv_logger_and_report_is_written(tmp_path, minilm_lor
     assert ess["status"] == "fail" and "run about" in ess["remedy"]
 
 
-class Regression(LightningModule):
-    """Linear regression with a LangevinSGD optimizer (or a plain torch one)."""
-
-    def __init__(self, optimizer="langevin", lr=1e-2, weight_decay=0.1):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(3, 1)
-        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.lin(x).squeeze(-1), y)
-
-    def configure_optimizers(self):
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr)
-        return LangevinSGD(self.parameters(), lr=self.lr, beta=100.0, weight_decay=self.weight_decay, seed=0)
-
-
-def _regression_loader(n=64, batch_size=8, duplicate=False):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, generator=g)
-    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.3 * torch.randn(n, generator=g)
-    if duplicate:  # consecutive micro-batches identical: the micro-batch gradients coincide
-        x = x[:batch_size].repeat(n // batch_size, 1)
-        y = y[:batch_size].repeat(n // batch_size)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
 def test_missing_sampler_raises(tmp_path):
     trainer = _trainer(tmp_path, [GibbsDiagnostics()], max_steps=2)
     with pytest.raises(MisconfigurationException, match="add the langevin_lora.LangevinLoRA callback"):
-        trainer.fit(Regression("sgd"), train_dataloaders=_regression_loader())
+        trainer.fit(Regression("sgd"), train_dataloaders=regression_loader())
 
 
 def test_noise_ratio_from_micro_batches(tmp_path):
     # Identical micro-batches: no gradient noise at all, rho = 0 (up to rounding).
     diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=0, lambda_max_every_n_steps=0, report=False)
-    _trainer(tmp_path, [diag], max_steps=4, accumulate=2).fit(Regression(), _regression_loader(duplicate=True))
+    _trainer(tmp_path, [diag], max_steps=4, accumulate=2).fit(Regression(), regression_loader(duplicate=True))
     assert diag.noise_ratio == pytest.approx(0.0, abs=1e-6)  # float32 rounding of the differences
     # Distinct micro-batches: rho matches a direct computation from the two gradients.
     diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=0, lambda_max_every_n_steps=0, report=False)
     module = Regression()
-    loader = _regression_loader()
+    loader = regression_loader()
     x1, y1 = next(iter(loader))
     it = iter(loader)
     b1, b2 = next(it), next(it)
@@ -166,7 +137,7 @@ def test_noise_ratio_from_micro_batches(tmp_path):
 def test_noise_ratio_unavailable_without_accumulation(tmp_path):
     diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=1, lambda_max_every_n_steps=2, power_iters=3,
                             center_window=4, report_dir=tmp_path / "rep", plots=False)
-    _trainer(tmp_path, [diag], max_steps=6).fit(Regression(), _regression_loader())
+    _trainer(tmp_path, [diag], max_steps=6).fit(Regression(), regression_loader())
     check = diag.last_report.by_name("noise_ratio")
     assert check.status == "unavailable" and "accumulate_grad_batches >= 2" in check.reason
     assert "biased upward" in diag.last_report.by_name("config_temperature").reason
@@ -201,7 +172,7 @@ def test_observer_mode_with_sampler_callback_and_burn_in(tmp_path):
     module = Regression("sgd")
     sampler = Sampler(module)
     diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=0, lambda_max_every_n_steps=0, report=False)
-    _trainer(tmp_path, [sampler, diag], max_steps=5).fit(module, _regression_loader())
+    _trainer(tmp_path, [sampler, diag], max_steps=5).fit(module, regression_loader())
     assert diag.sampler is sampler
     assert diag.burn_in_steps == 2 and diag.sampling_steps == 3  # counted once per step, burn-in skipped
     assert sampler.step_observers == []  # deregistered at the end of fit
@@ -243,7 +214,7 @@ def test_power_iteration_in_callback_is_exact_and_warns(tmp_path, method):
     from langevin_lora.diagnostics import StepSizeWarning
 
     lr, lam = 0.1, 0.1
-    loader = _regression_loader()
+    loader = regression_loader()
     x, _ = next(iter(loader))
     xa = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
     # MSE Hessian of batch 0; its top two eigenvalues are 3.43 and 3.55, hence many iterations.
@@ -303,7 +274,7 @@ def test_replayed_training_step_leaves_no_trace(tmp_path):
         diag = GibbsDiagnostics(log_every_n_steps=1, power_iters=3, hvp_method="finite_difference", report=False,
                                 **probes)
         t = _trainer(tmp_path, [diag], max_steps=8)  # 64 examples, batches of 8: one epoch
-        t.fit(module, _regression_loader())
+        t.fit(module, regression_loader())
         return module, t, torch.rand(3)
 
     probed, t_probed, rng_after = run(hvp_every_n_steps=1, lambda_max_every_n_steps=2)
@@ -321,9 +292,9 @@ def test_a_second_fit_starts_clean_diagnostics(tmp_path):
     """A fit that does not resume a checkpoint starts a new chain: the diagnostics start clean
     (a resumed fit continues them: test_diagnostics_resume.py)."""
     diag = GibbsDiagnostics(log_every_n_steps=1, hvp_every_n_steps=2, lambda_max_every_n_steps=0, report=False)
-    _trainer(tmp_path, [diag], max_steps=5).fit(Regression(), _regression_loader())
+    _trainer(tmp_path, [diag], max_steps=5).fit(Regression(), regression_loader())
     first = {k: list(v) for k, v in diag.traces.items()}
-    _trainer(tmp_path, [diag], max_steps=3).fit(Regression(), _regression_loader())
+    _trainer(tmp_path, [diag], max_steps=3).fit(Regression(), regression_loader())
     assert diag.sampling_steps == 3 and len(diag.traces["virial_temperature"]) == 3
     assert diag.traces["virial_temperature"] == first["virial_temperature"][:3]  # same seed, same start
     assert len(diag.recorder.laplacians) == 2

@@ -27,14 +27,14 @@ from langevin_lora.diagnostics import (
     stationarity_report,
     virial_temperature,
 )
-from tests.diag_helpers import Quadratic, make_sgd, one_thread, ou_center_bias, rank1_loss, zscore
+from diag_helpers import Quadratic, make_sgd, ou_center_bias, rank1_loss, zscore
 
 Z = 4.5
 CHAINS = 512
 LR = 0.02
 WINDOW = 500
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _run_quadratic(q: Quadratic, *, lr: float, steps: int, chains: int = CHAINS, extra_noise: float = 0.0,

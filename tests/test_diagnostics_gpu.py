@@ -7,19 +7,12 @@ Skipped without a CUDA device (CI has none); run them on a GPU machine with
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore")]
 
 
 def test_rng_snapshot_replays_cuda_dropout():
@@ -44,7 +37,7 @@ def _gpu_trainer(callbacks, max_steps, **kw):
 
 
 def test_diagnostics_under_bf16_mixed_on_gpu():
-    from test_callback import Tiny, loader
+    from callback_helpers import Tiny, loader
 
     from langevin_lora import LangevinLoRA
     from langevin_lora.diagnostics import GibbsDiagnostics
@@ -66,7 +59,7 @@ def test_diagnostics_kill_and_resume_on_gpu(tmp_path):
     import lightning as L
     import numpy as np
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_callback import Tiny, loader
+    from callback_helpers import Tiny, loader
 
     from langevin_lora import LangevinLoRA
     from langevin_lora.diagnostics import GibbsDiagnostics

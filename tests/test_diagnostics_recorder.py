@@ -17,7 +17,7 @@ from langevin_lora.diagnostics import (
     virial_temperature,
 )
 from langevin_lora.view import LangevinGroupView
-from tests.diag_helpers import Quadratic
+from diag_helpers import Quadratic
 
 
 def _quadratic_run(recorder, q, theta, opt, steps, split_at=None):

@@ -3,24 +3,19 @@ statistics as the uninterrupted run (issue 11 item 7), under the sampler callbac
 and under a Langevin optimizer (hook mode). The Trainer-free recorder: test_diagnostics_recorder.py."""
 from __future__ import annotations
 
-import warnings
 
 import lightning as L
 import numpy as np
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callback import Tiny, loader, trainer
 
 from langevin_lora import LangevinLoRA
 from langevin_lora.diagnostics import GibbsDiagnostics
-from tests.test_diagnostics_callback import Regression, _regression_loader
+from callback_helpers import Tiny, loader, trainer
+from diag_helpers import Regression, regression_loader
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _diagnostics():
@@ -77,11 +72,11 @@ def test_kill_and_resume_under_a_langevin_optimizer(tmp_path):
     diag_full = _diagnostics()
     L.Trainer(max_steps=2 * k, accumulate_grad_batches=2, callbacks=[diag_full, ckpt], logger=False,
               enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-              max_epochs=-1).fit(Regression(), _regression_loader())
+              max_epochs=-1).fit(Regression(), regression_loader())
     diag_res = _diagnostics()
     L.Trainer(max_steps=2 * k, accumulate_grad_batches=2, callbacks=[diag_res], logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              accelerator="cpu", devices=1, max_epochs=-1).fit(Regression(), _regression_loader(),
+              accelerator="cpu", devices=1, max_epochs=-1).fit(Regression(), regression_loader(),
                                                                ckpt_path=tmp_path / f"step={k}.ckpt")
     assert diag_full.sampling_steps == 2 * k
     _assert_same(diag_full, diag_res)

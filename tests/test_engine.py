@@ -2,64 +2,13 @@
 foreach kernels are grouped by (device, dtype), and the per-tensor state round-trips by key."""
 from __future__ import annotations
 
-import warnings
-
-import lightning as L
 import pytest
 import torch
-from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
-from peft import LoraConfig, get_peft_model
 
-from langevin_lora import LangevinAdam, LangevinEngine, LangevinLoRA, LangevinSGD, lora_param_groups
-from langevin_lora.param_groups import lora_modules
-from test_callback import N, R, Base, _quiet, loader, trainer  # noqa: F401  (_quiet: autouse fixture)
+from langevin_lora import LangevinEngine, LangevinLoRA, LangevinSGD
+from callback_helpers import N, SEED, STEPS, WD, LoraOnly, given_G, loader, trainable_tensors, trainer
 
-LR, WD, SEED, STEPS = 1e-2, 0.1, 7, 10
-
-
-class LoraOnly(L.LightningModule):
-    """LoRA r=2 on ``lin``, nothing else trainable (no modules_to_save); the optimizer is chosen by ``mode``."""
-
-    def __init__(self, mode: str, precond=None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = get_peft_model(Base(), LoraConfig(r=R, lora_alpha=R, target_modules=["lin"], lora_dropout=0.0))
-        with torch.no_grad():
-            for f in lora_modules(self.model):
-                f.B.normal_(0.0, 0.3)
-        self.mode, self.precond = mode, precond
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return ((self.model(x) - y) ** 2).sum(-1).mean() / 2
-
-    def configure_optimizers(self):
-        groups = lora_param_groups(self.model)
-        if self.mode == "sgd":
-            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
-        if self.mode == "langevin_sgd":
-            return LangevinSGD(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED)
-        return adam_pre19(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED, warmup_steps=None)
-
-    def on_train_start(self):
-        opt = self.trainer.optimizers[0]
-        if isinstance(opt, LangevinAdam):   # sampling from the first step, with the given G
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                opt.start_sampling()
-            named = dict(self.named_parameters())
-            opt.engine.freeze([], fixed={named[n]: G.clone() for n, G in self.precond.items()})
-
-
-def _given_G():
-    gen = torch.Generator().manual_seed(3)
-    mod = LoraOnly("sgd")
-    return {n: 0.5 + torch.rand(p.shape, generator=gen) for n, p in mod.named_parameters() if p.requires_grad}
-
-
-def _lora(mod):
-    return {n: p.detach().clone() for n, p in mod.named_parameters() if p.requires_grad}
-
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 @pytest.mark.filterwarnings("ignore:.*no Adam second moment")
 @pytest.mark.parametrize("preconditioned", [False, True])
@@ -67,9 +16,9 @@ def test_optimizer_and_callback_give_bitwise_identical_chains(preconditioned):
     """Same model, data order, seed, step size, prior and G: LangevinSGD (G = 1) or LangevinAdam after
     its freeze (a given G) as the optimizer, and the callback over torch SGD, run one engine and must
     produce the same chain bit for bit."""
-    G = _given_G() if preconditioned else None
+    G = given_G() if preconditioned else None
     opt_mod = LoraOnly("langevin_adam" if preconditioned else "langevin_sgd", precond=G)
-    start = _lora(opt_mod)
+    start = trainable_tensors(opt_mod)
     trainer([], STEPS).fit(opt_mod, loader())
 
     cb = LangevinLoRA(num_data=N, weight_decay=WD, seed=SEED, burn_in_steps=0, precondition=preconditioned,
@@ -83,7 +32,7 @@ def test_optimizer_and_callback_give_bitwise_identical_chains(preconditioned):
     trainer([cb], STEPS).fit(cb_mod, loader())
 
     assert cb.langevin_steps == STEPS
-    a, b = _lora(opt_mod), _lora(cb_mod)
+    a, b = trainable_tensors(opt_mod), trainable_tensors(cb_mod)
     assert a.keys() == b.keys() == start.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n

@@ -85,7 +85,7 @@ def test_bf16_noise_accumulates_through_the_fp32_master_on_cuda():
 
 def test_callback_under_bf16_mixed_on_gpu():
     import lightning as L
-    from test_callback import Tiny, loader
+    from callback_helpers import Tiny, loader
 
     from langevin_lora import LangevinLoRA
 

@@ -22,16 +22,14 @@ from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import LangevinAdam, LangevinLoRA, LangevinSGD
 from langevin_lora.functional import auto_friction, kinetic_coefficients, kinetic_step_, langevin_step_
-from targets import Quadratic, run_chains, zscores
-from test_callback import N, Tiny, loader, trainer  # noqa: F401
-from test_callback import _quiet  # noqa: F401  (autouse fixture)
-from test_engine import LoraOnly, _given_G, _lora
+from langevin_lora.testing import Quadratic, run_chains, zscores
+from callback_helpers import LR, N, SEED, STEPS, WD, LoraOnly, Tiny, all_tensors, given_G, loader, trainable_tensors, trainer
 
 Z_MAX = 4.5
 DT = torch.float64
 BETA, LAM = 10.0, 0.1
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_lightning")
 
 
 def _upper(x):
@@ -391,9 +389,8 @@ class KineticLoraOnly(LoraOnly):
 def test_callback_and_optimizer_give_the_same_kinetic_chain(preconditioned):
     """The engine under both front-ends: LangevinSGD/adam_pre19(friction) and LangevinLoRA(friction) over
     torch SGD give the same kinetic chain bit for bit (momenta drawn from the same generators)."""
-    from test_engine import LR, SEED, STEPS, WD
 
-    G = _given_G() if preconditioned else None
+    G = given_G() if preconditioned else None
     opt_mod = KineticLoraOnly("langevin_adam" if preconditioned else "langevin_sgd", precond=G, friction=3.0)
     trainer([], STEPS).fit(opt_mod, loader())
     cb = LangevinLoRA(num_data=N, weight_decay=WD, seed=SEED, burn_in_steps=0, precondition=preconditioned,
@@ -406,7 +403,7 @@ def test_callback_and_optimizer_give_the_same_kinetic_chain(preconditioned):
     cb_mod = KineticLoraOnly("sgd")
     trainer([cb], STEPS).fit(cb_mod, loader())
     assert LR and cb.langevin_steps == STEPS
-    a, b = _lora(opt_mod), _lora(cb_mod)
+    a, b = trainable_tensors(opt_mod), trainable_tensors(cb_mod)
     for n in a:
         assert torch.equal(a[n], b[n]), n
     assert all(v.friction == 3.0 and v.momentum is not None for v in cb.langevin_groups())
@@ -417,7 +414,6 @@ def test_callback_kinetic_kill_and_resume_is_bitwise(tmp_path):
     (momenta and the last step size travel in the checkpoint)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_callback import all_tensors
 
     k, burn = 8, 3
 

@@ -170,7 +170,7 @@ def test_kinetic_callback_run_raises_no_step_size_warning():
     """A kinetic LangevinLoRA run at the automatic step with the diagnostics' power iteration every 2 steps:
     no StepSizeWarning, the check passes (on main: 'eta*lambda_max = 0.125 > 0.1 ... lower the learning
     rate' on every kinetic run, a definitional mismatch between the step rule and the check)."""
-    from test_callback import N, Tiny, loader, trainer
+    from callback_helpers import N, Tiny, loader, trainer
     from langevin_lora import LangevinLoRA
     from langevin_lora.diagnostics import GibbsDiagnostics
 
@@ -200,7 +200,7 @@ def test_nan_parameters_get_an_error_naming_the_cause():
 
 
 def test_callback_nan_during_burn_in_names_the_cause():
-    from test_callback import N, Tiny, loader, trainer
+    from callback_helpers import N, Tiny, loader, trainer
     from langevin_lora import LangevinLoRA
 
     cb = LangevinLoRA(num_data=N, burn_in_steps=4, weight_decay=0.2, diagnostics=False, seed=0)
@@ -260,7 +260,7 @@ def test_frozen_classification_head_is_named():
 
 
 def test_second_fit_on_a_finished_trainer_keeps_the_bank():
-    from test_callback import N, Tiny, loader, trainer
+    from callback_helpers import N, Tiny, loader, trainer
     from langevin_lora import LangevinLoRA
 
     cb = LangevinLoRA(num_data=N, burn_in_steps=4, weight_decay=0.2, diagnostics=False, seed=0, sample_every=2,

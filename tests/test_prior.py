@@ -51,7 +51,7 @@ def test_lora_callback_refuses_an_improper_prior_and_defaults_to_a_proper_one():
     """weight_decay=0 at T > 0 is refused (the message names weight_decay and the allowed range); at T = 0
     it is noise-free descent and allowed; weight_decay=None (default) resolves to 1/(N sigma_p^2) with the
     documented DEFAULT_PRIOR_STD, or with prior_std; prior_std beside weight_decay is refused."""
-    from test_callback import N, Tiny, loader, trainer
+    from callback_helpers import N, Tiny, loader, trainer
 
     from langevin_lora.callback import LangevinLoRA
     from langevin_lora.temperature import DEFAULT_PRIOR_STD
@@ -75,7 +75,7 @@ def test_langevin_optimizers_refuse_an_improper_prior_for_lora_groups():
     """LangevinSGD/LangevinAdam over lora_param_groups: weight_decay=0 at T > 0 is refused for the LoRA
     groups, naming the group; a generic group (possibly confined by its loss) may sample with 0."""
     from peft import LoraConfig, get_peft_model
-    from test_callback import Base
+    from callback_helpers import Base
 
     from langevin_lora import LangevinAdam, LangevinSGD, lora_param_groups
 

@@ -20,16 +20,15 @@ from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 from langevin_lora import BalanceSchedule, GaugeMoves, LangevinAdam, LangevinLoRA, LangevinSGD, balance_lora_
 from langevin_lora.diagnostics import GibbsRecorder, stationarity_report
 from langevin_lora.diagnostics.chains import batch_means_se
-from targets import Quadratic, run_chains, zscores
-from test_callback import N, Tiny, loader, trainer  # noqa: F401
-from test_callback import _quiet  # noqa: F401  (autouse fixture)
+from langevin_lora.testing import Quadratic, run_chains, zscores
+from callback_helpers import N, Tiny, loader, lora_tensors, trainer
 
 Z_MAX = 4.5
 DT = torch.float64
 BETA, LAM = 10.0, 1.0
 START = [2.0, -1.5, 1.0]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_lightning")
 
 
 def _target() -> Quadratic:
@@ -108,7 +107,6 @@ def test_adam_centre_is_the_freeze_point_and_is_saved():
 def test_callback_burn_in_centre_gauge_refusals():
     """LangevinLoRA(prior_centre="burn_in"): theta_0 = the LoRA tensors when sampling starts, in the checkpoint;
     gauge moves are refused at construction, GaugeMoves and balance_lora_ refuse a centred sampler."""
-    from test_callback import lora_tensors
 
     with pytest.raises(ValueError, match="gauge_moves.*prior_centre"):
         LangevinLoRA(beta=1.0, prior_centre="burn_in", gauge_moves=GaugeMoves())

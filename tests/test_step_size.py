@@ -12,7 +12,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
-from test_callback import N, Tiny, _quiet, loader, lora_tensors, trainer  # noqa: F401  (_quiet: autouse fixture)
 
 from langevin_lora.callback import LangevinLoRA
 from langevin_lora.curvature import top_eigenvalue
@@ -25,6 +24,9 @@ from langevin_lora.step_size import (
     prior_curvature,
     step_from_lambda_max,
 )
+from callback_helpers import N, Tiny, loader, lora_tensors, trainer
+
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
 ROOT = Path(__file__).resolve().parents[1]
 
