@@ -48,13 +48,14 @@ demo: install
 # Benchmark-only extra: the `posteriors` library, for bench_sampler's comparison (torch stays pinned).
 BENCH_PINS := posteriors==0.1.3 tensordict==0.15.3 torchopt==0.7.3 optree==0.20.0
 
-# The CPU suite (<= 15 min on 2 cores); each script appends its table to benchmarks/RESULTS.md.
+# The CPU suite (<= 15 min on 2 cores), run by the benchmark runner (`python -m benchmarks` lists the
+# scripts); each appends its table to benchmarks/RESULTS.md (--append-results, the locked append).
 bench: install
 	$(BIN)/python -m pip install -q $(TORCH_PIN) $(BENCH_PINS)
-	$(BIN)/python benchmarks/bench_optimizer_step.py --append-results
-	$(BIN)/python benchmarks/bench_sampler.py
-	$(BIN)/python benchmarks/bench_train_step.py --steps 10 --repeats 3 --arms off default --append-results
-	$(BIN)/python benchmarks/bench_diagnostics_overhead.py --repeats 2 --steps 6 --append-results
+	$(BIN)/python -m benchmarks optimizer_step --append-results
+	$(BIN)/python -m benchmarks sampler --append-results
+	$(BIN)/python -m benchmarks train_step --steps 10 --repeats 3 --arms off default --append-results
+	$(BIN)/python -m benchmarks diagnostics_overhead --repeats 2 --steps 6 --append-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

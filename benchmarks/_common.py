@@ -2,9 +2,13 @@
 
 * :func:`machine_record` / :func:`machine_markdown`: what ran the benchmark (CPU, threads, Python,
   torch and friends, git commit), so every figure in ``RESULTS.md`` carries its machine.
-* :func:`append_results`: append one dated section to ``benchmarks/RESULTS.md``. Several scripts
-  may append at the same time, so the file is only ever opened in append mode, under an
-  exclusive ``flock``, and each section is written in one call.
+* :func:`add_results_arguments`: the one results flag every script takes, ``--append-results``
+  (off by default: a run prints its tables; with the flag it also appends them), and
+  ``--results PATH`` (default ``benchmarks/RESULTS.md``).
+* :func:`append_results` / :func:`append_section`: append one dated section (or a section a script
+  formatted itself) to ``benchmarks/RESULTS.md``. Several scripts may append at the same time, so
+  the file is only ever opened in append mode, under an exclusive ``flock``, and each section is
+  written in one call.
 * :func:`time_per_call` / :func:`median_chunk_time`: wall time as the median of repeats after a
   warm-up (robust to other processes sharing the machine). Report *ratios* measured in one run.
 * :func:`effective_sample_size` / :func:`integrated_autocorr_time`: the package's own chain
@@ -19,7 +23,6 @@ import importlib.metadata as _md
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
 
 __all__ = ["BENCH_DIR", "RESULTS_PATH", "ESS_BACKEND", "machine_record", "machine_markdown",
-           "append_results", "time_per_call", "median_chunk_time", "effective_sample_size",
+           "add_results_arguments", "append_results", "append_section", "time_per_call", "median_chunk_time", "effective_sample_size",
            "integrated_autocorr_time", "markdown_table"]
 ESS_BACKEND = "langevin_lora.diagnostics.effective_sample_size"
 
@@ -101,20 +104,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def append_results(section_title: str, markdown_table: str, command: str, *, notes: str = "",
-                   machine: dict | None = None, path: Path | str | None = None) -> Path:
-    """Append a dated section ``## <title> (<date>)`` with the command, machine line, table and
-    notes to ``benchmarks/RESULTS.md`` (created if absent). Never rewrites the file: it is opened in
-    append mode under an exclusive lock and the section is written in a single call, so concurrent
-    benchmark scripts interleave whole sections only."""
+def add_results_arguments(parser) -> None:
+    """Add the results options every benchmark takes to an ``argparse`` parser: ``--append-results``
+    (append the tables to the results file; off by default) and ``--results PATH`` (default
+    ``benchmarks/RESULTS.md``). Read them as ``args.append_results`` and ``args.results``."""
+    parser.add_argument("--append-results", action="store_true",
+                        help="append the tables to the results file (default: print them only)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results file for --append-results (default benchmarks/RESULTS.md)")
+
+
+def append_section(text: str, path: Path | str | None = None) -> Path:
+    """Append ``text`` (one whole markdown section) to ``path`` (default ``benchmarks/RESULTS.md``, created
+    if absent) under an exclusive lock, in a single write: concurrent benchmark scripts interleave whole
+    sections only, and the file is never rewritten. A new file starts with the results header."""
     path = Path(path) if path is not None else RESULTS_PATH
-    machine = machine_record() if machine is None else machine
-    stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [f"\n## {section_title} ({stamp})\n", f"Command: `{command}`\n", machine_markdown(machine) + "\n",
-             markdown_table.rstrip() + "\n"]
-    if notes:
-        parts.append(notes.rstrip() + "\n")
-    text = "\n".join(parts)
     with open(path, "a", encoding="utf-8") as fh:
         try:
             import fcntl
@@ -127,6 +131,19 @@ def append_results(section_title: str, markdown_table: str, command: str, *, not
         fh.write(text)
         fh.flush()
     return path
+
+
+def append_results(section_title: str, markdown_table: str, command: str, *, notes: str = "",
+                   machine: dict | None = None, path: Path | str | None = None) -> Path:
+    """Append a dated section ``## <title> (<date>)`` with the command, machine line, table and
+    notes to ``benchmarks/RESULTS.md`` (or ``path``) through :func:`append_section`."""
+    machine = machine_record() if machine is None else machine
+    stamp = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [f"\n## {section_title} ({stamp})\n", f"Command: `{command}`\n", machine_markdown(machine) + "\n",
+             markdown_table.rstrip() + "\n"]
+    if notes:
+        parts.append(notes.rstrip() + "\n")
+    return append_section("\n".join(parts), path)
 
 
 # -- timing ---------------------------------------------------------------------------------------

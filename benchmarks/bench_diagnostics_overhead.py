@@ -16,8 +16,9 @@ and prints the amortised overhead at the default cadence,
 
 next to the machine it ran on. On a shared machine differences of step times are noisy, so the
 time spent inside the diagnostics (its hooks, its HVP events) is also timed directly, and the
-overhead is printed both ways. Usage: ``python benchmarks/bench_diagnostics_overhead.py
-[--repeats 4] [--steps 12] [--batch-size 32] [--max-length 64] [--device cpu|cuda]``.
+overhead is printed both ways. Usage, from the repository root:
+``python -m benchmarks.bench_diagnostics_overhead [--repeats 4] [--steps 12] [--batch-size 32]
+[--max-length 64] [--device cpu|cuda] [--append-results]``.
 
 ``--every-step`` instead times :meth:`GibbsRecorder.record <langevin_lora.diagnostics.GibbsRecorder.record>`
 alone (the every-step estimators, one flush per 10 steps) on PEFT LoRA adapters of two sizes with
@@ -28,20 +29,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from benchmarks._common import add_results_arguments, append_results, markdown_table  # noqa: E402
 from langevin_lora import LangevinSGD, lora_param_groups  # noqa: E402
 from langevin_lora.diagnostics import GibbsDiagnostics  # noqa: E402
 
@@ -181,15 +182,11 @@ def main_every_step(args, device):
         rows.append([f"{layers} x (query, value), width {width}, r {r}", f"{n:,}", f"{1000 * sec:.2f}"])
         print(f"{rows[-1][0]}: {n} LoRA parameters, {1000 * sec:.2f} ms per step (median of {args.steps_every - 10})")
     if args.append_results:
-        import shlex
-
-        from _common import append_results, markdown_table
-
         append_results("Every-step cost of GibbsRecorder.record (bench_diagnostics_overhead.py --every-step)",
                        markdown_table(["adapters", "LoRA parameters", "ms per step"], rows),
-                       "python benchmarks/bench_diagnostics_overhead.py " + shlex.join(sys.argv[1:]),
+                       "python -m benchmarks.bench_diagnostics_overhead " + shlex.join(sys.argv[1:]),
                        notes=f"device {device}; synthetic gradients, no forward pass; flush every 10 steps "
-                             "amortised in the median.")
+                             "amortised in the median.", path=args.results)
 
 
 def main():
@@ -203,7 +200,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     defaults = GibbsDiagnostics()
-    ap.add_argument("--append-results", action="store_true", help="append the figures to benchmarks/RESULTS.md")
+    add_results_arguments(ap)
     ap.add_argument("--hvp-every", type=int, default=defaults.hvp_every_n_steps)
     ap.add_argument("--lambda-max-every", type=int, default=defaults.lambda_max_every_n_steps)
     args = ap.parse_args()
@@ -263,11 +260,6 @@ def main():
     print(f"ratio (with diagnostics / without), from step-time differences: {1 + total:.4f}; "
           f"timed inside: {1 + direct:.4f}")
     if args.append_results:
-        import shlex
-        import sys
-
-        from _common import append_results, markdown_table
-
         rows = [["every-step estimators", f"{100 * cheap:.2f}%", f"{100 * step_in / plain:.2f}%"],
                 [f"Hutchinson HVP / {args.hvp_every} steps", f"{100 * hvp:.2f}%",
                  f"{100 * hvp_in / (args.hvp_every * plain):.2f}%"],
@@ -276,9 +268,10 @@ def main():
                 ["total (goal <= 3%)", f"{100 * total:.2f}%", f"{100 * direct:.2f}%"]]
         table = markdown_table(["part", "from step-time differences", "timed inside the callback"], rows)
         append_results("Diagnostics overhead on the MiniLM step (bench_diagnostics_overhead.py)", table,
-                       "python benchmarks/bench_diagnostics_overhead.py " + shlex.join(sys.argv[1:]),
+                       "python -m benchmarks.bench_diagnostics_overhead " + shlex.join(sys.argv[1:]),
                        notes=f"plain step {1000 * plain:.1f} ms; batch {args.batch_size} x {args.max_length} tokens; "
-                             f"{args.repeats} interleaved repeats x {args.steps - 1} timed steps per arm.")
+                             f"{args.repeats} interleaved repeats x {args.steps - 1} timed steps per arm.",
+                       path=args.results)
 
 
 if __name__ == "__main__":

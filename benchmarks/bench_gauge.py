@@ -31,10 +31,10 @@ Targets (``--target``):
   whose exact mean under pi_beta is r (in - out)/(beta lam) = 0 for a square query/value module
   (THEORY §3), is shown for context. Same diagnostics and columns as the matrix variant.
 
-Results are appended to benchmarks/RESULTS.md.
+``--append-results`` appends the table to benchmarks/RESULTS.md.
 
-Usage: ``python benchmarks/bench_gauge.py [--chains 256] [--steps 12000] [--no-record]``
-       ``python benchmarks/bench_gauge.py --target minilm [--chains 4] [--warmup 32] [--steps 192]``
+Usage, from the repository root: ``python -m benchmarks.bench_gauge [--chains 256] [--steps 12000] [--append-results]``
+       ``python -m benchmarks.bench_gauge --target minilm [--chains 4] [--warmup 32] [--steps 192]``
 """
 from __future__ import annotations
 
@@ -42,22 +42,17 @@ import argparse
 import datetime
 import math
 import platform
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks._common import add_results_arguments, append_section
 from langevin_lora import LangevinSGD, weight_decay_from_prior_std
 from langevin_lora.balance import balance_factors
 from langevin_lora.gauge import GaugeMoves
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:   # the minilm target uses the repository's recipes package
-    sys.path.insert(0, str(ROOT))
 
 
 class MatrixVariant:
@@ -449,8 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--move-every", type=int, default=None, help="default 10 / 1 Langevin steps")
     p.add_argument("--gl-step", type=float, default=None, help="default 1.5 / 0.7")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    p.add_argument("--results", type=Path, default=RESULTS, help="results file (default benchmarks/RESULTS.md)")
+    add_results_arguments(p)
     m = p.add_argument_group("minilm target")
     m.add_argument("--num-train", type=int, default=256, help="fixed SMS-spam training subset (num_data = N)")
     m.add_argument("--num-probe", type=int, default=8, help="held-out probe examples (half spam)")
@@ -511,7 +505,7 @@ def main_matrix(args) -> dict:
                      + f" | {r['mean_D']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    if not args.no_record:
+    if args.append_results:
         section = (f"\n## bench_gauge.py: balancing warm-up and gauge moves, {target.name}\n\n"
                    f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''}, "
                    f"torch {torch.__version__}, 1 thread (shared machine: compare ratios within this table only). "
@@ -520,7 +514,7 @@ def main_matrix(args) -> dict:
                    f"steps and at sampling start; moves = orthogonal + GL (gl_step {args.gl_step}) every "
                    f"{args.move_every} steps. ESS on the second half; stationarity: split-R-hat < 1.01 and "
                    f"|Geweke z| < 3 on [n/2, n] for W0, W1, W_sqnorm = |W|^2, D, U. Exact E[D] = 0.5.\n\n{table}\n")
-        _append(args.results, section)
+        append_section(section, args.results)
     return results
 
 
@@ -569,13 +563,13 @@ def main_minilm(args) -> dict:
     table = "\n".join(lines)
     print(table)
     print(f"wall time {wall:.0f} s; plain sampling step {base['wall_per_step'] * 1e3:.0f} ms", flush=True)
-    if not args.no_record:
+    if args.append_results:
         section = (
             f"\n## bench_gauge.py: balancing warm-up and gauge moves, {target.name}\n\n"
             f"{datetime.date.today().isoformat()}, {platform.machine()}, torch {torch.__version__}, 1 thread "
             f"(shared machine: compare ratios within this table only); whole run {wall:.0f} s, plain sampling "
             f"step {base['wall_per_step'] * 1e3:.0f} ms (median, probe forward excluded).\n\n"
-            f"Command: `python benchmarks/bench_gauge.py --target minilm --chains {args.chains} --warmup {args.warmup} "
+            f"Command: `python -m benchmarks.bench_gauge --target minilm --chains {args.chains} --warmup {args.warmup} "
             f"--steps {args.steps} --balance-every {args.balance_every} --move-every {args.move_every} "
             f"--gl-step {args.gl_step} --num-train {args.num_train} --num-probe {args.num_probe} "
             f"--batch-size {args.batch_size} --max-length {args.max_length} --lr {args.lr} --lr-scale {args.lr_scale} "
@@ -605,16 +599,8 @@ def main_minilm(args) -> dict:
             f"{max(4 * args.record_every, args.steps // 16)}, x2, ... where [n/2, n] passes split-R-hat and "
             f"|Geweke z| < 3 for every traced W-observable and D.\n\n"
             f"{table}\n")
-        _append(args.results, section)
+        append_section(section, args.results)
     return results
-
-
-def _append(path: Path, section: str) -> None:
-    path = Path(path)
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nEach script appends a section; ratios are measured within one run.\n")
-    with path.open("a") as fh:
-        fh.write(section)
 
 
 if __name__ == "__main__":

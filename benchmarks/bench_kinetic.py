@@ -15,7 +15,7 @@ mode: :math:`\eta = 0.1/\lambda_{\max}` (overdamped, THEORY §2's stability rule
    (quadrature moments, THEORY §5(ii)); start :math:`A = 0.5, B = 0` as LoRA. Observables: :math:`W = ba`,
    the gauge :math:`a^2 - b^2`, :math:`U`.
 3. ``attention``: the single attention layer of THEORY §5(iii) with the data and quadrature of
-   ``tests/data/attention_ground_truth.json``, :math:`\lambda = 0.1`, :math:`\beta = 50`; start
+   :func:`langevin_lora.testing.attention_ground_truth`, :math:`\lambda = 0.1`, :math:`\beta = 50`; start
    :math:`(0.5, 0.5, 0.5) + 0.1\xi` (the recipe's). Observables: :math:`qk`, :math:`v`, :math:`U`.
 
 **Gradients to stationarity**: the smallest :math:`n` on the grid :math:`n_0 2^k` at which the window
@@ -30,8 +30,9 @@ of the observables over that half, z-tested across chains against the exact/quad
 A friction sweep (:math:`\gamma/2\sqrt{\lambda_{\min}} \in \{0.25, 0.5, 1, 2, 4\}`) on the quadratic and
 the attention layer backs the rule behind ``friction="auto"``.
 
-Run ``python benchmarks/bench_kinetic.py`` (a few minutes on one core), ``--quick``, or ``--smoke``
-(the test suite). Appends its tables to ``benchmarks/RESULTS.md`` unless ``--no-append``.
+Run ``python -m benchmarks.bench_kinetic`` from the repository root (a few minutes on one core),
+``--quick``, or ``--smoke`` (the test suite); ``--append-results`` appends its tables to
+``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -39,23 +40,18 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_kinetic
-    from benchmarks._common import append_results, machine_markdown, machine_record, markdown_table
-    from benchmarks.bench_sampler import DTYPE, Target, lora_target
-except ImportError:  # pragma: no cover - script mode
-    from _common import append_results, machine_markdown, machine_record, markdown_table  # type: ignore
-    from bench_sampler import DTYPE, Target, lora_target  # type: ignore
-
+from benchmarks._common import (add_results_arguments, append_results, machine_markdown, machine_record,
+                                markdown_table)
+from benchmarks.bench_sampler import DTYPE, Target, lora_target
 from langevin_lora import LangevinSGD
 from langevin_lora.diagnostics import effective_sample_size, split_rhat
+from langevin_lora.testing import attention_ground_truth, attention_loss
 
-ROOT = Path(__file__).resolve().parents[1]
 RHAT_MAX, VIRIAL_TOL, BUFFER = 1.01, 0.1, 4096
 
 
@@ -104,15 +100,13 @@ def lora_rank1() -> tuple[Target, list[str], callable, np.ndarray]:
 
 
 def attention() -> tuple[Target, list[str], callable, np.ndarray]:
-    gt = json.loads((ROOT / "tests" / "data" / "attention_ground_truth.json").read_text())
+    gt = attention_ground_truth(DTYPE)
     lam, beta = gt["params"]["weight_decay"], gt["params"]["beta"]
-    x, y = torch.tensor(gt["x"], dtype=DTYPE), torch.tensor(gt["y"], dtype=DTYPE)
+    x, y = gt["x"], gt["y"]
 
     def loss_fn(params):
         (th,) = params
-        s = (th[:, 0] * th[:, 1])[:, None, None] * (x[:, -1:] * x)[None]
-        f = th[:, 2:3] * (torch.softmax(s, -1) * x[None]).sum(-1)
-        return 0.5 * ((f - y) ** 2).mean(-1)
+        return attention_loss(th, x, y)
 
     def obs(params):
         (th,) = params
@@ -290,8 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-sweep", action="store_true", help="skip the friction sweep")
-    ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
+    add_results_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.smoke:
@@ -344,9 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
          "lambda at the mode."),
         *notes,
     ] + ([("Friction sweep (kinetic, c = 0.5):\n\n" + sweep_text)] if sweep_text else []))
-    if not args.no_append:
+    if args.append_results:
         append_results(f"Kinetic vs overdamped Langevin (bench_kinetic.py, {mode_name})", text,
-                       "python benchmarks/bench_kinetic.py" + {"smoke": " --smoke", "quick": " --quick",
+                       "python -m benchmarks.bench_kinetic" + {"smoke": " --smoke", "quick": " --quick",
                                                                 "full": ""}[mode_name],
                        notes=notes_text, machine=machine, path=args.results)
     return {"rows": rows, "sweeps": sweeps, "table": text}

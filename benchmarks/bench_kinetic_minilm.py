@@ -40,9 +40,9 @@ start plus the measurement's cost. The package's stationarity checks on the seco
 (:func:`~langevin_lora.diagnostics.effective_sample_size`); ESS per gradient = ESS of the second half
 over its gradient evaluations.
 
-Run ``python benchmarks/bench_kinetic_minilm.py`` (about 10 minutes on one thread), or ``--smoke``
-(the test: tiny sizes and a tiny random BERT, seconds); ``--traces FILE.npz`` keeps every arm's per-step
-traces. Appends to ``benchmarks/RESULTS.md`` unless ``--no-append``. (Over 400 lines: one self-contained
+Run ``python -m benchmarks.bench_kinetic_minilm`` from the repository root (about 10 minutes on one
+thread), or ``--smoke`` (the test: tiny sizes and a tiny random BERT, seconds); ``--traces FILE.npz`` keeps
+every arm's per-step traces; ``--append-results`` appends to ``benchmarks/RESULTS.md``. (Over 400 lines: one self-contained
 benchmark, task + chains + analysis + report, like the other ``bench_*.py`` scripts.)
 """
 from __future__ import annotations
@@ -58,15 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_kinetic_minilm
-    from benchmarks._common import append_results, machine_markdown, machine_record, markdown_table
-except ImportError:  # pragma: no cover - script mode: the repository root holds recipes/
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _common import append_results, machine_markdown, machine_record, markdown_table  # type: ignore
-
+from benchmarks._common import (add_results_arguments, append_results, machine_markdown, machine_record,
+                                markdown_table)
 from langevin_lora import LangevinAdam
 from langevin_lora.curvature import top_eigenvalue
 from langevin_lora.diagnostics import effective_sample_size, geweke_z
@@ -417,8 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", choices=["minilm", "tiny"], default=None,
                     help="the packaged MiniLM (default) or a tiny random BERT (default with --smoke)")
     ap.add_argument("--traces", default=None, help="save the per-step traces of every arm to this .npz")
-    ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
+    add_results_arguments(ap)
     ap.add_argument("--probe", type=int, default=None,
                     help="examples in the lambda_max probe (default 64, LangevinLoRA's probe_examples)")
     args = ap.parse_args(argv)
@@ -471,9 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        + (" ..." if len(r["virial_windows"]) > 12 else "") for r in rows) + ".",
     ])
     print("\n" + table + "\n\n" + notes)
-    if not args.no_append:
+    if args.append_results:
         append_results(f"Kinetic vs overdamped Langevin on the MiniLM LoRA recipe (bench_kinetic_minilm.py, {mode})",
-                       table, "python benchmarks/bench_kinetic_minilm.py" + (" --smoke" if args.smoke else ""),
+                       table, "python -m benchmarks.bench_kinetic_minilm" + (" --smoke" if args.smoke else ""),
                        notes=notes, machine=machine, path=args.results)
     return {"rows": rows, "info": info, "table": table, "verdict": verdict, "base": base}
 

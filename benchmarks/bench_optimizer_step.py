@@ -17,7 +17,7 @@ On ``--device cuda`` the Adam reference is AdamW(fused=True) and the timings syn
 Parameter sets: rank-16 adapters on q, k, v, o of (a) a 12-layer 768-wide model
 (1.2M adapter parameters, 96 tensors) and (b) a 32-layer 4096-wide model (16.8M, 256 tensors).
 
-    python benchmarks/bench_optimizer_step.py [--quick] [--device cuda] [--threads N] [--append-results]
+    python -m benchmarks.bench_optimizer_step [--quick] [--device cuda] [--threads N] [--append-results]
 """
 from __future__ import annotations
 
@@ -28,18 +28,12 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from _common import append_results, machine_markdown  # noqa: E402
-
-from langevin_lora import LangevinAdam, LangevinSGD  # noqa: E402
-from langevin_lora._rng import NoiseGenerators, draw_standard_normal  # noqa: E402
+from benchmarks._common import add_results_arguments, append_results, machine_markdown
+from langevin_lora import LangevinAdam, LangevinSGD
+from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 
 SHAPES = {
     "12x768 (BERT-base-like)": (12, 768),
@@ -147,7 +141,7 @@ def main(argv=None) -> str:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier ratios)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--only", choices=list(SHAPES), action="append", help="run only these parameter sets")
-    ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    add_results_arguments(ap)
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device available")
@@ -199,9 +193,10 @@ def main(argv=None) -> str:
             f"bench_optimizer_step.py: optimizer step time ({mode}, {args.device})",
             f"Step-time ratios (median of {repeats} x {inner} steps, interleaved):\n\n{table}\n\n"
             f"ms per step:\n\n{ms_table}",
-            command=shlex.join(["python", "benchmarks/bench_optimizer_step.py",
+            command=shlex.join(["python", "-m", "benchmarks.bench_optimizer_step",
                                 *(argv if argv is not None else sys.argv[1:])]),
-            notes=f"{machine}. Reference for Adam: AdamW({'fused' if args.device.startswith('cuda') else 'foreach'}=True).")
+            notes=f"{machine}. Reference for Adam: AdamW({'fused' if args.device.startswith('cuda') else 'foreach'}=True).",
+            path=args.results)
         print(f"\nappended to {out}")
     return table
 

@@ -1,9 +1,9 @@
 """Quality benchmark: AdamW LoRA, its cheap fixes and the zero-config Langevin LoRA drop-in, over
 >= 3 seeds on packaged sets, with what each arm costs.
 
-    python benchmarks/bench_quality.py [--configs compare_twitter compare_bbc_news compare_sms_wellfit]
+    python -m benchmarks.bench_quality [--configs compare_twitter compare_bbc_news compare_sms_wellfit]
         [--seeds 0 1 2] [--output_dir outputs/bench_quality] [--threads 1] [--set section.key=value ...]
-        [--record]
+        [--append-results]
 
 Runs :mod:`recipes.compare` (arms ``adamw``, ``adamw_best``, ``adamw_ts``, ``langevin``,
 ``langevin_ts``) on each config. ``langevin`` is ``Trainer(callbacks=[LangevinLoRA()])`` with no
@@ -23,7 +23,7 @@ in the configs). The goals of issue 18 (recorded, not asserted), on the means ov
 
 The test split is fixed by ``split_seed`` in the configs and never used for a choice. Prints the
 table and a cost table per config with the verdicts and writes ``summary.md`` into the output
-folder; ``--record`` appends it to ``benchmarks/RESULTS.md`` with the machine line.
+folder; ``--append-results`` appends it to ``benchmarks/RESULTS.md`` with the machine line.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from pathlib import Path
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_results_arguments, append_section  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", default="outputs/bench_quality")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--record", action="store_true", help="append the section to benchmarks/RESULTS.md")
+    add_results_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.bench_quality " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     m = machine_info()
     lines = [f"Command: `{command}`", "",
              f"Machine: {m['processor']}, {m.get('gpu', 'no GPU')}, {args.threads} torch threads, torch {m['torch']}, "
@@ -182,17 +183,14 @@ def main(argv: list[str] | None = None) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.record:
-        results = Path(__file__).resolve().parent / "RESULTS.md"
-        with results.open("a") as f:
-            f.write(f"\n## Quality: AdamW LoRA arms vs Langevin LoRA (bench_quality.py) "
-                    f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n")
-            f.write("Goals (issue 18), `langevin` = `Trainer(callbacks=[LangevinLoRA()])` with no argument: "
-                    "over-fitting regime: accuracy within 1 point of the best AdamW arm, NLL below every AdamW arm, "
-                    "ECE <= 0.6x adamw's and <= adamw_ts's + 0.005; well-fit regime: NLL <= adamw_best + 0.01, "
-                    "accuracy within 0.5 points; cost <= 1.0x adamw's gradient evaluations (probes included); "
-                    "stationarity passes on every seed.\n\n")
-            f.write("\n".join(lines) + "\n")
+    if args.append_results:
+        append_section(f"\n## Quality: AdamW LoRA arms vs Langevin LoRA (bench_quality.py) "
+                       f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+                       "Goals (issue 18), `langevin` = `Trainer(callbacks=[LangevinLoRA()])` with no argument: "
+                       "over-fitting regime: accuracy within 1 point of the best AdamW arm, NLL below every AdamW arm, "
+                       "ECE <= 0.6x adamw's and <= adamw_ts's + 0.005; well-fit regime: NLL <= adamw_best + 0.01, "
+                       "accuracy within 0.5 points; cost <= 1.0x adamw's gradient evaluations (probes included); "
+                       "stationarity passes on every seed.\n\n" + "\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":

@@ -43,32 +43,29 @@ gauge-invariant :math:`W = BA` (LoRA), and for :math:`U`; the largest :math:`|z|
 reference moments (per-chain time averages, z-test across chains, reference standard error
 included); wall time per step (median of repeats, after a warm-up).
 
-Run ``python benchmarks/bench_sampler.py`` (about 3-5 min on one core), ``--quick`` (about 30 s)
-or ``--smoke`` (tests). Appends its table to ``benchmarks/RESULTS.md`` unless ``--no-append``.
+The quadratic and LoRA targets and their ground truth come from :mod:`langevin_lora.testing`.
+
+Run ``python -m benchmarks.bench_sampler`` from the repository root (about 3-5 min on one core),
+``--quick`` (about 30 s) or ``--smoke`` (tests); ``--append-results`` appends the table to
+``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_sampler
-    from benchmarks._common import (ESS_BACKEND, append_results, effective_sample_size, machine_markdown,
-                                    machine_record, markdown_table, time_per_call)
-except ImportError:  # pragma: no cover - script mode
-    from _common import (ESS_BACKEND, append_results, effective_sample_size, machine_markdown,  # type: ignore
-                         machine_record, markdown_table, time_per_call)
-
+from benchmarks._common import (ESS_BACKEND, add_results_arguments, append_results, effective_sample_size,
+                                machine_markdown, machine_record, markdown_table, time_per_call)
 from langevin_lora import LangevinAdam, LangevinSGD, weight_decay_from_prior_std
+from langevin_lora.testing import RANK1_GROUND_TRUTH, Quadratic, lora_posterior_grid
 
 try:
     from langevin_lora.gauge import GaugeMoves
@@ -185,10 +182,8 @@ def quadratic_target(scale: float) -> Target:
     X = torch.randn(N, d, generator=g, dtype=DTYPE) * s
     theta_star = torch.randn(d, generator=g, dtype=DTYPE) / s
     y = X @ theta_star + 0.3 * torch.randn(N, generator=g, dtype=DTYPE)
-    K = (X.T @ X / N).numpy() + lam * np.eye(d)
-    b = (X.T @ y / N).numpy()
-    mu = np.linalg.solve(K, b)
-    cov = np.linalg.inv(beta * K)
+    quad = Quadratic(X.numpy(), y.numpy(), lam)        # THEORY §5(i): its Gibbs law and exact chain laws
+    K, mu, cov = quad.K, quad.mean, quad.gibbs_cov(beta)
     mu_t = torch.from_numpy(mu)
 
     def loss_fn(params):
@@ -197,9 +192,7 @@ def quadratic_target(scale: float) -> Target:
 
     def law(eta, G=None):
         """Exact stationary law of theta' = theta - eta G (K theta - b) + sqrt(2 eta/beta) G^1/2 xi."""
-        Gv = np.ones(d) if G is None else np.asarray(G, float)
-        M = np.eye(d) - eta * Gv[:, None] * K
-        S = scipy.linalg.solve_discrete_lyapunov(M, (2 * eta / beta) * np.diag(Gv))
+        _, S = quad.preconditioned_law(eta, beta, np.ones(d) if G is None else G)
         return np.concatenate([mu, np.diag(S)])
 
     names = [f"E th{i}" for i in range(d)] + [f"Var th{i}" for i in range(d)]
@@ -214,11 +207,6 @@ def quadratic_target(scale: float) -> Target:
         info={"K": K})
 
 
-def _lora_grid(n_in: int, lim: float = 5.5, pts: int = 221):
-    x = np.linspace(-lim, lim, pts)
-    return x, x[1] - x[0]
-
-
 def lora_target(n_in: int, scale: float) -> Target:
     """A is (1, n_in), B is (1, 1); w has n_in entries."""
     lam, beta = 0.5, 4.0
@@ -229,14 +217,8 @@ def lora_target(n_in: int, scale: float) -> Target:
         A, B = params
         return (w - B @ A).square().sum((1, 2))
 
-    # reference moments by quadrature on a grid (trapezoid on a smooth, rapidly decaying density)
-    x, dx = _lora_grid(n_in, pts=401 if n_in == 1 else 161)
-    grids = np.meshgrid(*([x] * (n_in + 1)), indexing="ij")
-    a = grids[:n_in]
-    bb = grids[n_in]
-    U = sum((w_np[i] - bb * a[i]) ** 2 for i in range(n_in)) + 0.5 * lam * (sum(ai ** 2 for ai in a) + bb ** 2)
-    p = np.exp(-beta * (U - U.min()))
-    p /= p.sum()
+    # reference moments by quadrature on a grid (rectangle rule on a smooth, rapidly decaying density)
+    a, bb, U, p = lora_posterior_grid(w_np, lam, beta, np.linspace(-5.5, 5.5, 401 if n_in == 1 else 161))
     a_sq = sum(ai ** 2 for ai in a)
     if n_in == 1:
         names = ["E a^2", "E ab", "E (ab)^2", "E a^4", "P(a>0)", "E U"]
@@ -262,8 +244,8 @@ def lora_target(n_in: int, scale: float) -> Target:
         return loss_fn(q) + 0.5 * lam * (q[0].square().sum((1, 2)) + q[1].square().sum((1, 2)))
 
     if n_in == 1:  # cross-check against THEORY §5(ii) ground truth
-        truth = {"E a^2": 0.87094, "E ab": 0.65452, "E (ab)^2": 0.56178, "E a^4": 1.43272, "E U": 0.68822}
-        err = max(abs(ref[names.index(k)] - v) for k, v in truth.items())
+        ours = {"E a^2": "a2", "E ab": "ab", "E (ab)^2": "ab_sq", "E a^4": "a4", "E U": "U"}
+        err = max(abs(ref[names.index(k)] - RANK1_GROUND_TRUTH[v]) for k, v in ours.items())
         if err > 5e-5:
             raise RuntimeError(f"rank-1 quadrature disagrees with THEORY §5(ii) by {err:.2e}")
     elif abs(ref[0] - 1 / (beta * lam)) > 1e-4:
@@ -652,8 +634,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mode.add_argument("--smoke", action="store_true", help="tiny run for the test suite (seconds)")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
+    add_results_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     scale = 0.02 if args.smoke else 0.08 if args.quick else 1.0
@@ -725,8 +706,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         notes.append("gauge moves: not available (langevin_lora.gauge missing) — rows 'ours SGLD + gauge' / "
                      "'ours Adam + gauge' go here.")
     print("\n".join(notes))
-    if not args.no_append:
-        cmd = "python benchmarks/bench_sampler.py" + (" --quick" if args.quick else " --smoke" if args.smoke else "")
+    if args.append_results:
+        cmd = "python -m benchmarks.bench_sampler" + (" --quick" if args.quick else " --smoke" if args.smoke else "")
         path = append_results("Sampler efficiency (bench_sampler.py)", table, cmd,
                               notes="\n".join(f"- {n}" for n in notes), machine=machine, path=args.results)
         print(f"appended to {path}")

@@ -28,7 +28,7 @@ Spam Collection (stratified, fixed seed): 64 training and 128 held-out messages 
 Usage: ``python -m benchmarks.bench_step_size [--models ...] [--lrs ...] [--size small|full|quick]
 [--top-layers N] [--contrast] [--spread] [--threads 1]`` (default: sizes :data:`SMALL`, LoRA on the top 2
 layers, ~10 min on one core for the four models and four lrs; ``--quick``: tiny sizes for a smoke test).
-Results are appended to benchmarks/RESULTS.md.
+``--append-results`` appends the table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._common import append_results, machine_record, markdown_table
+from benchmarks._common import add_results_arguments, append_results, machine_record, markdown_table
 from langevin_lora import LangevinLoRA, bma_predict_proba
 from langevin_lora.guard import DivergenceWarning
 
@@ -379,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--top-layers", type=int, default=2, help="LoRA on the last N transformer layers only "
                                                               "(0: all layers; default 2)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", default=None, help="results file (default benchmarks/RESULTS.md)")
-    ap.add_argument("--no-record", action="store_true")
+    add_results_arguments(ap)
     ap.add_argument("--front-ends", nargs="+", default=["callback", "optimizer"], choices=["callback", "optimizer"],
                     help="the README's callback quick start, its optimizer quick start (LangevinAdam in a plain "
                          "loop), or both (default)")
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table += markdown_table(["probe examples", "mean λ_max", "rel. sd", "values", "grad evals", "s",
                                  "prior floor λ·max G"], srows)
     print(table)
-    if not args.no_record and table:
+    if args.append_results and table:
         cmd = "python -m benchmarks.bench_step_size " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Automatic step size and divergence guard: the README quick start at any user lr "
                        "(bench_step_size.py)", table, cmd.strip(), machine=machine_record(),

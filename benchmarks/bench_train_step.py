@@ -13,7 +13,7 @@ steps), then ``--steps`` timed optimizer steps (from ``on_train_batch_start`` to
 rounds and the median step time per arm is reported; throughput ratios are baseline time / arm
 time, all measured in one run. Goals (issue 7): >= 0.99 with diagnostics off, >= 0.97 at default.
 
-    python benchmarks/bench_train_step.py [--models minilm smollm2] [--quick] [--append-results]
+    python -m benchmarks.bench_train_step [--models minilm smollm2] [--quick] [--append-results]
 """
 from __future__ import annotations
 
@@ -24,18 +24,15 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from _common import append_results, machine_markdown, markdown_table  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from benchmarks._common import add_results_arguments, append_results, machine_markdown, markdown_table  # noqa: E402
 from langevin_lora import LangevinLoRA  # noqa: E402
 from langevin_lora.diagnostics import GibbsDiagnostics  # noqa: E402
 
@@ -198,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                         help="Langevin arms to run besides adamw: off, default, every (default: all)")
     parser.add_argument("--quick", action="store_true", help="batch 8, length 32, 3 steps, 1 round")
-    parser.add_argument("--append-results", action="store_true")
+    add_results_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.length, args.steps, args.repeats = 8, 32, 3, 1
@@ -220,12 +217,13 @@ def main(argv: list[str] | None = None) -> list[list]:
     print(table)
     if args.append_results:
         append_results("End-to-end training step: AdamW LoRA vs LangevinLoRA (bench_train_step.py)", table,
-                       "python benchmarks/bench_train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                       "python -m benchmarks.bench_train_step " + shlex.join(argv if argv is not None else sys.argv[1:]),
                        notes=f"{args.accelerator}, precision {args.precision}; "
                              f"batch {args.batch}, length {args.length}, {args.threads} threads, {args.steps} timed "
                              f"steps x {args.repeats} interleaved rounds per arm; goals >= 0.99 (off), >= 0.97 "
                              "(default). The timed steps hold no HVP event (every 400 / 4000 sampling steps at the "
-                             "default cadence); bench_diagnostics_overhead.py times those and amortises them.")
+                             "default cadence); bench_diagnostics_overhead.py times those and amortises them.",
+                       path=args.results)
     return rows
 
 

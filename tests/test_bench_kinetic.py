@@ -19,7 +19,8 @@ def bench(monkeypatch):
 
 def test_bench_kinetic_smoke(bench, capsys, tmp_path, one_thread):
     results_file = tmp_path / "RESULTS.md"
-    out = bench.main(["--smoke", "--targets", "lora-rank1", "--no-sweep", "--results", str(results_file)])
+    out = bench.main(["--smoke", "--targets", "lora-rank1", "--no-sweep", "--append-results", "--results",
+                      str(results_file)])
     text = capsys.readouterr().out
     assert "| target | sampler | step | gamma | gradients to pass |" in text
     labels = {r["label"] for r in out["rows"]}

@@ -37,7 +37,7 @@ def test_first_stationary_window(bench):
 
 def test_bench_kinetic_minilm_smoke(bench, capsys, tmp_path):
     results_file = tmp_path / "RESULTS.md"
-    out = bench.main(["--smoke", "--results", str(results_file)])
+    out = bench.main(["--smoke", "--append-results", "--results", str(results_file)])
     printed = capsys.readouterr().out
     assert "| sampler | step | gamma | steps | grads to stationarity, first passage" in printed
     labels = [r["label"] for r in out["rows"]]

@@ -23,7 +23,8 @@ def bench(monkeypatch):
 
 def test_bench_sampler_smoke(bench, capsys, tmp_path):
     results_file = tmp_path / "RESULTS.md"
-    results = bench.main(["--smoke", "--targets", "quadratic", "lora-rank1", "--results", str(results_file)])
+    results = bench.main(["--smoke", "--targets", "quadratic", "lora-rank1", "--append-results",
+                          "--results", str(results_file)])
     out = capsys.readouterr().out
     assert "| target | sampler | eta |" in out
     labels = {(r["target"], r["label"]) for r in results}
@@ -97,7 +98,7 @@ def test_bench_gauge_minilm_smoke(monkeypatch, capsys, tmp_path, one_thread):
     results = bench.main(["--target", "minilm", "--chains", str(chains), "--warmup", "2", "--steps", str(steps),
                           "--num-train", "16", "--num-probe", "2", "--batch-size", "4", "--max-length", "16",
                           "--prior-std", "0.5", "--configs", "balanced warm-up + moves",
-                          "--results", str(results_file)])
+                          "--append-results", "--results", str(results_file)])
     out = capsys.readouterr().out
     assert set(results) == {"balanced warm-up + moves"}
     assert "| balanced warm-up + moves |" in out
@@ -110,3 +111,28 @@ def test_bench_gauge_minilm_smoke(monkeypatch, capsys, tmp_path, one_thread):
     assert 0 < results["balanced warm-up + moves"]["gl_acceptance"] < 1
     text = results_file.read_text()
     assert "balancing warm-up and gauge moves, MiniLM LoRA recipe" in text and "| balanced warm-up + moves |" in text
+
+
+def test_benchmarks_package_runner_and_one_results_flag(monkeypatch, capsys):
+    """benchmarks/ is a package run from the repository root (no sys.path shims); every bench_* script takes the
+    one results flag of _common.add_results_arguments and appends through its locked append only; the runner
+    ``python -m benchmarks <name>`` lists the scripts, refuses an unknown name and runs a script as its module."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    runner = importlib.import_module("benchmarks.__main__")
+    names = runner.scripts()
+    files = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert set(names.values()) == {p.stem for p in files if not p.stem.startswith("_")}
+    for p in files:
+        src = p.read_text()
+        assert "sys.path" not in src, p.name
+        if p.stem.startswith("bench_"):
+            assert "add_results_arguments(" in src and "--no-append" not in src and "--no-record" not in src, p.name
+            assert '.open("a")' not in src and 'open(path, "a"' not in src, p.name   # the locked append only
+    assert runner.main([]) == 0 and "sampler" in capsys.readouterr().out
+    assert runner.main(["nope"]) == 2 and "Invalid benchmark: 'nope'" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["attention_quadrature", "--help"])
+    assert exc.value.code == 0 and "--out" in capsys.readouterr().out

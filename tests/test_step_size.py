@@ -434,7 +434,8 @@ def test_bench_step_size_smoke(monkeypatch, tmp_path, one_thread):
     monkeypatch.syspath_prepend(str(ROOT))
     bench = importlib.import_module("benchmarks.bench_step_size")
     results = tmp_path / "RESULTS.md"
-    out = bench.main(["--quick", "--models", "tiny-bert", "--lrs", "1e-3", "--results", str(results)])
+    out = bench.main(["--quick", "--models", "tiny-bert", "--lrs", "1e-3", "--append-results", "--results",
+                      str(results)])
     callback, optimizer = out["runs"]   # issue 19: both front-ends by default
     for run in (callback, optimizer):
         assert run["finite"] and run["cuts"] == 0 and run["lambda_max"] > 0 and run["grad_evals"] > 0
