@@ -36,7 +36,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
 
 __all__ = ["BENCH_DIR", "RESULTS_PATH", "ESS_BACKEND", "machine_record", "machine_markdown",
-           "add_results_arguments", "append_results", "append_section", "time_per_call", "median_chunk_time", "effective_sample_size",
+           "add_results_arguments", "append_results", "append_section", "time_per_call", "median_chunk_time",
+           "effective_sample_size",
            "integrated_autocorr_time", "markdown_table"]
 ESS_BACKEND = "langevin_lora.diagnostics.effective_sample_size"
 

@@ -42,8 +42,8 @@ over its gradient evaluations.
 
 Run ``python -m benchmarks.bench_kinetic_minilm`` from the repository root (about 10 minutes on one
 thread), or ``--smoke`` (the test: tiny sizes and a tiny random BERT, seconds); ``--traces FILE.npz`` keeps
-every arm's per-step traces; ``--append-results`` appends to ``benchmarks/RESULTS.md``. (Over 400 lines: one self-contained
-benchmark, task + chains + analysis + report, like the other ``bench_*.py`` scripts.)
+every arm's per-step traces; ``--append-results`` appends to ``benchmarks/RESULTS.md``. (Over 400 lines: one
+self-contained benchmark, task + chains + analysis + report, like the other ``bench_*.py`` scripts.)
 """
 from __future__ import annotations
 

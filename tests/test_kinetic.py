@@ -23,7 +23,8 @@ from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 from langevin_lora import LangevinAdam, LangevinLoRA, LangevinSGD
 from langevin_lora.functional import auto_friction, kinetic_coefficients, kinetic_step_, langevin_step_
 from langevin_lora.testing import Quadratic, run_chains, zscores
-from callback_helpers import LR, N, SEED, STEPS, WD, LoraOnly, Tiny, all_tensors, given_G, loader, trainable_tensors, trainer
+from callback_helpers import (LR, N, SEED, STEPS, WD, LoraOnly, Tiny, all_tensors, given_G, loader, trainable_tensors,
+                              trainer)
 
 Z_MAX = 4.5
 DT = torch.float64

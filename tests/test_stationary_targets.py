@@ -445,8 +445,8 @@ def test_attention_hand_gradient_matches_autograd():
 
 def test_attention_layer_moments():
     r"""theta = (q, k, v), f_i = v sum_j softmax_j(q k x_in x_ij) x_ij, U = mean (f - y)^2/2 + (lam/2)|theta|^2,
-    lam = 0.1, beta = 50, against the quadrature of benchmarks/attention_quadrature.py (same data: langevin_lora.testing's
-    ATTENTION_X, ATTENTION_Y and ATTENTION_MOMENTS, checked against the JSON below).
+    lam = 0.1, beta = 50, against the quadrature of benchmarks/attention_quadrature.py (same data:
+    langevin_lora.testing's ATTENTION_X, ATTENTION_Y and ATTENTION_MOMENTS, the JSON's numbers, see test_toy_targets).
 
     Initialisation: the posterior has two mirror modes +-(q, k) separated by a barrier of ~11.8/beta
     (see the JSON), which chains do not cross in the run. Chains therefore start from draws of the
