@@ -30,7 +30,7 @@ diagnostics' own cadence, as Lightning's ``LearningRateMonitor`` does (the Train
 **The replayed training step.** The probes need the loss as a function of :math:`\theta` on the
 current batch: ``loss_fn(pl_module, batch)`` when given, else the module's ``training_step``, run
 again with (i) the global RNG set to its state at the start of the real step, so the replay draws
-the same dropout masks (:class:`~langevin_lora.curvature.RngSnapshot`) and the global RNG is left as
+the same dropout masks (:class:`~langevin_lora.core.curvature.RngSnapshot`) and the global RNG is left as
 it was; (ii) Lightning's logging isolated: during the replay the training loop's result collection
 is a scratch one and the hook name is ``training_step``, so whatever ``self.log``/``self.log_dict``
 the step calls is validated exactly as in the real step and then discarded, never reaching
@@ -52,15 +52,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from langevin_lora._replay import isolated_training_step, loss_tensor
+from langevin_lora.lightning._replay import isolated_training_step, loss_tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
-from langevin_lora.curvature import LOW_PRECISION, RngSnapshot
+from langevin_lora.core.curvature import LOW_PRECISION, RngSnapshot
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
-from langevin_lora.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
+from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 

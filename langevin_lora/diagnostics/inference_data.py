@@ -213,7 +213,7 @@ def bank_log_likelihood(model: Any, bank: Any, dataloader_or_batches: Iterable[A
     """
     import torch
 
-    from langevin_lora.bma import default_forward
+    from langevin_lora.posterior.averaging import default_forward
 
     batches = dataloader_or_batches
     if iter(batches) is batches:

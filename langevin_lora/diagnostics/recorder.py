@@ -2,7 +2,7 @@ r"""``GibbsRecorder``: the live Gibbs diagnostics of a Langevin chain, without a
 
 Feed it, once per optimizer step at the point where :math:`\theta` and its gradient agree (the
 final gradient, before the Langevin step), the sampler's
-:class:`~langevin_lora.view.LangevinGroupView` list, the gradients (default: ``p.grad``) and the
+:class:`~langevin_lora.core.view.LangevinGroupView` list, the gradients (default: ``p.grad``) and the
 loss; it updates the THEORY §3 estimators through the functions of
 :mod:`langevin_lora.diagnostics.functional` and the accumulators of
 :mod:`langevin_lora.diagnostics.accumulators`, keeps one row of per-step values per step on the
@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_choice, check_int
-from langevin_lora.curvature import batched_dot
+from langevin_lora.core.curvature import batched_dot
 from langevin_lora.diagnostics import functional as F
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
 from langevin_lora.diagnostics.layout import (

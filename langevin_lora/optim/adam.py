@@ -7,9 +7,9 @@ import torch
 
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_real
-from langevin_lora.engine import LOW_PRECISION, StepGroup
-from langevin_lora.functional import FRICTION_AUTO, adam_inverse_scale, check_clamp
-from langevin_lora.guard import DivergenceGuard
+from langevin_lora.core.engine import LOW_PRECISION, StepGroup
+from langevin_lora.core.functional import FRICTION_AUTO, adam_inverse_scale, check_clamp
+from langevin_lora.core.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
@@ -56,12 +56,12 @@ class LangevinAdam(LangevinOptimizer):
             (caps the preconditioner's condition number at ``c_hi / c_lo``).
         adapt_steps: after the freeze, take this many Langevin steps with the warm-up's
             :math:`G` while averaging :math:`v = (g + \lambda\theta)^2`, then re-freeze
-            :math:`G` from :math:`v` with :func:`~langevin_lora.functional.adapted_preconditioner`
+            :math:`G` from :math:`v` with :func:`~langevin_lora.core.functional.adapted_preconditioner`
             (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
             burn-in: discard them. Recommended when the warm-up's path gradients are not a
             curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``).
         friction: ``"auto"`` (default: kinetic BAOAB after the warm-up, :math:`\gamma = 2\sqrt{\lambda G_{\min}}`,
-            logged at INFO by ``langevin_lora.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
+            logged at INFO by ``langevin_lora.core.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
             or ``None`` (overdamped sampling). ``"auto"`` needs ``weight_decay > 0`` in groups at ``temperature > 0``.
         prior_centre: ``"start"`` (default: the parameters when sampling starts, i.e. where the warm-up
             ended: a local posterior around it, as :class:`~langevin_lora.LangevinLoRA`) or ``None`` (centre 0).

@@ -1,4 +1,4 @@
-"""The torch.optim front-end of the sampling engine (:mod:`langevin_lora.engine`): every
+"""The torch.optim front-end of the sampling engine (:mod:`langevin_lora.core.engine`): every
 hyperparameter in the param group, the engine's per-tensor state in ``Optimizer.state``."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
-from langevin_lora.curvature import RngSnapshot
-from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
-from langevin_lora.functional import FRICTION_AUTO, check_friction
-from langevin_lora.guard import DivergenceGuard
-from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
-from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
-from langevin_lora.view import LangevinGroupView
+from langevin_lora.core.curvature import RngSnapshot
+from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
+from langevin_lora.core.functional import FRICTION_AUTO, check_friction
+from langevin_lora.core.guard import DivergenceGuard
+from langevin_lora.core.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
+from langevin_lora.core.temperature import check_proper_prior, effective_beta, resolve_base_beta
+from langevin_lora.core.view import LangevinGroupView
 
 __all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES", "STEP_SIZES"]
 
@@ -141,7 +141,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         return self._base_step is None or self._remeasure or self.auto_step.due(self._langevin_steps)
 
     def _measure(self, closure: Callable[[], Any], rng: RngSnapshot | None, *, cold: bool = False) -> float | None:
-        """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
+        r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
         noisy = self._noisy()
@@ -300,7 +300,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
                 self.engine.set_prior_centre(todo, [self.engine.work_tensor(p, p) for p in todo])
 
     def langevin_groups(self) -> list[LangevinGroupView]:
-        """The :class:`~langevin_lora.view.LangevinGroupView` of every param group (for diagnostics)."""
+        """The :class:`~langevin_lora.core.view.LangevinGroupView` of every param group (for diagnostics)."""
         views = []
         for i, group in enumerate(self.param_groups):
             params = list(group["params"])

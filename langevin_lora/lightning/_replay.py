@@ -21,7 +21,7 @@ are left untouched. Lightning has no public API for this; the private names used
 ``_LIGHTNING_PRIVATE`` and checked, and when they are missing (another Lightning version) the
 replay runs without isolation after one warning.
 
-:func:`replayed_training_loss` combines it with :class:`~langevin_lora.curvature.RngSnapshot`: a
+:func:`replayed_training_loss` combines it with :class:`~langevin_lora.core.curvature.RngSnapshot`: a
 closure computing the mean training loss over fixed batches with fixed dropout masks, the same
 function of :math:`\theta` at every call, as Hessian-vector products need.
 """
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor
 
-from langevin_lora.curvature import RngSnapshot
+from langevin_lora.core.curvature import RngSnapshot
 
 __all__ = ["ProbeBatches", "batch_size_of", "isolated_training_step", "loss_tensor", "replayed_training_loss"]
 

@@ -1,7 +1,7 @@
 r"""Functional core of every Langevin update in this package.
 
 All samplers (:class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam` and the
-:class:`~langevin_lora.LangevinLoRA` callback) step through :class:`~langevin_lora.engine.LangevinEngine`,
+:class:`~langevin_lora.LangevinLoRA` callback) step through :class:`~langevin_lora.core.engine.LangevinEngine`,
 which calls :func:`langevin_step_`, the frozen-preconditioner unadjusted Langevin step (THEORY §1–2)
 
 .. math::

@@ -1,4 +1,4 @@
-r"""Bayesian model averaging (BMA) over the samples of a :class:`~langevin_lora.samples.SampleBank`.
+r"""Bayesian model averaging (BMA) over the samples of a :class:`~langevin_lora.posterior.bank.SampleBank`.
 
 The posterior predictive is approximated by the sample average
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
 
 __all__ = ["bma_predict_proba", "default_forward"]
 
@@ -118,7 +118,7 @@ def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batche
         model: the module the samples were taken from (e.g. the LightningModule) or the PEFT model
             inside it; each sample is copied into it in place, and its own tensors and train/eval
             mode are restored after.
-        bank: a non-empty :class:`~langevin_lora.samples.SampleBank`.
+        bank: a non-empty :class:`~langevin_lora.posterior.bank.SampleBank`.
         dataloader_or_batches: a DataLoader without shuffling, a list of batches, or any iterable
             of batches (a one-shot iterator is read once into a list).
         forward_fn: ``forward_fn(model, batch) -> logits`` of shape ``(batch, n_classes)``;
