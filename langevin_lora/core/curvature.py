@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_int, check_non_negative, check_real
+from langevin_lora.core.functional import LOW_PRECISION
 
 __all__ = [
     "batched_dot",
@@ -61,7 +62,6 @@ def check_batch_dims(batch_dims: int, tensors: Sequence[Tensor]) -> int:
     return batch_dims
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 _log = logging.getLogger(__name__)
 
 

@@ -80,6 +80,7 @@ from langevin_lora.core.rng import NoiseBuffer, NoiseGenerators, draw_standard_n
 from langevin_lora._validation import check_choice
 from langevin_lora.core.functional import (
     FRICTION_AUTO,
+    LOW_PRECISION,
     accumulate_potential_grad_sq_,
     adapted_preconditioner,
     all_finite,
@@ -91,10 +92,9 @@ from langevin_lora.core.functional import (
 )
 from langevin_lora.core.temperature import noise_std
 
-__all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
+__all__ = ["NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
            "StepGroup", "work_tensor_of"]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise")
 _DERIVED = ("precond_sqrt",)   # recomputed on load instead of saved
 _log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ from torch import Tensor
 
 from langevin_lora.lightning._replay import isolated_training_step, loss_tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
-from langevin_lora.core.curvature import LOW_PRECISION, RngSnapshot
+from langevin_lora.core.curvature import RngSnapshot
+from langevin_lora.core.functional import LOW_PRECISION
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder

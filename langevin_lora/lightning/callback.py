@@ -188,13 +188,17 @@ from langevin_lora.optim.base import LangevinOptimizer
 from langevin_lora.lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
 from langevin_lora.posterior.bank import SAMPLE_PREFIX, SampleBank
 from langevin_lora.core.step_size import AutoStepSize, step_from_lambda_max
-from langevin_lora.core.temperature import DEFAULT_PRIOR_STD, effective_beta, resolve_base_beta, weight_decay_from_prior_std
+from langevin_lora.core.temperature import (
+    DEFAULT_PRIOR_STD,
+    PRIOR_CENTRES,
+    effective_beta,
+    resolve_base_beta,
+    weight_decay_from_prior_std,
+)
 from langevin_lora.core.view import LangevinGroupView, default_diagnostics_factory
 
-__all__ = ["LangevinLoRA", "PRIOR_CENTRES", "SHARDED_STRATEGIES"]
+__all__ = ["LangevinLoRA", "SHARDED_STRATEGIES"]
 
-#: ``prior_centre`` of :class:`LangevinLoRA`: at 0, or at the tensors when burn-in ends.
-PRIOR_CENTRES = ("zero", "burn_in")
 
 #: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
 #: identical across world sizes.
