@@ -52,8 +52,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from langevin_lora.lightning._replay import isolated_training_step, loss_tensor
-from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
+from langevin_lora.diagnostics.replay import isolated_training_step, loss_tensor
+from langevin_lora._validation import check_bool, check_directory, check_int, check_positive, check_version
 from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.functional import LOW_PRECISION
 from langevin_lora.diagnostics.probes import CurvatureProbes
@@ -182,6 +182,8 @@ class GibbsDiagnostics(Callback):
         return {"version": 2, "recorder": self.recorder.state_dict(), "probes": self.probes.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "recorder" in state_dict:
+            check_version("GibbsDiagnostics", state_dict, 2)
         self._restored = True
         if "recorder" not in state_dict:  # version 1 (counters, traces and a few sums only)
             self.recorder.load_state_dict(state_dict)

@@ -69,7 +69,7 @@ measure of LoRA factors is improper without a prior (:func:`~langevin_lora.core.
 :math:`\lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})` by power iteration on Hessian-vector products
 of the training loss on a fixed probe set (the last burn-in batches holding ``probe_examples``
 examples, replayed with fixed dropout masks and no trace in the user's logs or metrics;
-:mod:`langevin_lora.lightning._replay`) and takes :math:`\eta_{\mathrm{auto}} = c/\lambda_{\max}`, :math:`c = 0.1`
+:mod:`langevin_lora.diagnostics.replay`) and takes :math:`\eta_{\mathrm{auto}} = c/\lambda_{\max}`, :math:`c = 0.1`
 (kinetic, ``friction`` set: :math:`h = c_k/\sqrt{\lambda_{\max}}`, :math:`c_k = 0.5`;
 :mod:`langevin_lora.core.step_size` gives the measured bias: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`
 overdamped, below 1% on a MiniLM LoRA posterior for both), re-measured every
@@ -146,7 +146,7 @@ This module is longer than ~400 lines because ~170 of them are the user contract
 and the class's); the sampling itself is the engine's, the step wrapper lives in
 :mod:`langevin_lora.lightning._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
 in :mod:`langevin_lora.lightning._user_optimizer`, the step size's measurement in :mod:`langevin_lora.core.step_size`,
-the probe's replays in :mod:`langevin_lora.lightning._replay` and the divergence guard in :mod:`langevin_lora.core.guard`.
+the probe's replays in :mod:`langevin_lora.diagnostics.replay` and the divergence guard in :mod:`langevin_lora.core.guard`.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
-from langevin_lora.lightning._replay import ProbeBatches, replayed_training_loss
+from langevin_lora.diagnostics.replay import ProbeBatches, replayed_training_loss
 from langevin_lora.lightning._step_wrapper import StepWrapper
 from langevin_lora.lightning._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
 from langevin_lora._validation import (
@@ -175,6 +175,7 @@ from langevin_lora._validation import (
     check_int,
     check_non_negative,
     check_positive,
+    check_version,
 )
 from langevin_lora.lora.balance import SAMPLING_REFUSAL, BalanceSchedule
 from langevin_lora.posterior.averaging import default_forward
@@ -197,7 +198,11 @@ from langevin_lora.core.temperature import (
 )
 from langevin_lora.core.view import LangevinGroupView, default_diagnostics_factory
 
-__all__ = ["LangevinLoRA", "SHARDED_STRATEGIES"]
+__all__ = ["CHECKPOINT_VERSION", "LangevinLoRA", "SHARDED_STRATEGIES"]
+
+#: The format of :meth:`LangevinLoRA.state_dict`, read on load: 1 per-kind tensor dicts (before the
+#: engine), 2 the engine's state, 3 the measured step size and guard, 4 the drop-in's chain schedule.
+CHECKPOINT_VERSION = 4
 
 
 #: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
@@ -479,6 +484,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._lr0: dict[str, float] = {}             # each group's optimizer lr at sampling start
         self._metrics: dict[str, float] = {}         # to log at the end of the batch
         self._probe_state: dict[str, Any] | None = None  # a checkpoint's probe set, until on_train_start
+        self._new_chain()                            # a fresh callback's state_dict() is complete
 
     # -- the engine's work tensors -----------------------------------------------------------------
     def work_tensor(self, p: Tensor) -> Tensor:
@@ -829,7 +835,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         return lr * (self.guard.scale if self.guard is not None else 1.0)
 
     def _probe_loss(self):
-        """The probe closure (:func:`~langevin_lora.lightning._replay.replayed_training_loss` over the probe set)."""
+        """The probe closure (:func:`~langevin_lora.diagnostics.replay.replayed_training_loss` over the probe set)."""
         return replayed_training_loss(self._trainer, self._module, self._probe.batches, loss_fn=self.loss_fn,
                                       owner="LangevinLoRA")
 
@@ -1305,7 +1311,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         probe set when its batches are tensors in plain containers (else a resumed run collects a new one
         from the batches after the resume). The guard's snapshots are not saved: it restarts its
         references where the run resumes."""
-        return {"version": 4, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
+        return {"version": CHECKPOINT_VERSION, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
                 "num_data": self.num_data, "engine": self.engine.state_dict(),
                 "step_size": {"base": self._base_step, "lr0": dict(self._lr0), "auto": self.auto_step.state_dict(),
                               "probe": self._probe.state_dict() if self.step_size == "auto" else None,
@@ -1323,9 +1329,11 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                           "weight_decay": self.weight_decay}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (also version 1, written before the engine existed). Tensors are
-        matched to parameters by name, and moved beside them, once the module is known (``on_train_start``)."""
-        engine = state_dict.get("engine")
+        """Restore :meth:`state_dict` of any :data:`CHECKPOINT_VERSION` up to this one (version 1 was written
+        before the engine existed). Tensors are matched to parameters by name, and moved beside them, once
+        the module is known (``on_train_start``)."""
+        version = check_version("LangevinLoRA", state_dict, CHECKPOINT_VERSION)
+        engine = state_dict["engine"] if version >= 2 else None
         if engine is None:   # version 1: per-kind dicts of tensors by name
             per_tensor: dict[str, dict[str, Tensor]] = {}
             for key, slot in (("precond", "precond"), ("masters", "master"), ("adapt_sq", "adapt_sq")):
@@ -1339,7 +1347,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if self._num_data_arg is None and self._beta_arg is None:
             self.num_data = state_dict["num_data"]
         self._precond_reference = float(state_dict.get("precond_reference", 1.0))
-        step = state_dict.get("step_size")   # absent before version 3: the optimizer's lr was the step
+        step = state_dict["step_size"] if version >= 3 else None   # before 3 the optimizer's lr was the step
         if step is not None:
             self._base_step, self._lr0 = step["base"], dict(step["lr0"])
             self.auto_step.load_state_dict(step["auto"])
@@ -1350,7 +1358,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
             if obj is not None and state_dict.get(key) is not None:
                 obj.load_state_dict(state_dict[key])
-        chain = state_dict.get("chain")   # absent before version 4: the fixed schedule
+        chain = state_dict["chain"] if version >= 4 else None   # before 4 only the fixed schedule existed
         if chain is not None:
             self.chain.load_state_dict(chain["schedule"])
             self._best_point, self._stage_probs = chain["best_point"], list(chain["stage_probs"])

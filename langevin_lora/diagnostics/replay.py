@@ -1,9 +1,8 @@
 r"""Running a LightningModule's ``training_step`` again without a trace in the user's run.
 
-Used by the samplers (:class:`~langevin_lora.LangevinLoRA`'s automatic step size measures the
-curvature on replays of the training step) and by the diagnostics (configurational temperature,
-:math:`\eta\lambda_{\max}`); it lives below both, so a sampler never imports
-:mod:`langevin_lora.diagnostics`.
+Used by the diagnostics' curvature probes (configurational temperature, :math:`\eta\lambda_{\max}`)
+and by :class:`~langevin_lora.LangevinLoRA`'s automatic step size, which measures the curvature on
+replays of the training step. It lives in the diagnostics layer, below the Lightning front-end.
 
 The curvature probes evaluate the training loss several times at (or near) the current
 parameters. Replaying ``training_step`` would otherwise leave two kinds of trace:
