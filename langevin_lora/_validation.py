@@ -93,3 +93,13 @@ def check_choice(name: str, value: Any, choices: tuple) -> Any:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
     return value
+
+
+def check_version(owner: str, state: Any, current: int, missing: int | None = None) -> int:
+    """The ``"version"`` of a saved state (``missing`` when the key is absent), or :class:`ValueError` for
+    one this release cannot read (a newer writer, or not a version at all)."""
+    version = state.get("version", missing) if hasattr(state, "get") else None
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= current:
+        raise ValueError(f"Invalid {owner} checkpoint version: {version!r} (this release reads versions 1 to {current}; "
+                         "a newer version was written by a newer langevin-lora: upgrade it)")
+    return version

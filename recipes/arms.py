@@ -223,17 +223,12 @@ def adamw_rows(shared: Shared, run: AdamWRun, methods: list[str]) -> tuple[list[
 def _sample_predictions(shared: Shared, module, bank) -> tuple[Tensor, Tensor, float]:
     """Validation and test probabilities of every banked sample ``(S, n, K)``, and the wall time of
     the validation passes."""
-    from langevin_lora.bma import check_finite_probs
+    from langevin_lora.posterior.averaging import sample_probabilities
 
-    vals, tests, val_s = [], [], 0.0
-    with bank.averaging(module) as bma:
-        for i in range(len(bank)):
-            bma.load(i)
-            t0 = time.perf_counter()
-            vals.append(check_finite_probs(shared.predict(module, shared.val_batches), bank, i, "langevin (validation)"))
-            val_s += time.perf_counter() - t0
-            tests.append(check_finite_probs(shared.predict(module, shared.test_batches), bank, i, "langevin (test)"))
-    return torch.stack(vals), torch.stack(tests), val_s
+    t0 = time.perf_counter()
+    vals = sample_probabilities(module, bank, shared.val_batches, shared.forward_fn).cpu()
+    val_s = time.perf_counter() - t0
+    return vals, sample_probabilities(module, bank, shared.test_batches, shared.forward_fn).cpu(), val_s
 
 
 def _langevin_rows(shared: Shared, seed: int, val: Tensor, test: Tensor, methods: list[str], wall: float,

@@ -418,9 +418,9 @@ INVALID_ADAM = [
     (dict(precond_clamp=(0.1, 0.5)), r"Invalid precond_clamp\[1\]: 0\.5 \(allowed range \[1, inf\)\)"),
     (dict(precond_clamp=0.1), r"Invalid precond_clamp: 0\.1 \(expected a pair \(lo, hi\) with 0 < lo <= 1 <= hi\)"),
     (dict(precond_clamp=(0.1, 1.0, 10.0)), r"Invalid precond_clamp: .*expected a pair"),
-    (dict(warmup_steps=-1), r"Invalid warmup_steps: -1 \(expected an integer >= 0\)"),
-    (dict(warmup_steps=2.5), r"Invalid warmup_steps: 2\.5 \(expected an integer >= 0\)"),
-    (dict(adapt_steps=-3), r"Invalid adapt_steps: -3 \(expected an integer >= 0\)"),
+    (dict(burn_in_steps=-1), r"Invalid burn_in_steps: -1 \(expected an integer >= 0\)"),
+    (dict(burn_in_steps=2.5), r"Invalid burn_in_steps: 2\.5 \(expected an integer >= 0\)"),
+    (dict(precond_adapt_steps=-3), r"Invalid precond_adapt_steps: -3 \(expected an integer >= 0\)"),
 ]
 
 
@@ -985,3 +985,33 @@ def test_noise_buffer_reuses_storage_and_draws_the_same_numbers():
     fresh, drawn = draw_standard_normal(ts2, g_fresh), draw_standard_normal(ts2, g_buf, buffer=buf)
     assert [x.shape for x in drawn] == [t.shape for t in ts2]
     assert all(torch.equal(a, b) for a, b in zip(fresh, drawn))
+
+
+def test_release_01_names_still_work_with_a_deprecation_warning():
+    """Issue 22's one vocabulary: warmup_steps/adapt_steps/prior_centre="start" of release 0.1 are burn_in_steps/
+    precond_adapt_steps/"burn_in", in keywords, in param groups and in saved state dicts, each with a warning."""
+    with pytest.warns(DeprecationWarning, match="'warmup_steps' is now called 'burn_in_steps'"):
+        old = adam_pre19(_p(), lr=1e-2, num_data=10, warmup_steps=7, adapt_steps=2)
+    new = adam_pre19(_p(), lr=1e-2, num_data=10, burn_in_steps=7, precond_adapt_steps=2)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in old.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups]
+    with pytest.warns(DeprecationWarning, match="prior_centre='start' is now spelled 'burn_in'"):
+        sgd = LangevinSGD(_p(), lr=1e-2, num_data=10, prior_centre="start")
+    assert sgd.param_groups[0]["prior_centre"] == "burn_in"
+    assert LangevinSGD(_p(), lr=1e-2, num_data=10, prior_centre=None).param_groups[0]["prior_centre"] == "zero"
+    with pytest.warns(DeprecationWarning, match="'adapt_steps' is now called 'precond_adapt_steps'"):
+        new.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "adapt_steps": 3})
+    assert new.param_groups[-1]["precond_adapt_steps"] == 3 and "adapt_steps" not in new.param_groups[-1]
+    with pytest.raises(ValueError, match="both 'warmup_steps' and 'burn_in_steps' given"):
+        new.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "warmup_steps": 3, "burn_in_steps": 3})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'"):
+        LangevinAdam(_p(), lr=1e-2, num_data=10, weight_decay=0.1, warmup=3)
+    # a state dict saved by release 0.1: its group keys and centre spelling are translated on load
+    saved = new.state_dict()
+    for g in saved["param_groups"]:
+        g["warmup_steps"], g["adapt_steps"], g["prior_centre"] = g.pop("burn_in_steps"), g.pop("precond_adapt_steps"), "start"
+    fresh = adam_pre19(_p(), lr=1e-2, num_data=10)
+    fresh.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    fresh.load_state_dict(saved)
+    assert [(g["burn_in_steps"], g["precond_adapt_steps"], g["prior_centre"]) for g in fresh.param_groups] == \
+        [(7, 2, "burn_in"), (7, 3, "burn_in")]

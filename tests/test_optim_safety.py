@@ -128,10 +128,10 @@ def test_adam_defaults_follow_the_callback():
     logged), measured step, guard on; LangevinSGD keeps centre 0, overdamped, lr as its step, guard on."""
     adam = LangevinAdam([nn.Parameter(torch.ones(3))], lr=1e-2, num_data=10, weight_decay=0.1)
     g = adam.param_groups[0]
-    assert (g["prior_centre"], g["friction"], adam.step_size, adam.guard is not None) == ("start", "auto", "auto", True)
+    assert (g["prior_centre"], g["friction"], adam.step_size, adam.guard is not None) == ("burn_in", "auto", "auto", True)
     sgd = LangevinSGD([nn.Parameter(torch.ones(3))], lr=1e-2, num_data=10, weight_decay=0.1)
     g = sgd.param_groups[0]
-    assert (g["prior_centre"], g["friction"], sgd.step_size, sgd.guard is not None) == (None, None, "lr", True)
+    assert (g["prior_centre"], g["friction"], sgd.step_size, sgd.guard is not None) == ("zero", None, "lr", True)
     with pytest.raises(ValueError, match=r"Invalid friction: 'auto' \(the default\) with weight_decay=0"):
         LangevinAdam([nn.Parameter(torch.ones(3))], lr=1e-2, num_data=10)
 

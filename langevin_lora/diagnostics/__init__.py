@@ -13,7 +13,7 @@ Layers, each usable alone (dependencies point down):
   chain, fed ``(group views, gradients, loss)`` per step, no Trainer needed;
 - :class:`~langevin_lora.diagnostics.probes.CurvatureProbes`: Hutchinson :math:`\Delta U` and
   :math:`\eta\lambda_{\max}` on a loss closure (the products themselves are in
-  :mod:`langevin_lora.curvature`);
+  :mod:`langevin_lora.core.curvature`);
 - offline chain analysis (:mod:`~langevin_lora.diagnostics.chains`: R-hat, bulk/tail ESS and MCSE
   from arviz-stats; Geweke, Poincaré bounds in house) and the report: small check
   functions (:mod:`~langevin_lora.diagnostics.checks`) giving :class:`Check` verdicts in a
@@ -69,12 +69,12 @@ from langevin_lora.diagnostics.metrics import (
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.recorder import GibbsRecorder, LoraModule
 from langevin_lora.diagnostics.report import Check, StationarityReport
-from langevin_lora.view import register_default_diagnostics
+from langevin_lora.core.view import register_default_diagnostics
 
 
 def _default_diagnostics(trainer):
     """What ``LangevinLoRA(diagnostics=True)`` attaches (registered below; see
-    :func:`langevin_lora.view.register_default_diagnostics`)."""
+    :func:`langevin_lora.core.view.register_default_diagnostics`)."""
     from langevin_lora.diagnostics.gibbs_callback import GibbsDiagnostics
 
     return GibbsDiagnostics(report=trainer.logger is not None)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_choice, check_int
-from langevin_lora.curvature import LOW_PRECISION, batched_dot
+from langevin_lora.core.curvature import batched_dot
+from langevin_lora.core.functional import LOW_PRECISION
 from langevin_lora.diagnostics import functional as F
 
 __all__ = ["WindowCenter", "BlockMeans", "MicroBatchMoments"]

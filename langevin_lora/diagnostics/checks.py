@@ -42,7 +42,7 @@ from langevin_lora.diagnostics.chains import (
     poincare_lower_bounds,
 )
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
-from langevin_lora.step_size import STEP_ACCURACY_BOUND, step_remedy
+from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, step_remedy
 
 __all__ = ["Evidence", "CHECKS", "stationarity_report", "STATIONARITY_TRACES"]
 
@@ -94,7 +94,7 @@ class Evidence:
         temperature_tol: accepted :math:`|\beta T - 1|` (default 0.1).
         noise_ratio_max: gate on :math:`\rho` (0.1).
         step_size_max: gate on the step number :math:`\eta\lambda_{\max}` (:math:`\tfrac{h^2}{2}\lambda_{\max}`
-            kinetic): :data:`langevin_lora.step_size.STEP_ACCURACY_BOUND` (0.25), at least twice the automatic step's.
+            kinetic): :data:`langevin_lora.core.step_size.STEP_ACCURACY_BOUND` (0.25), at least twice the automatic step's.
         ess_min: bulk and tail ESS needed per chain before judging (100: Vehtari et al. 2021), so
             ``ess_min x chains`` in total (x ``segments`` for one run).
         segments: pieces a single run's trace is cut into to serve as chains (default 4).

@@ -12,7 +12,7 @@ for any smooth vector field :math:`\varphi`,
 - :math:`\varphi = e_i` gives the **mean force** :math:`\mathbb E[\partial_i U] = 0`;
 - :math:`\varphi = \nabla U` gives the **configurational temperature**
   :math:`\mathbb E|\nabla U|^2 / \mathbb E[\Delta U] = 1/\beta` (the Laplacian by
-  :func:`~langevin_lora.curvature.hutchinson_laplacian`);
+  :func:`~langevin_lora.core.curvature.hutchinson_laplacian`);
 - the LoRA gauge field :math:`(A, B) \mapsto (E_{ab}A, -BE_{ab})`, along which :math:`\hat L` is
   constant, gives the **gauge identity** :math:`\mathbb E[\beta\lambda(AA^\top - B^\top B)] =
   (\text{in} - \text{out})\,I`.
@@ -31,7 +31,7 @@ Conventions shared by every function:
 - Streaming forms (``*_from_moments``, ``*_from_sums``) hold the formula; the list forms compute
   the moments and call them, so a running estimator and the offline one agree by construction.
 
-The Hessian-vector-product probes live in :mod:`langevin_lora.curvature` (re-exported here).
+The Hessian-vector-product probes live in :mod:`langevin_lora.core.curvature` (re-exported here).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_int, check_non_negative, check_positive
-from langevin_lora.curvature import (
+from langevin_lora.core.curvature import (
     HessianVectorProduct,
     batched_dot,
     hutchinson_laplacian,

@@ -30,7 +30,7 @@ diagnostics' own cadence, as Lightning's ``LearningRateMonitor`` does (the Train
 **The replayed training step.** The probes need the loss as a function of :math:`\theta` on the
 current batch: ``loss_fn(pl_module, batch)`` when given, else the module's ``training_step``, run
 again with (i) the global RNG set to its state at the start of the real step, so the replay draws
-the same dropout masks (:class:`~langevin_lora.curvature.RngSnapshot`) and the global RNG is left as
+the same dropout masks (:class:`~langevin_lora.core.curvature.RngSnapshot`) and the global RNG is left as
 it was; (ii) Lightning's logging isolated: during the replay the training loop's result collection
 is a scratch one and the hook name is ``training_step``, so whatever ``self.log``/``self.log_dict``
 the step calls is validated exactly as in the real step and then discarded, never reaching
@@ -52,15 +52,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from langevin_lora._replay import isolated_training_step, loss_tensor
-from langevin_lora._validation import check_bool, check_directory, check_int, check_positive
-from langevin_lora.curvature import LOW_PRECISION, RngSnapshot
+from langevin_lora.diagnostics.replay import isolated_training_step, loss_tensor
+from langevin_lora._validation import check_bool, check_directory, check_int, check_positive, check_version
+from langevin_lora.core.curvature import RngSnapshot
+from langevin_lora.core.functional import LOW_PRECISION
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.layout import lora_modules_of
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.checks import stationarity_report
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
-from langevin_lora.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
+from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 
@@ -181,6 +182,8 @@ class GibbsDiagnostics(Callback):
         return {"version": 2, "recorder": self.recorder.state_dict(), "probes": self.probes.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "recorder" in state_dict:
+            check_version("GibbsDiagnostics", state_dict, 2)
         self._restored = True
         if "recorder" not in state_dict:  # version 1 (counters, traces and a few sums only)
             self.recorder.load_state_dict(state_dict)

@@ -213,24 +213,16 @@ def bank_log_likelihood(model: Any, bank: Any, dataloader_or_batches: Iterable[A
     """
     import torch
 
-    from langevin_lora.bma import default_forward
-
     batches = dataloader_or_batches
     if iter(batches) is batches:
         batches = list(batches)
-    forward = forward_fn or default_forward
     y = torch.as_tensor(np.asarray(_labels_of(batches) if labels is None else labels)).reshape(-1)
     rows = []
-    with bank.averaging(model) as bma:
-        for i in range(len(bank)):
-            bma.load(i)
-            logp = torch.cat([torch.log_softmax(forward(model, b).float(), dim=-1) for b in batches])
+    with bank.averaging(model) as averager:
+        for logp in averager.per_sample(batches, forward_fn, log=True, where="bank_log_likelihood"):
             if logp.shape[0] != y.numel():
                 raise ValueError(f"Invalid labels: {y.numel()} labels for {logp.shape[0]} examples")
             ll = logp.gather(1, y.to(logp.device).long().view(-1, 1)).squeeze(1)
-            if not bool(torch.isfinite(ll).all()):
-                raise FloatingPointError(f"bank_log_likelihood: sample {i} (optimizer step {bank.steps[i]}) gives "
-                                         "non-finite log-likelihoods; the chain had diverged by that step")
             rows.append(ll.double().cpu().numpy())
     return np.stack(rows)
 

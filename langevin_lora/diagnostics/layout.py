@@ -65,7 +65,7 @@ def lora_modules_of(model: torch.nn.Module) -> list[LoraModule]:
     """The PEFT LoRA modules of ``model`` (none when it has no LoRA layer), named without the
     LightningModule attribute and PEFT wrapper prefixes (``bert.encoder.layer.0.attention.self.query``),
     suffixed ``.<adapter>`` for adapters other than ``default``."""
-    from langevin_lora.param_groups import lora_modules
+    from langevin_lora.lora.param_groups import lora_modules
 
     try:
         found = lora_modules(model)

@@ -1,6 +1,6 @@
 r"""``CurvatureProbes``: the Hessian-vector-product diagnostics of a chain, with their state.
 
-Two measurements on a loss closure at the current parameters (:mod:`langevin_lora.curvature`):
+Two measurements on a loss closure at the current parameters (:mod:`langevin_lora.core.curvature`):
 
 - the Laplacian :math:`\Delta U = \operatorname{tr}\nabla^2\hat L + \sum_i\lambda_i` by Hutchinson
   (``hutchinson_probes`` products), the denominator of the configurational temperature;
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_choice, check_int, check_real
-from langevin_lora.curvature import HessianVectorProduct, hutchinson_laplacian, power_iteration
+from langevin_lora.core.curvature import HessianVectorProduct, hutchinson_laplacian, power_iteration
 
 __all__ = ["CurvatureProbes"]
 

@@ -2,7 +2,7 @@ r"""``GibbsRecorder``: the live Gibbs diagnostics of a Langevin chain, without a
 
 Feed it, once per optimizer step at the point where :math:`\theta` and its gradient agree (the
 final gradient, before the Langevin step), the sampler's
-:class:`~langevin_lora.view.LangevinGroupView` list, the gradients (default: ``p.grad``) and the
+:class:`~langevin_lora.core.view.LangevinGroupView` list, the gradients (default: ``p.grad``) and the
 loss; it updates the THEORY §3 estimators through the functions of
 :mod:`langevin_lora.diagnostics.functional` and the accumulators of
 :mod:`langevin_lora.diagnostics.accumulators`, keeps one row of per-step values per step on the
@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from langevin_lora._validation import check_choice, check_int
-from langevin_lora.curvature import batched_dot
+from langevin_lora._validation import check_choice, check_int, check_version
+from langevin_lora.core.curvature import batched_dot
 from langevin_lora.diagnostics import functional as F
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
 from langevin_lora.diagnostics.layout import (
@@ -437,13 +437,14 @@ class GibbsRecorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The virial centre and the mean-force blocks are adopted at the
         next :meth:`record`, once the sampled tensors are known and match the saved ones."""
+        version = check_version("GibbsRecorder", state, 2, missing=1)
         self.reset()
         self.sampling_steps, self.burn_in_steps = state["sampling_steps"], state["burn_in_steps"]
         self.traces = {k: list(v) for k, v in state["traces"].items()}
         self.laplacians = list(state["laplacians"])
         self.eta_lambda_max = state["eta_lambda_max"]
         self._rho_sum, self._rho_count = state["rho_sum"], state["rho_count"]
-        if state.get("version", 1) < 2:  # written before the complete state existed
+        if version < 2:  # written before the complete state existed
             return
         self._grad_sq_sum, self._grad_sq_count = state["grad_sq_sum"], state["grad_sq_count"]
         self._grad_sq_unbiased = state["grad_sq_unbiased"]

@@ -7,24 +7,24 @@ import torch
 
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_real
-from langevin_lora.engine import LOW_PRECISION, StepGroup
-from langevin_lora.functional import FRICTION_AUTO, adam_inverse_scale, check_clamp
-from langevin_lora.guard import DivergenceGuard
-from langevin_lora.optim.base import LangevinOptimizer
+from langevin_lora.core.engine import StepGroup
+from langevin_lora.core.functional import FRICTION_AUTO, LOW_PRECISION, adam_inverse_scale, check_clamp
+from langevin_lora.core.guard import DivergenceGuard
+from langevin_lora.optim.base import RENAMED, LangevinOptimizer, renamed_keys
 
 
 @readable_docstring
 class LangevinAdam(LangevinOptimizer):
     r"""Adam warm-up, then exact Langevin sampling with a frozen Adam preconditioner.
 
-    **Warm-up** (the first ``warmup_steps`` steps, no noise) is Adam on the potential
+    **Burn-in** (the first ``burn_in_steps`` steps, no noise) is Adam on the potential
     :math:`U = \hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2` with *coupled* L2 decay,
     :math:`g' = g + \lambda\theta`, :math:`m \leftarrow \beta_1 m + (1-\beta_1) g'`,
     :math:`v \leftarrow \beta_2 v + (1-\beta_2) g'^2`,
     :math:`\theta \leftarrow \theta - \eta\,\hat m/(\sqrt{\hat v}+\epsilon)`; it heads for the mode
     of :math:`\pi_\beta` and learns the curvature scale :math:`v`.
 
-    **Sampling** (after ``warmup_steps`` steps, or from :meth:`start_sampling`): the second moment
+    **Sampling** (after ``burn_in_steps`` steps, or from :meth:`start_sampling`): the second moment
     is frozen into a diagonal preconditioner (THEORY §2)
 
     .. math::
@@ -51,20 +51,23 @@ class LangevinAdam(LangevinOptimizer):
             :class:`~langevin_lora.LangevinSGD`.
         betas: Adam coefficients, each in ``[0, 1)``.
         eps: :math:`\epsilon > 0` in the denominator.
-        warmup_steps: Adam steps before sampling starts (``None``: only :meth:`start_sampling`).
+        burn_in_steps: Adam steps before sampling starts (``None``: only :meth:`start_sampling`);
+            called ``warmup_steps`` before release 0.2 (still accepted, with a ``DeprecationWarning``).
         precond_clamp: ``(c_lo, c_hi)`` with ``0 < c_lo <= 1 <= c_hi``, relative to the median
             (caps the preconditioner's condition number at ``c_hi / c_lo``).
-        adapt_steps: after the freeze, take this many Langevin steps with the warm-up's
+        precond_adapt_steps: after the freeze, take this many Langevin steps with the warm-up's
             :math:`G` while averaging :math:`v = (g + \lambda\theta)^2`, then re-freeze
-            :math:`G` from :math:`v` with :func:`~langevin_lora.functional.adapted_preconditioner`
+            :math:`G` from :math:`v` with :func:`~langevin_lora.core.functional.adapted_preconditioner`
             (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
             burn-in: discard them. Recommended when the warm-up's path gradients are not a
-            curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``).
+            curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``). Called
+            ``adapt_steps`` before release 0.2.
         friction: ``"auto"`` (default: kinetic BAOAB after the warm-up, :math:`\gamma = 2\sqrt{\lambda G_{\min}}`,
-            logged at INFO by ``langevin_lora.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
+            logged at INFO by ``langevin_lora.core.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
             or ``None`` (overdamped sampling). ``"auto"`` needs ``weight_decay > 0`` in groups at ``temperature > 0``.
-        prior_centre: ``"start"`` (default: the parameters when sampling starts, i.e. where the warm-up
-            ended: a local posterior around it, as :class:`~langevin_lora.LangevinLoRA`) or ``None`` (centre 0).
+        prior_centre: ``"burn_in"`` (default: the parameters when sampling starts, i.e. where the burn-in
+            ended: a local posterior around it, as :class:`~langevin_lora.LangevinLoRA`) or ``"zero"``
+            (or ``None``; centre 0). Release 0.1's ``"start"`` means ``"burn_in"``.
         step_size: ``"auto"`` (default): when sampling starts, the Langevin step is measured from
             ``step(closure)``'s closure (:math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` by power iteration on
             finite differences of its gradients, this step's dropout masks replayed, 5–40 closure calls;
@@ -82,7 +85,7 @@ class LangevinAdam(LangevinOptimizer):
 
     The quick start (a plain loop, with the closure the measurement needs)::
 
-        opt = LangevinAdam(lora_param_groups(model), lr=2e-4, num_data=N, weight_decay=1e-3, warmup_steps=200)
+        opt = LangevinAdam(lora_param_groups(model), lr=2e-4, num_data=N, weight_decay=1e-3, burn_in_steps=200)
         for x, y in loader:
             def closure():
                 opt.zero_grad()
@@ -91,9 +94,9 @@ class LangevinAdam(LangevinOptimizer):
                 return loss
             opt.step(closure)
 
-    Sampling starts right after the ``warmup_steps``-th Adam step (``warmup_steps=0``: the first
-    step already samples, with :math:`G \equiv 1`). With ``adapt_steps > 0`` the first
-    ``adapt_steps`` sampling steps also measure :math:`v` and :math:`G` is re-frozen once after them
+    Sampling starts right after the ``burn_in_steps``-th Adam step (``burn_in_steps=0``: the first
+    step already samples, with :math:`G \equiv 1`). With ``precond_adapt_steps > 0`` the first
+    ``precond_adapt_steps`` sampling steps also measure :math:`v` and :math:`G` is re-frozen once after them
     (:attr:`adapting` is ``True`` until then).
 
     Stability: keep :math:`\eta\,\lambda_{\max}(G^{1/2}\nabla^2 U\, G^{1/2}) \lesssim 0.1`.
@@ -102,24 +105,29 @@ class LangevinAdam(LangevinOptimizer):
     step of :class:`~langevin_lora.LangevinSGD` with mass :math:`G^{-1}` (THEORY §2b), time step
     :math:`h` = ``lr``: kicks :math:`p \mathrel{-}= \tfrac{h_{t-1}+h_t}{2} G\odot\nabla U`, O-step noise
     :math:`\sqrt{(1-e^{-2\gamma h})/\beta}\,\sqrt G\odot\xi`, momenta drawn from :math:`N(0, G/\beta)`
-    at the first sampling step (and rescaled when ``adapt_steps`` re-freezes :math:`G`). Exact
+    at the first sampling step (and rescaled when ``precond_adapt_steps`` re-freezes :math:`G`). Exact
     :math:`\theta`-law on Gaussian targets for every :math:`h\sqrt{\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})} < 2`;
-    take :math:`h \approx 0.5/\sqrt{\lambda_{\max}}`. ``prior_centre="start"`` centres the prior at the
+    take :math:`h \approx 0.5/\sqrt{\lambda_{\max}}`. ``prior_centre="burn_in"`` centres the prior at the
     parameters of the freeze (the first sampling step), as in :class:`~langevin_lora.LangevinSGD`.
     """
 
     def __init__(self, params: Iterable, lr: float, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, num_data: int | None = None, temperature: float = 1.0,
-                 beta: float | None = None, weight_decay: float = 0.0, warmup_steps: int | None = 100,
-                 precond_clamp: tuple[float, float] = (0.01, 100.0), adapt_steps: int = 0,
+                 beta: float | None = None, weight_decay: float = 0.0, burn_in_steps: int | None = 100,
+                 precond_clamp: tuple[float, float] = (0.01, 100.0), precond_adapt_steps: int = 0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
-                 friction: float | str | None = "auto", prior_centre: str | None = "start",
+                 friction: float | str | None = "auto", prior_centre: str | None = "burn_in",
                  step_size: str | float = "auto", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
-                 guard: bool | DivergenceGuard = True) -> None:
+                 guard: bool | DivergenceGuard = True, **renamed: Any) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, temperature=temperature, weight_decay=weight_decay,
-                        warmup_steps=warmup_steps, precond_clamp=precond_clamp, adapt_steps=adapt_steps,
+                        burn_in_steps=burn_in_steps, precond_clamp=precond_clamp,
+                        precond_adapt_steps=precond_adapt_steps,
                         foreach=foreach, sampling=False, step=0, adapted=0, precond_reference=None,
                         friction=friction, prior_centre=prior_centre)
+        unknown = sorted(set(renamed) - set(RENAMED))
+        if unknown:
+            raise TypeError(f"LangevinAdam.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        defaults.update(renamed_keys(renamed, "LangevinAdam"))
         super().__init__(params, defaults, num_data=num_data, beta=beta, seed=seed, nonfinite=nonfinite,
                          step_size=step_size, step_safety=step_safety, step_size_every_n_steps=step_size_every_n_steps,
                          guard=guard)
@@ -132,9 +140,9 @@ class LangevinAdam(LangevinOptimizer):
         for i, bi in enumerate(b):
             check_real(f"betas[{i}]", bi, low=0.0, high=1.0, high_open=True)
         check_real("eps", group["eps"], low=0.0, low_open=True)
-        check_int("warmup_steps", group["warmup_steps"], low=0, allow_none=True)
+        check_int("burn_in_steps", group["burn_in_steps"], low=0, allow_none=True)
         group["precond_clamp"] = check_clamp(group["precond_clamp"])
-        check_int("adapt_steps", group["adapt_steps"], low=0)
+        check_int("precond_adapt_steps", group["precond_adapt_steps"], low=0)
         if group["friction"] == FRICTION_AUTO and group["temperature"] > 0 and group["weight_decay"] == 0:
             raise ValueError(
                 f"Invalid friction: 'auto' (the default) with weight_decay=0 in group {group.get('name', '')!r}: "
@@ -154,7 +162,7 @@ class LangevinAdam(LangevinOptimizer):
 
     @staticmethod
     def _adapting(group: dict[str, Any]) -> bool:
-        return group["sampling"] and group["adapted"] < group["adapt_steps"]
+        return group["sampling"] and group["adapted"] < group["precond_adapt_steps"]
 
     @torch.no_grad()
     def start_sampling(self) -> None:
@@ -195,7 +203,7 @@ class LangevinAdam(LangevinOptimizer):
     def step(self, closure=None):
         loss = super().step(closure)
         self._refreeze_due()  # the adaptation window has just ended
-        self._freeze_due()    # sampling starts right after the warmup_steps-th Adam step
+        self._freeze_due()    # sampling starts right after the burn_in_steps-th Adam step
         return loss
 
     def _freeze_due(self) -> None:
@@ -204,10 +212,10 @@ class LangevinAdam(LangevinOptimizer):
 
     @staticmethod
     def _warmup_done(group: dict[str, Any]) -> bool:
-        return group["warmup_steps"] is not None and group["step"] >= group["warmup_steps"]
+        return group["burn_in_steps"] is not None and group["step"] >= group["burn_in_steps"]
 
     def _update(self, batches: list[StepGroup]) -> None:
-        self._freeze_due()  # warmup_steps=0, or lowered since the last step
+        self._freeze_due()  # burn_in_steps=0, or lowered since the last step
         sampling = []
         for group, batch in zip(self.param_groups, batches):
             if not batch.params:
@@ -224,7 +232,7 @@ class LangevinAdam(LangevinOptimizer):
         self._langevin_step(sampling, before=lambda: self.engine.accumulate(batch for _, batch in adapting))  # pre-step
         for group, _ in adapting:
             group["adapted"] += 1
-            group["refreeze_due"] = group["adapted"] == group["adapt_steps"]
+            group["refreeze_due"] = group["adapted"] == group["precond_adapt_steps"]
 
     def _adam(self, group: dict[str, Any], batch: StepGroup) -> None:
         beta1, beta2 = group["betas"]

@@ -1,4 +1,4 @@
-"""The torch.optim front-end of the sampling engine (:mod:`langevin_lora.engine`): every
+"""The torch.optim front-end of the sampling engine (:mod:`langevin_lora.core.engine`): every
 hyperparameter in the param group, the engine's per-tensor state in ``Optimizer.state``."""
 from __future__ import annotations
 
@@ -10,19 +10,53 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
-from langevin_lora.curvature import RngSnapshot
-from langevin_lora.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
-from langevin_lora.functional import FRICTION_AUTO, check_friction
-from langevin_lora.guard import DivergenceGuard
-from langevin_lora.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
-from langevin_lora.temperature import check_proper_prior, effective_beta, resolve_base_beta
-from langevin_lora.view import LangevinGroupView
+from langevin_lora.core.curvature import RngSnapshot
+from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
+from langevin_lora.core.functional import FRICTION_AUTO, check_friction
+from langevin_lora.core.guard import DivergenceGuard
+from langevin_lora.core.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
+from langevin_lora.core.temperature import PRIOR_CENTRES, check_proper_prior, effective_beta, resolve_base_beta
+from langevin_lora.core.view import LangevinGroupView
 
-__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "PRIOR_CENTRES", "STEP_SIZES"]
+__all__ = ["LangevinOptimizer", "NonFiniteGradientWarning", "RENAMED", "STEP_SIZES"]
 
-#: ``prior_centre`` of a param group: ``None`` (the prior is centred at 0) or ``"start"`` (at the
-#: parameters of the group's first sampling step).
-PRIOR_CENTRES = (None, "start")
+#: Keyword arguments and param-group keys of release 0.1, renamed to the vocabulary that
+#: :class:`~langevin_lora.LangevinLoRA` uses (burn-in, preconditioner adaptation). The old names
+#: still work for one release, with a :class:`DeprecationWarning`.
+RENAMED = {"warmup_steps": "burn_in_steps", "adapt_steps": "precond_adapt_steps"}
+#: ``prior_centre`` values of release 0.1 -> :data:`~langevin_lora.core.temperature.PRIOR_CENTRES`
+#: (``None`` stays accepted for ``"zero"``; ``"start"`` warns).
+_RENAMED_CENTRES = {"start": "burn_in"}
+
+
+def renamed_keys(mapping: dict[str, Any], owner: str) -> dict[str, Any]:
+    """``mapping`` with the names of :data:`RENAMED` replaced by the new ones (a warning each).
+    Both spellings at once is an error: which one was meant is unknowable."""
+    out = dict(mapping)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"Invalid arguments to {owner}: both {old!r} and {new!r} given; {old!r} is the "
+                             f"name before release 0.2, pass only {new!r}")
+        warnings.warn(f"{owner}: {old!r} is now called {new!r} (the vocabulary of LangevinLoRA); the old name "
+                      "is removed in release 0.3", DeprecationWarning, stacklevel=4)
+        out[new] = out.pop(old)
+    return out
+
+
+def check_prior_centre(value: Any, owner: str) -> str:
+    """One of :data:`PRIOR_CENTRES` (``None`` is ``"zero"``; release 0.1's ``"start"`` warns)."""
+    if value is None:
+        return "zero"
+    if value in _RENAMED_CENTRES:
+        warnings.warn(f"{owner}: prior_centre={value!r} is now spelled {_RENAMED_CENTRES[value]!r} (the "
+                      "vocabulary of LangevinLoRA); the old spelling is removed in release 0.3",
+                      DeprecationWarning, stacklevel=5)
+        return _RENAMED_CENTRES[value]
+    return check_choice("prior_centre", value, PRIOR_CENTRES)
+
+
 #: ``step_size`` of an optimizer: ``"auto"`` (measured from ``step(closure)``), ``"lr"`` (each group's
 #: ``lr`` is the Langevin step) or a float (the Langevin step at sampling start).
 STEP_SIZES = ("auto", "lr")
@@ -75,7 +109,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
 
     # -- validation of every group, including ones added later or overridden by the user ----------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(renamed_keys(param_group, type(self).__name__))
         try:
             self._validate_group(self.param_groups[-1])
         except ValueError:
@@ -90,7 +124,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         check_positive("beta", group["base_beta"])
         check_bool("foreach", group["foreach"], allow_none=True)
         group["friction"] = check_friction(group.get("friction"))
-        check_choice("prior_centre", group.get("prior_centre"), PRIOR_CENTRES)
+        group["prior_centre"] = check_prior_centre(group.get("prior_centre"), type(self).__name__)
 
     @staticmethod
     def group_beta(group: dict[str, Any]) -> float:
@@ -141,7 +175,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         return self._base_step is None or self._remeasure or self.auto_step.due(self._langevin_steps)
 
     def _measure(self, closure: Callable[[], Any], rng: RngSnapshot | None, *, cold: bool = False) -> float | None:
-        """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
+        r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
         noisy = self._noisy()
@@ -290,17 +324,17 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
                 pass
 
     def _centre_priors(self, groups: Iterable[dict[str, Any]]) -> None:
-        """``prior_centre="start"``: centre the prior of every tensor of ``groups`` (sampling now) that has
+        """``prior_centre="burn_in"``: centre the prior of every tensor of ``groups`` (sampling now) that has
         no centre yet at its current value (the first sampling step's pre-step point)."""
         for group in groups:
-            if group["prior_centre"] != "start":
+            if group["prior_centre"] != "burn_in":
                 continue
             todo = [p for p in group["params"] if "prior_centre" not in self.state.get(p, {})]
             if todo:
                 self.engine.set_prior_centre(todo, [self.engine.work_tensor(p, p) for p in todo])
 
     def langevin_groups(self) -> list[LangevinGroupView]:
-        """The :class:`~langevin_lora.view.LangevinGroupView` of every param group (for diagnostics)."""
+        """The :class:`~langevin_lora.core.view.LangevinGroupView` of every param group (for diagnostics)."""
         views = []
         for i, group in enumerate(self.param_groups):
             params = list(group["params"])
@@ -326,6 +360,11 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
+        with warnings.catch_warnings():   # a checkpoint of release 0.1: its names, translated silently
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state_dict["param_groups"] = [
+                dict(renamed_keys(g, type(self).__name__), prior_centre=check_prior_centre(g.get("prior_centre"), ""))
+                if "prior_centre" in g else renamed_keys(g, type(self).__name__) for g in state_dict["param_groups"]]
         extra = state_dict.pop("langevin", None)
         # torch casts every floating state tensor to its parameter's dtype; the fp32 master copies
         # and moments of fp16/bf16 parameters must keep their precision, so restore them after.

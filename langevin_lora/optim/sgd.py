@@ -3,8 +3,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from langevin_lora._docs import readable_docstring
-from langevin_lora.engine import StepGroup
-from langevin_lora.guard import DivergenceGuard
+from langevin_lora.core.engine import StepGroup
+from langevin_lora.core.guard import DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 
 
@@ -21,12 +21,12 @@ class LangevinSGD(LangevinOptimizer):
 
     where :math:`g` is the minibatch gradient of the **mean** loss and, per param group,
     :math:`\beta = \beta_0 / T` with :math:`\beta_0 =` ``num_data`` or ``beta`` (see
-    :mod:`langevin_lora.temperature`). ``temperature=0`` is exactly :class:`torch.optim.SGD` with
+    :mod:`langevin_lora.core.temperature`). ``temperature=0`` is exactly :class:`torch.optim.SGD` with
     (coupled) ``weight_decay``. The step size is read from the group at every step, so an LR
     scheduler changes drift and noise together and the chain keeps its target.
 
     **Kinetic Langevin** (``friction`` :math:`\gamma > 0`): the same target sampled by the BAOAB
-    splitting of underdamped Langevin with momentum :math:`p` (:func:`~langevin_lora.functional.kinetic_step_`,
+    splitting of underdamped Langevin with momentum :math:`p` (:func:`~langevin_lora.core.functional.kinetic_step_`,
     THEORY §2b), one gradient per step, time step :math:`h` = ``lr``:
 
     .. math::
@@ -41,10 +41,10 @@ class LangevinSGD(LangevinOptimizer):
     :math:`h \approx 0.5/\sqrt{\lambda_{\max}}`), not :math:`1/\lambda_{\max}`. Choose
     :math:`\gamma \approx 2\sqrt{\lambda_{\min}}` (critical damping of the slowest mode), or
     ``"auto"``: :math:`2\sqrt{\lambda}`, the slowest prior-dominated mode
-    (:func:`~langevin_lora.functional.auto_friction`). Momenta start from their stationary law
+    (:func:`~langevin_lora.core.functional.auto_friction`). Momenta start from their stationary law
     :math:`N(0, I/\beta)` at the first step and are saved in :meth:`state_dict`.
 
-    **Prior centre** (``prior_centre="start"``): :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`
+    **Prior centre** (``prior_centre="burn_in"``): :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`
     with :math:`\theta_0` the parameters at the group's first step (a local posterior, THEORY §6;
     saved in :meth:`state_dict`).
 
@@ -70,10 +70,11 @@ class LangevinSGD(LangevinOptimizer):
             (:class:`FloatingPointError`) when a gradient holds inf/NaN.
         friction: ``None`` (default: the overdamped step above), :math:`\gamma > 0` or ``"auto"``:
             kinetic Langevin (BAOAB) with time step ``lr``.
-        prior_centre: ``None`` (default: the prior is centred at 0) or ``"start"``.
+        prior_centre: ``"zero"`` (default, or ``None``: the prior is centred at 0) or ``"burn_in"`` (at the
+            parameters of the first sampling step; release 0.1 spelled it ``"start"``).
         step_size: ``"lr"`` (default: each group's ``lr`` is the Langevin step :math:`\eta`, or :math:`h`
             with friction), ``"auto"`` (measured: :math:`\eta = 0.1/\lambda_{\max}`,
-            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, :mod:`langevin_lora.step_size`, from the closure of
+            :math:`h = 0.5/\sqrt{\lambda_{\max}}`, :mod:`langevin_lora.core.step_size`, from the closure of
             ``step(closure)`` at the first step and every ``step_size_every_n_steps`` steps; your LR
             schedule applies as a factor relative to ``lr`` at the first step) or a float (that step at
             the first step, times the same factor).
@@ -86,9 +87,8 @@ class LangevinSGD(LangevinOptimizer):
             at finite parameters) is skipped and is not a divergence. ``False``: off; or your own guard.
 
     **Defaults, and why they differ from** :class:`~langevin_lora.LangevinAdam`'s: ``LangevinSGD``
-    samples from its first step, so its "start" is your initialisation, not a mode: a prior centred
-    there (``prior_centre="start"``) would centre the Bayesian prior at a random point, hence
-    ``None`` (centre 0). Its ``lr`` is the Langevin step itself (SGLD's :math:`\eta`, a sampler's step
+    samples from its first step (it has no burn-in of its own), so ``"burn_in"`` would centre the
+    Bayesian prior at your initialisation, a random point, not a mode: hence ``"zero"``. Its ``lr`` is the Langevin step itself (SGLD's :math:`\eta`, a sampler's step
     you chose, no descent learning rate), hence ``step_size="lr"``, and ``friction=None``: kinetic
     sampling would silently re-read that ``lr`` as a time step :math:`h` on a :math:`1/\sqrt{\lambda}`
     scale. The divergence guard is on, as everywhere.
@@ -108,7 +108,7 @@ class LangevinSGD(LangevinOptimizer):
     def __init__(self, params: Iterable, lr: float, *, num_data: int | None = None,
                  temperature: float = 1.0, beta: float | None = None, weight_decay: float = 0.0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
-                 friction: float | str | None = None, prior_centre: str | None = None,
+                 friction: float | str | None = None, prior_centre: str | None = "zero",
                  step_size: str | float = "lr", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
                  guard: bool | DivergenceGuard = True) -> None:
         defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach, friction=friction,

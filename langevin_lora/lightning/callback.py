@@ -12,7 +12,7 @@ optimizer (typically AdamW) and logs ``val_loss`` in its validation loop::
 cost: the user's optimizer runs while ``val_loss`` improves; ``patience`` validation checks after
 the best one the callback restores the best point (adapters, heads, optimizer state) and samples a
 local posterior centred there, with the prior scale chosen on validation from a ladder of scales,
-until the posterior average has settled; then it stops the Trainer (:mod:`langevin_lora.chain`).
+until the posterior average has settled; then it stops the Trainer (:mod:`langevin_lora.lightning.schedule`).
 Validation still improving at the end of the budget: nothing to replace, the best point is the one
 sample. ``val_loss`` never logged: one warning, sampling from ``max_burn_in_fraction`` of the plan. Its defaults are the measured target: prior
 centred where sampling starts (``prior_centre="burn_in"``), the head sampled with the adapters
@@ -31,14 +31,14 @@ given explicitly wins in both modes.
 
 with :math:`\hat L` the mean training loss the LightningModule returns, :math:`\lambda` =
 ``weight_decay`` (a Gaussian prior :math:`N(0, (N\lambda)^{-1} I)` when :math:`\beta_0 = N`) and
-:math:`T` = ``temperature`` (see :mod:`langevin_lora.temperature`). ``num_data=N, temperature=1``
+:math:`T` = ``temperature`` (see :mod:`langevin_lora.core.temperature`). ``num_data=N, temperature=1``
 is the Bayesian posterior of a mean-NLL loss; ``num_data`` defaults to ``len(train_dataset)``.
 
 **The prior.** ``weight_decay=None`` (default) is the prior :math:`N(0, \sigma_p^2 I)` with
-:math:`\sigma_p` = ``prior_std`` (default :data:`~langevin_lora.temperature.DEFAULT_PRIOR_STD` = 0.1),
+:math:`\sigma_p` = ``prior_std`` (default :data:`~langevin_lora.core.temperature.DEFAULT_PRIOR_STD` = 0.1),
 i.e. :math:`\lambda = 1/(N\sigma_p^2)` once :math:`N` is known (:math:`\beta_0` in place of
 :math:`N` when ``beta`` is given). ``weight_decay=0`` with ``temperature > 0`` is refused: the Gibbs
-measure of LoRA factors is improper without a prior (:func:`~langevin_lora.temperature.check_proper_prior`).
+measure of LoRA factors is improper without a prior (:func:`~langevin_lora.core.temperature.check_proper_prior`).
 
 **The contract with the user's optimizer.**
 
@@ -46,7 +46,7 @@ measure of LoRA factors is improper without a prior (:func:`~langevin_lora.tempe
   user's optimizer runs untouched; it heads for a mode and, for Adam/AdamW, learns the second
   moment :math:`v`.
 - *Sampling* (from step ``burn_in_steps`` on): every LoRA tensor takes the frozen-preconditioner
-  Langevin step of :class:`~langevin_lora.engine.LangevinEngine`
+  Langevin step of :class:`~langevin_lora.core.engine.LangevinEngine`
 
   .. math::
       \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi,
@@ -69,9 +69,9 @@ measure of LoRA factors is improper without a prior (:func:`~langevin_lora.tempe
 :math:`\lambda_{\max}(G^{1/2}\nabla^2 U\,G^{1/2})` by power iteration on Hessian-vector products
 of the training loss on a fixed probe set (the last burn-in batches holding ``probe_examples``
 examples, replayed with fixed dropout masks and no trace in the user's logs or metrics;
-:mod:`langevin_lora._replay`) and takes :math:`\eta_{\mathrm{auto}} = c/\lambda_{\max}`, :math:`c = 0.1`
+:mod:`langevin_lora.diagnostics.replay`) and takes :math:`\eta_{\mathrm{auto}} = c/\lambda_{\max}`, :math:`c = 0.1`
 (kinetic, ``friction`` set: :math:`h = c_k/\sqrt{\lambda_{\max}}`, :math:`c_k = 0.5`;
-:mod:`langevin_lora.step_size` gives the measured bias: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`
+:mod:`langevin_lora.core.step_size` gives the measured bias: :math:`\beta T_{\mathrm{conf}} - 1 \le c/2`
 overdamped, below 1% on a MiniLM LoRA posterior for both), re-measured every
 ``step_size_every_n_steps`` Langevin steps (warm-started). A float fixes :math:`\eta` at sampling
 start; ``"optimizer"`` is the user's learning rate itself (the behaviour before issue 13: AdamW's
@@ -82,16 +82,16 @@ the user's LR schedule still applies, as a relative factor from sampling start:
 ``langevin/step_size_grad_evals`` (gradient evaluations of the probe set spent so far) go to the
 Trainer's loggers and ``callback_metrics``.
 
-**Divergence guard** (``guard=True``, :mod:`langevin_lora.guard`). A chain whose
+**Divergence guard** (``guard=True``, :mod:`langevin_lora.core.guard`). A chain whose
 :math:`\lVert\theta\rVert^2`, :math:`U` or virial temperature runs away, whose parameters turn
 non-finite, or that skips three steps in a row for non-finite gradients, is returned to its last
 good snapshot (parameters, masters, every per-tensor state), its step is cut by 4 (and
-:math:`\lambda_{\max}` re-measured when automatic) with a :class:`~langevin_lora.guard.DivergenceWarning`
-giving the numbers; after 5 cuts :class:`~langevin_lora.guard.DivergenceError` stops the fit. Under
+:math:`\lambda_{\max}` re-measured when automatic) with a :class:`~langevin_lora.core.guard.DivergenceWarning`
+giving the numbers; after 5 cuts :class:`~langevin_lora.core.guard.DivergenceError` stops the fit. Under
 DDP the energy statistic (a rank's own minibatch loss) is left out so every rank decides alike.
 
 **One noise draw per optimizer step.** The callback wraps the torch optimizer's ``step``
-(:mod:`langevin_lora._step_wrapper`): the wrapper runs Lightning's closure (forward, backward,
+(:mod:`langevin_lora.lightning._step_wrapper`): the wrapper runs Lightning's closure (forward, backward,
 ``on_before_optimizer_step``, gradient clipping), hides the Langevin tensors' gradients from the
 user's optimizer, calls the original ``step`` for the heads, restores the gradients, and applies
 one Langevin step. Hence:
@@ -144,9 +144,9 @@ after Langevin steps (no forward pass; they leave :math:`\pi_\beta` invariant) a
 
 This module is longer than ~400 lines because ~170 of them are the user contract (this docstring
 and the class's); the sampling itself is the engine's, the step wrapper lives in
-:mod:`langevin_lora._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
-in :mod:`langevin_lora._user_optimizer`, the step size's measurement in :mod:`langevin_lora.step_size`,
-the probe's replays in :mod:`langevin_lora._replay` and the divergence guard in :mod:`langevin_lora.guard`.
+:mod:`langevin_lora.lightning._step_wrapper`, the reading of the user's optimizer (param groups, Adam moments)
+in :mod:`langevin_lora.lightning._user_optimizer`, the step size's measurement in :mod:`langevin_lora.core.step_size`,
+the probe's replays in :mod:`langevin_lora.diagnostics.replay` and the divergence guard in :mod:`langevin_lora.core.guard`.
 """
 from __future__ import annotations
 
@@ -165,9 +165,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
-from langevin_lora._replay import ProbeBatches, replayed_training_loss
-from langevin_lora._step_wrapper import StepWrapper
-from langevin_lora._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
+from langevin_lora.diagnostics.replay import ProbeBatches, replayed_training_loss
+from langevin_lora.lightning._step_wrapper import StepWrapper
+from langevin_lora.lightning._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
 from langevin_lora._validation import (
     check_bool,
     check_choice,
@@ -175,26 +175,35 @@ from langevin_lora._validation import (
     check_int,
     check_non_negative,
     check_positive,
+    check_version,
 )
-from langevin_lora.balance import SAMPLING_REFUSAL, BalanceSchedule
-from langevin_lora.bma import default_forward
-from langevin_lora.chain import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
-from langevin_lora.convergence import sample_convergence
-from langevin_lora.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
-from langevin_lora.functional import check_clamp, check_friction
-from langevin_lora.gauge import CENTRE_REFUSAL, GaugeMoves
-from langevin_lora.guard import Divergence, DivergenceGuard
+from langevin_lora.lora.balance import SAMPLING_REFUSAL, BalanceSchedule
+from langevin_lora.posterior.averaging import default_forward
+from langevin_lora.lightning.schedule import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
+from langevin_lora.diagnostics.convergence import sample_convergence
+from langevin_lora.core.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
+from langevin_lora.core.functional import check_clamp, check_friction
+from langevin_lora.lora.gauge import CENTRE_REFUSAL, GaugeMoves
+from langevin_lora.core.guard import Divergence, DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
-from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
-from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
-from langevin_lora.step_size import AutoStepSize, step_from_lambda_max
-from langevin_lora.temperature import DEFAULT_PRIOR_STD, effective_beta, resolve_base_beta, weight_decay_from_prior_std
-from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
+from langevin_lora.lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
+from langevin_lora.posterior.bank import SAMPLE_PREFIX, SampleBank
+from langevin_lora.core.step_size import AutoStepSize, step_from_lambda_max
+from langevin_lora.core.temperature import (
+    DEFAULT_PRIOR_STD,
+    PRIOR_CENTRES,
+    effective_beta,
+    resolve_base_beta,
+    weight_decay_from_prior_std,
+)
+from langevin_lora.core.view import LangevinGroupView, default_diagnostics_factory
 
-__all__ = ["LangevinLoRA", "PRIOR_CENTRES", "SHARDED_STRATEGIES"]
+__all__ = ["CHECKPOINT_VERSION", "LangevinLoRA", "SHARDED_STRATEGIES"]
 
-#: ``prior_centre`` of :class:`LangevinLoRA`: at 0, or at the tensors when burn-in ends.
-PRIOR_CENTRES = ("zero", "burn_in")
+#: The format of :meth:`LangevinLoRA.state_dict`, read on load: 1 per-kind tensor dicts (before the
+#: engine), 2 the engine's state, 3 the measured step size and guard, 4 the drop-in's chain schedule.
+CHECKPOINT_VERSION = 4
+
 
 #: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
 #: identical across world sizes.
@@ -250,10 +259,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             prior ``prior_std`` (module docstring); ``0`` only at ``temperature=0``.
         prior_std: :math:`\sigma_p > 0` of the default prior, or (``"auto"`` only) an increasing
             ladder of them to choose from on validation (``None``: the ladder
-            :data:`~langevin_lora.chain.DEFAULT_PRIOR_LADDER` with ``"auto"``, ``DEFAULT_PRIOR_STD`` = 0.1
+            :data:`~langevin_lora.lightning.schedule.DEFAULT_PRIOR_LADDER` with ``"auto"``, ``DEFAULT_PRIOR_STD`` = 0.1
             with an integer ``burn_in_steps``); only with ``weight_decay=None``.
-        step_size: ``"auto"`` (default), an :class:`~langevin_lora.step_size.AutoStepSize` to configure it
-            (as ``guard=`` takes a :class:`~langevin_lora.guard.DivergenceGuard`), a float :math:`\eta > 0`
+        step_size: ``"auto"`` (default), an :class:`~langevin_lora.core.step_size.AutoStepSize` to configure it
+            (as ``guard=`` takes a :class:`~langevin_lora.core.guard.DivergenceGuard`), a float :math:`\eta > 0`
             (at sampling start) or ``"optimizer"`` (the param group's learning rate); module docstring.
         step_safety: :math:`c` of :math:`\eta = c/\lambda_{\max}` (:math:`c_k` of :math:`h = c_k/\sqrt{\lambda_{\max}}`
             with friction); ``None``: 0.1 (0.5 kinetic).
@@ -264,7 +273,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         loss_fn: optional ``(pl_module, batch) -> loss`` for the probe, instead of replaying
             ``training_step`` (pass it when the training step has side effects beyond ``self.log`` and
             torchmetrics, e.g. appends to a list).
-        guard: ``True`` (default) for a :class:`~langevin_lora.guard.DivergenceGuard` with its defaults,
+        guard: ``True`` (default) for a :class:`~langevin_lora.core.guard.DivergenceGuard` with its defaults,
             your own instance to configure it, ``False`` for none.
         burn_in_steps: ``"auto"`` (default: decided by the validation curve, module docstring "Two
             modes") or optimizer steps (``trainer.global_step``) run by the user's optimizer alone
@@ -283,7 +292,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             eval mode while sampling, the deterministic network's posterior; ``True`` with an integer
             ``burn_in_steps``).
         forward_fn: ``(module, batch) -> logits`` for the validation predictions that score the
-            ladder's stages (default: :func:`~langevin_lora.bma.default_forward`, then
+            ladder's stages (default: :func:`~langevin_lora.posterior.averaging.default_forward`, then
             ``module(batch)``).
         seed: seed of the noise generators (``None``: random, shared from rank 0).
         adapter_name: PEFT adapter to sample (a non-empty ``str`` naming an adapter of the model,
@@ -296,7 +305,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             ``(0.01, 100)`` with an integer ``burn_in_steps``).
         precond_adapt_steps: after burn-in, take this many Langevin steps with the frozen
             :math:`G` while averaging :math:`(g + \lambda\theta)^2` per coordinate, then re-freeze
-            :math:`G` once from that average (:func:`~langevin_lora.functional.adapted_preconditioner`:
+            :math:`G` once from that average (:func:`~langevin_lora.core.functional.adapted_preconditioner`:
             a curvature scale, same median, so the learning rate keeps its meaning). No sample is
             kept during those steps. 0 (default): keep the burn-in's :math:`G`.
         sample_dir: write samples as PEFT adapter folders here instead of keeping them in memory
@@ -305,15 +314,15 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         foreach: ``None`` (automatic), ``True`` or ``False``: the ``torch._foreach_*`` update path.
         nonfinite: ``"skip"`` (warn, skip the whole optimizer step: nothing updated, no noise) or
             ``"raise"`` on a non-finite gradient while sampling.
-        balance: a :class:`~langevin_lora.balance.BalanceSchedule`: balance the factors during burn-in
+        balance: a :class:`~langevin_lora.lora.balance.BalanceSchedule`: balance the factors during burn-in
             (every ``every_n_steps`` steps) and/or once when burn-in ends. Never while sampling.
-        gauge_moves: a :class:`~langevin_lora.gauge.GaugeMoves` applied after Langevin steps.
+        gauge_moves: a :class:`~langevin_lora.lora.gauge.GaugeMoves` applied after Langevin steps.
         friction: ``None`` (the overdamped step; the default with an integer ``burn_in_steps``),
             :math:`\gamma > 0` or ``"auto"`` (the default with ``burn_in_steps="auto"``): kinetic
             Langevin (BAOAB, THEORY §2b) with time step :math:`h` = the group's learning rate and mass
-            :math:`G^{-1}` (:func:`~langevin_lora.functional.kinetic_step_`); momenta drawn from
+            :math:`G^{-1}` (:func:`~langevin_lora.core.functional.kinetic_step_`); momenta drawn from
             :math:`N(0, G/\beta)` when sampling starts and saved in the checkpoint. ``"auto"``:
-            :math:`\gamma = 2\sqrt{\lambda\min G}` per group (:func:`~langevin_lora.functional.auto_friction`).
+            :math:`\gamma = 2\sqrt{\lambda\min G}` per group (:func:`~langevin_lora.core.functional.auto_friction`).
         prior_centre: ``"zero"`` (:math:`U = \hat L + \tfrac\lambda2\lVert\theta\rVert^2`; the default with an
             integer ``burn_in_steps`` or ``gauge_moves``) or (the default otherwise)
             ``"burn_in"``: :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2` with
@@ -322,22 +331,22 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             are refused with ``"burn_in"`` (balancing during burn-in is allowed: it happens before
             :math:`\theta_0` is taken).
         diagnostics: ``True`` (default) attaches the registered default diagnostics
-            (:func:`langevin_lora.view.default_diagnostics_factory`: :mod:`langevin_lora.diagnostics`'
+            (:func:`langevin_lora.core.view.default_diagnostics_factory`: :mod:`langevin_lora.diagnostics`'
             ``GibbsDiagnostics``, cheap estimators every step, the end-of-fit stationarity report saved
             when the Trainer has a logger) unless the Trainer already has one of that type; pass your
             own lightning ``Callback`` instance to configure it, ``False`` for none.
 
     Attributes:
-        engine: the :class:`~langevin_lora.engine.LangevinEngine` (per-tensor state keyed by
+        engine: the :class:`~langevin_lora.core.engine.LangevinEngine` (per-tensor state keyed by
             parameter name, generators, non-finite policy).
-        sample_bank: the :class:`~langevin_lora.samples.SampleBank`.
+        sample_bank: the :class:`~langevin_lora.posterior.bank.SampleBank`.
         sampling: ``True`` once Langevin sampling has started.
         num_data, beta: as resolved (``beta`` is the effective :math:`\beta_0/T` of the LoRA groups).
         step_observers, post_step_observers: lists of ``fn(trainer, pl_module, callback)``.
         langevin_steps, skipped_steps: Langevin steps taken / optimizer steps skipped for non-finite
             gradients.
-        auto_step: the :class:`~langevin_lora.step_size.AutoStepSize` (``lambda_max``, ``grad_evals``).
-        guard: the :class:`~langevin_lora.guard.DivergenceGuard` or ``None``.
+        auto_step: the :class:`~langevin_lora.core.step_size.AutoStepSize` (``lambda_max``, ``grad_evals``).
+        guard: the :class:`~langevin_lora.core.guard.DivergenceGuard` or ``None``.
     """
 
     def __init__(self, num_data: int | None = None, temperature: float = 1.0, beta: float | None = None,
@@ -475,11 +484,12 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._lr0: dict[str, float] = {}             # each group's optimizer lr at sampling start
         self._metrics: dict[str, float] = {}         # to log at the end of the batch
         self._probe_state: dict[str, Any] | None = None  # a checkpoint's probe set, until on_train_start
+        self._new_chain()                            # a fresh callback's state_dict() is complete
 
     # -- the engine's work tensors -----------------------------------------------------------------
     def work_tensor(self, p: Tensor) -> Tensor:
         """The tensor sampled for ``p``: its fp32 master copy while sampling fp16/bf16 LoRA tensors,
-        else ``p`` (what :class:`~langevin_lora.gauge.GaugeMoves` moves)."""
+        else ``p`` (what :class:`~langevin_lora.lora.gauge.GaugeMoves` moves)."""
         name = self._names.get(id(p))
         return p if name is None or not self.sampling else self.engine.work_tensor(name, p)
 
@@ -788,7 +798,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
 
     # -- groups ------------------------------------------------------------------------------------
     def langevin_groups(self) -> list[LangevinGroupView]:
-        """One :class:`~langevin_lora.view.LangevinGroupView` per Langevin group (``lora_A/<adapter>``,
+        """One :class:`~langevin_lora.core.view.LangevinGroupView` per Langevin group (``lora_A/<adapter>``,
         ``lora_B/<adapter>``, ``lora_magnitude/<adapter>``, ``head`` when sampled; suffixed ``@pg<i>``
         when the tensors of a role sit in several optimizer param groups). Empty before ``fit`` starts."""
         if self.base_beta is None:
@@ -825,12 +835,12 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         return lr * (self.guard.scale if self.guard is not None else 1.0)
 
     def _probe_loss(self):
-        """The probe closure (:func:`~langevin_lora._replay.replayed_training_loss` over the probe set)."""
+        """The probe closure (:func:`~langevin_lora.diagnostics.replay.replayed_training_loss` over the probe set)."""
         return replayed_training_loss(self._trainer, self._module, self._probe.batches, loss_fn=self.loss_fn,
                                       owner="LangevinLoRA")
 
     def _measure_step(self, cold: bool = False) -> None:
-        """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` on the probe set and set the base step
+        r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` on the probe set and set the base step
         (the largest value over DDP ranks, so every replica takes the same step)."""
         params, scale, decay = [], [], []
         for g in self._groups:
@@ -968,7 +978,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                        f"{sum(len(g.params) for g in self._groups)} tensors, step size "
                        f"{self.group_step(self._groups[0]) if self._groups else math.nan:.4g})")
 
-    # -- the ladder of prior scales (langevin_lora.chain) --------------------------------------------
+    # -- the ladder of prior scales (langevin_lora.lightning.schedule) --------------------------------------------
     def _set_stage_prior(self, k: int) -> None:
         r"""Rung ``k`` of the ladder, :math:`\lambda_k = 1/(\beta_0\sigma_k^2)`, on every Langevin group (heads too, unless
         ``head_weight_decay`` was given), unless ``weight_decay`` fixes the prior."""
@@ -1037,7 +1047,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
 
     def _final_stage_done(self, trainer: Trainer, kept: int) -> str:
         """Why the final stage can stop now (``""``: not yet): the posterior average has settled on
-        validation (:func:`~langevin_lora.convergence.sample_convergence`) and the stage's traces hold
+        validation (:func:`~langevin_lora.diagnostics.convergence.sample_convergence`) and the stage's traces hold
         enough effective samples for the stationarity report. Decided on rank 0 and broadcast."""
         stage = self.chain.stage
         if len(self._final_probs()) < self.num_samples or not self.chain.sample_due(kept):
@@ -1212,7 +1222,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             module.train(was_training)
 
     def _forward(self, module: LightningModule, batch: Any) -> Tensor:
-        """``forward_fn``, else :func:`~langevin_lora.bma.default_forward`, else ``module(batch)``."""
+        """``forward_fn``, else :func:`~langevin_lora.posterior.averaging.default_forward`, else ``module(batch)``."""
         if self.forward_fn is not None:
             return self.forward_fn(module, batch)
         try:
@@ -1224,7 +1234,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _stage_nll(self, trainer: Trainer) -> tuple[float | None, float | None, float]:
         """The stage's score, the validation NLL of its posterior average, its mean per-example difference
         from the best stage's on the same examples and that difference's standard error
-        (:mod:`langevin_lora.chain`), summed over the DDP ranks' shards."""
+        (:mod:`langevin_lora.lightning.schedule`), summed over the DDP ranks' shards."""
         if not self._stage_probs:
             return None, None, 0.0
         labels = self._val_labels()
@@ -1301,7 +1311,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         probe set when its batches are tensors in plain containers (else a resumed run collects a new one
         from the batches after the resume). The guard's snapshots are not saved: it restarts its
         references where the run resumes."""
-        return {"version": 4, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
+        return {"version": CHECKPOINT_VERSION, "sampling": self.sampling, "langevin_steps": self.langevin_steps,
                 "num_data": self.num_data, "engine": self.engine.state_dict(),
                 "step_size": {"base": self._base_step, "lr0": dict(self._lr0), "auto": self.auto_step.state_dict(),
                               "probe": self._probe.state_dict() if self.step_size == "auto" else None,
@@ -1319,9 +1329,11 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                           "weight_decay": self.weight_decay}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (also version 1, written before the engine existed). Tensors are
-        matched to parameters by name, and moved beside them, once the module is known (``on_train_start``)."""
-        engine = state_dict.get("engine")
+        """Restore :meth:`state_dict` of any :data:`CHECKPOINT_VERSION` up to this one (version 1 was written
+        before the engine existed). Tensors are matched to parameters by name, and moved beside them, once
+        the module is known (``on_train_start``)."""
+        version = check_version("LangevinLoRA", state_dict, CHECKPOINT_VERSION)
+        engine = state_dict["engine"] if version >= 2 else None
         if engine is None:   # version 1: per-kind dicts of tensors by name
             per_tensor: dict[str, dict[str, Tensor]] = {}
             for key, slot in (("precond", "precond"), ("masters", "master"), ("adapt_sq", "adapt_sq")):
@@ -1335,7 +1347,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if self._num_data_arg is None and self._beta_arg is None:
             self.num_data = state_dict["num_data"]
         self._precond_reference = float(state_dict.get("precond_reference", 1.0))
-        step = state_dict.get("step_size")   # absent before version 3: the optimizer's lr was the step
+        step = state_dict["step_size"] if version >= 3 else None   # before 3 the optimizer's lr was the step
         if step is not None:
             self._base_step, self._lr0 = step["base"], dict(step["lr0"])
             self.auto_step.load_state_dict(step["auto"])
@@ -1346,7 +1358,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         for key, obj in (("balance", self.balance), ("gauge_moves", self.gauge_moves)):
             if obj is not None and state_dict.get(key) is not None:
                 obj.load_state_dict(state_dict[key])
-        chain = state_dict.get("chain")   # absent before version 4: the fixed schedule
+        chain = state_dict["chain"] if version >= 4 else None   # before 4 only the fixed schedule existed
         if chain is not None:
             self.chain.load_state_dict(chain["schedule"])
             self._best_point, self._stage_probs = chain["best_point"], list(chain["stage_probs"])

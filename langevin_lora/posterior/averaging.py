@@ -1,4 +1,4 @@
-r"""Bayesian model averaging (BMA) over the samples of a :class:`~langevin_lora.samples.SampleBank`.
+r"""Bayesian model averaging (BMA) over the samples of a :class:`~langevin_lora.posterior.bank.SampleBank`.
 
 The posterior predictive is approximated by the sample average
 
@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import inspect
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
 
-__all__ = ["bma_predict_proba", "default_forward"]
+__all__ = ["Averager", "bma_predict_proba", "default_forward", "sample_probabilities"]
 
 Forward = Callable[[nn.Module, Any], Tensor]
 
@@ -81,9 +81,21 @@ def check_finite_probs(probs: Tensor, bank: "SampleBank", i: int, where: str) ->
     return probs
 
 
+def _batches(dataloader_or_batches: Iterable[Any], where: str) -> Iterable[Any]:
+    """Batches that can be read once per sample: a DataLoader that does not shuffle, or a list."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(dataloader_or_batches, DataLoader) and isinstance(dataloader_or_batches.sampler, RandomSampler):
+        raise ValueError(f"{where}: the DataLoader shuffles (RandomSampler); each sample makes one pass, "
+                         "so the example order must be fixed: use shuffle=False")
+    if iter(dataloader_or_batches) is dataloader_or_batches:  # one-shot iterator: read it once
+        return list(dataloader_or_batches)
+    return dataloader_or_batches
+
+
 class Averager:
-    """What :meth:`SampleBank.averaging` yields: loads samples into ``model`` and averages
-    ``softmax(forward_fn(model, batch))`` over them."""
+    """What :meth:`SampleBank.averaging` yields: loads samples into ``model`` and runs it on batches,
+    one sample at a time. :meth:`per_sample` is the one loop over samples of this package."""
 
     def __init__(self, bank: "SampleBank", model: nn.Module, targets: dict[str, nn.Parameter]) -> None:
         self.bank, self.model, self._targets = bank, model, targets
@@ -95,16 +107,39 @@ class Averager:
         for name, p in self._targets.items():
             p.copy_(sample[name])
 
-    def predict_proba(self, batch: Any, forward_fn: Forward | None = None) -> Tensor:
-        """Average over the bank of ``softmax(forward_fn(model, batch))`` for one batch."""
+    def per_sample(self, batches: Iterable[Any], forward_fn: Forward | None = None, *, log: bool = False,
+                   where: str = "SampleBank.averaging") -> Iterator[Tensor]:
+        """For each sample in bank order: the ``(n, K)`` probabilities ``softmax(forward_fn(model, b))`` (their
+        logarithms with ``log=True``) of all ``batches``, concatenated; ``FloatingPointError`` names a
+        sample with non-finite values."""
         forward = forward_fn or default_forward
-        total = None
+        normalise = torch.log_softmax if log else torch.softmax
         for i in range(len(self.bank)):
             self.load(i)
-            p = check_finite_probs(torch.softmax(forward(self.model, batch).float(), dim=-1), self.bank, i,
-                                   "SampleBank.averaging")
+            out = torch.cat([normalise(forward(self.model, b).float(), dim=-1) for b in batches])
+            yield check_finite_probs(out, self.bank, i, where)
+
+    def predict_proba(self, batch: Any, forward_fn: Forward | None = None) -> Tensor:
+        """Average over the bank of ``softmax(forward_fn(model, batch))`` for one batch."""
+        total = None
+        for p in self.per_sample([batch], forward_fn):
             total = p if total is None else total.add_(p)
         return total.div_(len(self.bank))
+
+
+def sample_probabilities(model: nn.Module, bank: "SampleBank", dataloader_or_batches: Iterable[Any],
+                         forward_fn: Forward | None = None) -> Tensor:
+    r"""Class probabilities of every banked sample, ``(S, n_examples, n_classes)``:
+    :math:`p_s(y \mid x_n) = \operatorname{softmax}(f_{\theta_s}(x_n))_y`, in bank and data order.
+
+    The average (:func:`bma_predict_proba`), its convergence
+    (:func:`~langevin_lora.diagnostics.convergence.sample_convergence`) and the recipes' per-sample
+    metrics are computed from these. Arguments, restoring and errors as in :func:`bma_predict_proba`;
+    all ``S`` passes are held in memory (the average alone holds one).
+    """
+    batches = _batches(dataloader_or_batches, "sample_probabilities")
+    with bank.averaging(model) as averager:
+        return torch.stack(list(averager.per_sample(batches, forward_fn, where="sample_probabilities")))
 
 
 def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batches: Iterable[Any],
@@ -118,7 +153,7 @@ def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batche
         model: the module the samples were taken from (e.g. the LightningModule) or the PEFT model
             inside it; each sample is copied into it in place, and its own tensors and train/eval
             mode are restored after.
-        bank: a non-empty :class:`~langevin_lora.samples.SampleBank`.
+        bank: a non-empty :class:`~langevin_lora.posterior.bank.SampleBank`.
         dataloader_or_batches: a DataLoader without shuffling, a list of batches, or any iterable
             of batches (a one-shot iterator is read once into a list).
         forward_fn: ``forward_fn(model, batch) -> logits`` of shape ``(batch, n_classes)``;
@@ -133,21 +168,10 @@ def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batche
         ValueError: the bank is empty, the DataLoader shuffles, or ``model`` holds no parameter
             for some banked tensor.
     """
-    from torch.utils.data import DataLoader, RandomSampler
-
-    if isinstance(dataloader_or_batches, DataLoader) and isinstance(dataloader_or_batches.sampler, RandomSampler):
-        raise ValueError("bma_predict_proba: the DataLoader shuffles (RandomSampler); each sample makes one pass, "
-                         "so the example order must be fixed: use shuffle=False")
-    batches = dataloader_or_batches
-    if iter(batches) is batches:  # one-shot iterator: read it once
-        batches = list(batches)
-    forward = forward_fn or default_forward
+    batches = _batches(dataloader_or_batches, "bma_predict_proba")
     total: Tensor | None = None
-    with bank.averaging(model) as bma:
-        for i in range(len(bank)):
-            bma.load(i)
-            probs = torch.cat([torch.softmax(forward(model, b).float(), dim=-1) for b in batches])
-            check_finite_probs(probs, bank, i, "bma_predict_proba")
+    with bank.averaging(model) as averager:
+        for i, probs in enumerate(averager.per_sample(batches, forward_fn, where="bma_predict_proba")):
             if total is not None and total.shape != probs.shape:
                 raise ValueError(f"bma_predict_proba: pass {i} gave {tuple(probs.shape)} probabilities, the first "
                                  f"{tuple(total.shape)}; the batches must be the same on every pass")

@@ -4,7 +4,7 @@ A *sample* is a copy of the trainable tensors of a model at one Langevin step: t
 :math:`(A, B)` of every adapted module plus the other trainable tensors (classification heads,
 PEFT ``modules_to_save``). The frozen base model is never copied, so a sample of MiniLM with LoRA
 r=8 is about 1 MB instead of 90 MB. Averaging predictions over the samples (Bayesian model
-averaging) lives in :mod:`langevin_lora.bma`; :func:`bma_predict_proba` is re-exported here.
+averaging) lives in :mod:`langevin_lora.posterior.averaging`; the bank only stores.
 
 Storage: CPU memory by default, or one PEFT adapter folder per sample under ``directory``
 (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
@@ -20,7 +20,7 @@ resumed from counts as saved. Folders the bank did not write itself are never de
 
 (Over 400 lines on purpose: one class whose storage, eviction and checkpoint state must stay
 together, since the deletion rule reads the saved states; folder I/O is in
-:mod:`langevin_lora.adapter_folders`, averaging in :mod:`langevin_lora.bma`.)
+:mod:`langevin_lora.posterior.adapter_folders`, averaging in :mod:`langevin_lora.posterior.averaging`.)
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from langevin_lora._validation import check_directory, check_int
-from langevin_lora.adapter_folders import read_adapter_folder, write_adapter_folder
-from langevin_lora.bma import Averager, bma_predict_proba, default_forward
+from langevin_lora.posterior.adapter_folders import read_adapter_folder, write_adapter_folder
+from langevin_lora.posterior.averaging import Averager
 
-__all__ = ["SampleBank", "bma_predict_proba", "default_forward"]
+__all__ = ["SAMPLE_PREFIX", "SampleBank"]
 
 SAMPLE_PREFIX = "sample-"
 

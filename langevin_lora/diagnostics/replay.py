@@ -1,9 +1,8 @@
 r"""Running a LightningModule's ``training_step`` again without a trace in the user's run.
 
-Used by the samplers (:class:`~langevin_lora.LangevinLoRA`'s automatic step size measures the
-curvature on replays of the training step) and by the diagnostics (configurational temperature,
-:math:`\eta\lambda_{\max}`); it lives below both, so a sampler never imports
-:mod:`langevin_lora.diagnostics`.
+Used by the diagnostics' curvature probes (configurational temperature, :math:`\eta\lambda_{\max}`)
+and by :class:`~langevin_lora.LangevinLoRA`'s automatic step size, which measures the curvature on
+replays of the training step. It lives in the diagnostics layer, below the Lightning front-end.
 
 The curvature probes evaluate the training loss several times at (or near) the current
 parameters. Replaying ``training_step`` would otherwise leave two kinds of trace:
@@ -21,7 +20,7 @@ are left untouched. Lightning has no public API for this; the private names used
 ``_LIGHTNING_PRIVATE`` and checked, and when they are missing (another Lightning version) the
 replay runs without isolation after one warning.
 
-:func:`replayed_training_loss` combines it with :class:`~langevin_lora.curvature.RngSnapshot`: a
+:func:`replayed_training_loss` combines it with :class:`~langevin_lora.core.curvature.RngSnapshot`: a
 closure computing the mean training loss over fixed batches with fixed dropout masks, the same
 function of :math:`\theta` at every call, as Hessian-vector products need.
 """
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor
 
-from langevin_lora.curvature import RngSnapshot
+from langevin_lora.core.curvature import RngSnapshot
 
 __all__ = ["ProbeBatches", "batch_size_of", "isolated_training_step", "loss_tensor", "replayed_training_loss"]
 

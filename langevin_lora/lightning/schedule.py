@@ -261,11 +261,11 @@ class ChainSchedule:
 
     @property
     def final_prior_std(self) -> float | None:
-        """:math:`\sigma^*`, the scale of the best scoring stage (``None`` before one is scored)."""
+        r""":math:`\sigma^*`, the scale of the best scoring stage (``None`` before one is scored)."""
         return None if self.best_stage is None else self.stages[self.best_stage].prior_std
 
     def open_stage(self, langevin_step: int, relax: int) -> Stage:
-        """Start the next scoring rung at Langevin step ``langevin_step`` with ``relax`` relaxation
+        r"""Start the next scoring rung at Langevin step ``langevin_step`` with ``relax`` relaxation
         steps; once the ladder has ended, the final stage at :math:`\sigma^*` instead."""
         n = self.num_samples
         every = max(1, relax // n)

@@ -49,8 +49,14 @@ import math
 
 from langevin_lora._validation import check_int, check_non_negative, check_positive
 
-__all__ = ["DEFAULT_PRIOR_STD", "LORA_ROLES", "check_proper_prior", "effective_beta", "noise_std",
+__all__ = ["DEFAULT_PRIOR_STD", "LORA_ROLES", "PRIOR_CENTRES", "check_proper_prior", "effective_beta", "noise_std",
            "prior_std_from_weight_decay", "resolve_base_beta", "weight_decay_from_prior_std"]
+
+#: Where the Gaussian prior is centred, for the optimizers and :class:`~langevin_lora.LangevinLoRA` alike:
+#: ``"zero"`` (:math:`U = \hat L + \tfrac\lambda2\lVert\theta\rVert^2`) or ``"burn_in"`` (at the tensors
+#: when burn-in ends and sampling starts, :math:`\theta_0`: a local posterior,
+#: :math:`U = \hat L + \tfrac\lambda2\lVert\theta - \theta_0\rVert^2`).
+PRIOR_CENTRES = ("zero", "burn_in")
 
 #: The default prior standard deviation :math:`\sigma_p` of :class:`~langevin_lora.LangevinLoRA`
 #: (``weight_decay=None``): a Gaussian :math:`N(0, \sigma_p^2 I)` on every LoRA coordinate, the value

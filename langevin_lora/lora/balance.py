@@ -1,14 +1,14 @@
 r"""Balancing LoRA factors (Castin et al. 2026; THEORY §4): for warm-up/burn-in, never while sampling.
 
 Among all factorisations :math:`(gA, Bg^{-1})` of the same :math:`\Delta W = s\,BA`
-(:mod:`langevin_lora.gauge`), balancing (:func:`balance_factors`, :func:`balance_lora_`,
+(:mod:`langevin_lora.lora.gauge`), balancing (:func:`balance_factors`, :func:`balance_lora_`,
 :class:`BalanceSchedule`) moves to the one with the smallest
 :math:`\lVert A\rVert^2 + \lVert B\rVert^2 = 2\lVert BA\rVert_*`. It is a deterministic projection
 onto :math:`\{AA^\top = B^\top B\}`, a set that :math:`\pi_\beta` does **not** concentrate on
 (:math:`E_\pi[AA^\top - B^\top B] = \tfrac{\text{in}-\text{out}}{\beta\lambda} I`). Projecting
 during sampling changes the law of :math:`W` itself (THEORY §4, rank-1 example:
 :math:`E[W] = 0.363` instead of :math:`0.655`), so it is allowed during warm-up/burn-in or once when
-sampling starts, and refused while sampling (use :class:`~langevin_lora.gauge.GaugeMoves` then).
+sampling starts, and refused while sampling (use :class:`~langevin_lora.lora.gauge.GaugeMoves` then).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from langevin_lora._validation import check_bool, check_choice, check_int
-from langevin_lora.engine import work_tensor_of
-from langevin_lora.gauge import CENTRE_REFUSAL, _check_pair, _matrix_views, _work_dtype
-from langevin_lora.param_groups import lora_modules
+from langevin_lora.core.engine import work_tensor_of
+from langevin_lora.lora.gauge import CENTRE_REFUSAL
+from langevin_lora.lora.pair import check_pair, matrix_views, work_dtype
+from langevin_lora.lora.param_groups import lora_modules
 
 __all__ = ["BalanceSchedule", "SAMPLING_REFUSAL", "balance_factors", "balance_lora_"]
 
@@ -41,8 +42,8 @@ _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 def _balance(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Balanced factors in the work dtype, plus the gauge ``g`` (A' = gA, B' = B g^-1) and
     ``g^-1`` when both factors have full rank r (else ``None``)."""
-    r, fan_in, fan_out = _check_pair(A, B)
-    wd = _work_dtype(A.dtype)
+    r, fan_in, fan_out = check_pair(A, B)
+    wd = work_dtype(A.dtype)
     A64, B64 = A.to(wd), B.to(wd)
     QB, RB = torch.linalg.qr(B64)            # (..., out, kB), (..., kB, r)
     QA, RA = torch.linalg.qr(A64.mT)         # (..., in, kA), (..., kA, r)
@@ -216,7 +217,7 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
     done = []
     for f in factors:
         A_w, B_w = work_tensor_of(optimizer, f.A), work_tensor_of(optimizer, f.B)
-        A2, B2 = _matrix_views(A_w, B_w)
+        A2, B2 = matrix_views(A_w, B_w)
         if not bool((B2 != 0).any()) or not bool((A2 != 0).any()):
             continue
         A_new, B_new, g, g_inv = _balance(A2, B2)

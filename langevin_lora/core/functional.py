@@ -1,7 +1,7 @@
 r"""Functional core of every Langevin update in this package.
 
 All samplers (:class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam` and the
-:class:`~langevin_lora.LangevinLoRA` callback) step through :class:`~langevin_lora.engine.LangevinEngine`,
+:class:`~langevin_lora.LangevinLoRA` callback) step through :class:`~langevin_lora.core.engine.LangevinEngine`,
 which calls :func:`langevin_step_`, the frozen-preconditioner unadjusted Langevin step (THEORY §1–2)
 
 .. math::
@@ -29,9 +29,12 @@ from torch import Tensor
 
 from langevin_lora._validation import check_real
 
-__all__ = ["langevin_step_", "kinetic_step_", "kinetic_coefficients", "potential_force", "check_friction",
+__all__ = ["LOW_PRECISION", "langevin_step_", "kinetic_step_", "kinetic_coefficients", "potential_force", "check_friction",
            "FRICTION_AUTO", "frozen_preconditioner", "adapted_preconditioner", "accumulate_potential_grad_sq_",
            "adam_inverse_scale", "median_scale", "all_finite"]
+
+#: Parameter dtypes whose update arithmetic runs on float32 master copies (and whose sums run in float32).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_int, check_non_negative, check_real
+from langevin_lora.core.functional import LOW_PRECISION
 
 __all__ = [
     "batched_dot",
@@ -61,7 +62,6 @@ def check_batch_dims(batch_dims: int, tensors: Sequence[Tensor]) -> int:
     return batch_dims
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 _log = logging.getLogger(__name__)
 
 
@@ -133,7 +133,7 @@ class HessianVectorProduct:
 
     exact for quadratics, :math:`O(\epsilon^2)` otherwise, with :math:`\theta` restored bitwise;
     ``"auto"`` tries double backward and falls back (one debug log line, logger
-    ``langevin_lora.curvature``) when it raises, e.g. for
+    ``langevin_lora.core.curvature``) when it raises, e.g. for
     kernels without a second derivative. ``loss_fn`` must be deterministic between calls (replay
     dropout with :class:`RngSnapshot`). ``batch_dims`` marks leading chain dimensions (the loss must
     then be a sum of independent per-chain losses). :attr:`loss_evaluations` counts the calls of

@@ -8,7 +8,7 @@ of the potential :math:`U = \hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2` doe
 The PEFT scaling :math:`s` multiplies :math:`BA` and plays no role in anything below.
 
 The symmetry has two uses with different rules. **Balancing** (a deterministic projection, allowed
-during warm-up/burn-in only) lives in :mod:`langevin_lora.balance`. **Gauge moves**
+during warm-up/burn-in only) lives in :mod:`langevin_lora.lora.balance`. **Gauge moves**
 (:func:`orthogonal_gauge_move_`, :func:`gl_gauge_move_`, :class:`GaugeMoves`), here, are Markov
 kernels that leave :math:`\pi_\beta \propto e^{-\beta U}` exactly invariant and need no forward
 pass. Interleaved with Langevin steps they keep the target and speed up mixing along the gauge
@@ -21,7 +21,7 @@ constant :math:`G` leaves :math:`\pi_\beta` invariant (to :math:`O(\eta)`), and 
 an exact symmetry (or an exact Metropolis kernel) of :math:`\pi_\beta` itself, not of the
 dynamics, so the composition keeps :math:`\pi_\beta`. The frozen :math:`G` is not transformed.
 
-Low precision: a sampler's fp32 master copies are what it samples (:mod:`langevin_lora.engine`);
+Low precision: a sampler's fp32 master copies are what it samples (:mod:`langevin_lora.core.engine`);
 :class:`GaugeMoves` given the sampler moves those work tensors and copies their rounding into the
 fp16/bf16 parameters, so a move keeps fp32 precision.
 """
@@ -33,10 +33,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from langevin_lora._rng import NoiseGenerators
+from langevin_lora.core.rng import NoiseGenerators
 from langevin_lora._validation import check_bool, check_int, check_non_negative, check_positive
-from langevin_lora.engine import work_tensor_of
-from langevin_lora.param_groups import LoraFactors
+from langevin_lora.core.engine import work_tensor_of
+from langevin_lora.lora.pair import check_pair, matrix_views, work_dtype
+from langevin_lora.lora.param_groups import LoraFactors
 
 __all__ = [
     "CENTRE_REFUSAL",
@@ -59,27 +60,8 @@ CENTRE_REFUSAL = (
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes and precision
+# the gauge statistic
 # ---------------------------------------------------------------------------------------------
-def _check_pair(A: Tensor, B: Tensor) -> tuple[int, int, int]:
-    """``A`` is ``(..., r, in)``, ``B`` is ``(..., out, r)`` with equal leading (chain) dims."""
-    if not (torch.is_tensor(A) and torch.is_tensor(B)):
-        raise ValueError(f"Invalid A/B: expected tensors, got {type(A).__name__}/{type(B).__name__}")
-    if A.dim() < 2 or B.dim() < 2:
-        raise ValueError(f"Invalid A/B: A must be (..., r, in) and B (..., out, r); got shapes "
-                         f"{tuple(A.shape)} and {tuple(B.shape)}")
-    if A.shape[-2] != B.shape[-1] or A.shape[:-2] != B.shape[:-2]:
-        raise ValueError(f"Invalid A/B: A must be (..., r, in) and B (..., out, r) with the same r and "
-                         f"leading dims; got shapes {tuple(A.shape)} and {tuple(B.shape)}")
-    if not (A.is_floating_point() and B.is_floating_point()):
-        raise ValueError(f"Invalid A/B: expected real floating tensors, got {A.dtype}/{B.dtype}")
-    return A.shape[-2], A.shape[-1], B.shape[-2]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The gauge algebra runs in float64 (cheap: O(r^2 (in + out))) unless already wider."""
-    return torch.float64 if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else dtype
-
 
 def _sqnorm(X: Tensor) -> Tensor:
     """Squared Frobenius norm over the two matrix dims, in float64."""
@@ -93,26 +75,8 @@ def gauge_imbalance(A: Tensor, B: Tensor) -> Tensor:
     data, and the Langevin dynamics relaxes it at rate exactly :math:`2\lambda` (THEORY §3); a
     balanced pair has :math:`D = 0`.
     """
-    _check_pair(A, B)
+    check_pair(A, B)
     return A @ A.mT - B.mT @ B
-
-
-
-def _matrix_views(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``(r, in)`` and ``(out, r)`` views of PEFT factors (conv LoRA stores ``(r, in, *k)`` and
-    ``(out, r, 1, ...)``; linear and embedding factors are already matrices)."""
-    r = A.shape[0]
-    A2 = A.reshape(r, -1)
-    if B.dim() > 2:
-        if any(s != 1 for s in B.shape[2:]):
-            raise ValueError("Invalid lora_B: expected a 1x1 kernel for a conv LoRA factor, got shape "
-                             f"{tuple(B.shape)}")
-        B2 = B.reshape(B.shape[0], B.shape[1])
-    else:
-        B2 = B
-    if A2.data_ptr() != A.data_ptr() or B2.data_ptr() != B.data_ptr():  # pragma: no cover - reshape copied
-        raise ValueError("LoRA factors must be contiguous to be updated in place")
-    return A2, B2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +110,8 @@ def orthogonal_gauge_move_(A: Tensor, B: Tensor, generator: torch.Generator | No
     accepted (THEORY §4a). For :math:`r = 1` it is the sign flip :math:`(a, b) \to \pm(a, b)`,
     which removes the sign bimodality. It rotates :math:`D = AA^\top - B^\top B \to ODO^\top`.
     """
-    r, _, _ = _check_pair(A, B)
-    wd = _work_dtype(A.dtype)
+    r, _, _ = check_pair(A, B)
+    wd = work_dtype(A.dtype)
     O = haar_orthogonal(A.shape[:-2], r, generator=generator, dtype=wd, device=A.device)
     A.copy_((O @ A.to(wd)).to(A.dtype))
     B.copy_((B.to(wd) @ O.mT).to(B.dtype))
@@ -163,9 +127,9 @@ def gl_gauge_proposal(A: Tensor, B: Tensor, step_scale: float, generator: torch.
     equally likely and :math:`\exp(-\epsilon M) = g^{-1}`, so the map
     :math:`(\theta, M) \mapsto (g\cdot\theta, -M)` is a volume-preserving-in-:math:`M` involution.
     """
-    r, _, _ = _check_pair(A, B)
+    r, _, _ = check_pair(A, B)
     eps = check_positive("step_scale", step_scale)
-    wd = _work_dtype(A.dtype)
+    wd = work_dtype(A.dtype)
     M = torch.randn(*A.shape[:-2], r, r, generator=generator, dtype=wd, device=A.device)
     if r == 1:  # exp of a 1x1 matrix (much cheaper than the batched matrix_exp kernel)
         g, g_inv = torch.exp(eps * M), torch.exp(-eps * M)
@@ -203,7 +167,7 @@ def gl_log_acceptance(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, log_de
     :math:`B \mapsto Bg^{-1}` acts on each of the ``out`` rows, :math:`\det(g)^{-\text{out}}`;
     and :math:`\det\exp(\epsilon M) = e^{\epsilon\operatorname{tr}M}`.
     """
-    _, fan_in, fan_out = _check_pair(A, B)
+    _, fan_in, fan_out = check_pair(A, B)
     beta = check_positive("beta", beta)
     lam_a, lam_b = _decays(weight_decay)
     dA = _sqnorm(A_new) - _sqnorm(A)
@@ -291,7 +255,7 @@ class GaugeMoves:
         for f in factors:
             if isinstance(f, LoraFactors):
                 A_w, B_w = work_tensor_of(sampler, f.A), work_tensor_of(sampler, f.B)
-                A2, B2 = _matrix_views(A_w, B_w)
+                A2, B2 = matrix_views(A_w, B_w)
                 sync = [(p, w) for p, w in ((f.A, A_w), (f.B, B_w)) if w is not p]
                 out.append((A2, B2, sync))
             else:
@@ -326,7 +290,7 @@ class GaugeMoves:
         stats: dict[str, float] = {}
         n_acc = n_prop = 0
         for A, B, sync in pairs:
-            r, fan_in, fan_out = _check_pair(A, B)
+            r, fan_in, fan_out = check_pair(A, B)
             gen = self.generators.get(A.device)
             if self.orthogonal:
                 orthogonal_gauge_move_(A, B, gen)

@@ -14,9 +14,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from langevin_lora.engine import LOW_PRECISION
-from langevin_lora.functional import adam_inverse_scale
-from langevin_lora.param_groups import lora_param_groups
+from langevin_lora.core.functional import LOW_PRECISION, adam_inverse_scale
+from langevin_lora.lora.param_groups import lora_param_groups
 
 __all__ = ["LangevinGroup", "adam_freeze_inputs", "langevin_groups_in"]
 

@@ -48,7 +48,7 @@ def _example_nll(probs: Tensor, labels: Tensor) -> Tensor:
 
 
 def sample_convergence(sample_probs: Tensor, labels: Tensor) -> dict[str, Any]:
-    """``sample_probs`` ``(S, n, K)``: validation probabilities of each sample in chain order;
+    r"""``sample_probs`` ``(S, n, K)``: validation probabilities of each sample in chain order;
     ``labels`` ``(n,)``. Returns the running NLL curve, per-sample log-likelihoods, ESS, ``delta``,
     ``delta_se``, ``converged`` and ``extrapolated_nll`` (:math:`\mathrm{NLL}_\infty`; ``None`` with
     fewer than 2 samples)."""

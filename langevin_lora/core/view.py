@@ -15,15 +15,15 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LangevinGroupView:
-    """One parameter group as the sampler sees it at this moment.
+    r"""One parameter group as the sampler sees it at this moment.
 
     Attributes:
         name: group name (``lora_A/default``, ``head``, or ``group<i>``).
         params: the live parameter tensors (their ``.grad`` holds the current gradient
             between backward and the optimizer step).
-        lr: current step size :math:`\\eta` (after any LR schedule).
-        beta: inverse temperature :math:`\\beta` (``inf`` for a noise-free group).
-        weight_decay: :math:`\\lambda` (coupled).
+        lr: current step size :math:`\eta` (after any LR schedule).
+        beta: inverse temperature :math:`\beta` (``inf`` for a noise-free group).
+        weight_decay: :math:`\lambda` (coupled).
         precond: the frozen diagonal preconditioner :math:`G` per tensor, or ``None`` (identity).
         sampling: ``True`` when the group takes Langevin steps now (``False`` during warm-up/burn-in).
         friction: :math:`\gamma` of a kinetic (BAOAB) group, ``None`` for the overdamped step.

@@ -34,7 +34,7 @@ issue 13; configurational bias of :math:`\beta T_{\mathrm{conf}}`): kinetic :mat
 the divergence point, at a bias below 1% on that posterior and at most 5% (overdamped) on any
 quadratic.
 
-**Measurement.** :func:`langevin_lora.curvature.top_eigenvalue`: power iteration on Hessian-vector
+**Measurement.** :func:`langevin_lora.core.curvature.top_eigenvalue`: power iteration on Hessian-vector
 products of a loss closure (double backward where the model supports it, central differences of
 gradients where it does not, e.g. fused attention kernels on CPU), with the prior's
 :math:`\lambda I` added and the frozen :math:`G` as the scale; the absolute value of the dominant
@@ -68,8 +68,8 @@ from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
-from langevin_lora.curvature import HessianVectorProduct, top_eigenvalue
-from langevin_lora.functional import check_friction
+from langevin_lora.core.curvature import HessianVectorProduct, top_eigenvalue
+from langevin_lora.core.functional import check_friction
 
 __all__ = ["AUTO_STEP_MARGIN", "KINETIC_SAFETY", "OVERDAMPED_SAFETY", "STEP_ACCURACY_BOUND", "AutoStepSize",
            "NonFiniteLossError", "StepSizeEstimate", "StepSizeWarning", "auto_step_size", "prior_curvature", "step_from_lambda_max", "step_number",
@@ -187,7 +187,7 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
     Args:
         closure: ``() -> loss``, the mean loss :math:`\hat L` on a fixed probe batch; it must be the
             same function of ``params`` at every call (fix dropout masks, e.g. with
-            :class:`~langevin_lora.curvature.RngSnapshot`). Called ``grad_evals`` times.
+            :class:`~langevin_lora.core.curvature.RngSnapshot`). Called ``grad_evals`` times.
         params: the sampled tensors (``requires_grad``).
         precond: the frozen :math:`G` per tensor (tensor or number), or ``None`` (:math:`G = 1`).
         weight_decay: :math:`\lambda`, one number or one per tensor.
@@ -195,7 +195,7 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
         safety: :math:`c` (overdamped) or :math:`c_k` (kinetic); default :data:`OVERDAMPED_SAFETY` /
             :data:`KINETIC_SAFETY`.
         num_iters, rtol, init, generator: of the power iteration (``init``: a previous ``vector``).
-        method, fd_eps: of the Hessian-vector products (:class:`~langevin_lora.curvature.HessianVectorProduct`).
+        method, fd_eps: of the Hessian-vector products (:class:`~langevin_lora.core.curvature.HessianVectorProduct`).
         backward_closure: ``closure`` is a torch optimizer closure (zero_grad, loss, ``backward()``,
             return the loss): gradients are read from ``.grad`` (finite differences; the ``.grad`` it
             writes are the caller's to save and restore).

@@ -75,7 +75,7 @@ from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
-from langevin_lora.engine import LangevinEngine, StepGroup
+from langevin_lora.core.engine import LangevinEngine, StepGroup
 
 __all__ = ["Divergence", "DivergenceError", "DivergenceGuard", "DivergenceWarning"]
 
@@ -250,7 +250,7 @@ class DivergenceGuard:
 
     @torch.no_grad()
     def skipped(self) -> Divergence | None:
-        """Report a step skipped for non-finite gradients. A bad batch is not divergence: the step counts
+        r"""Report a step skipped for non-finite gradients. A bad batch is not divergence: the step counts
         toward no window and no cut. The parameters are judged instead: non-finite, or
         :math:`\lVert\theta\rVert^2` above the single-step threshold (the chain ran away and its loss
         overflowed) is a runaway, returned as a :class:`Divergence`."""
@@ -350,7 +350,7 @@ class DivergenceGuard:
         """Return the chain to the good snapshot and cut the step: :attr:`scale` is multiplied by ``cut``
         and returned; a :class:`DivergenceWarning` says what happened (``step_size``, the step in use,
         is quoted). ``stable_step``: called after the restore, the step measured there (e.g.
-        :func:`~langevin_lora.step_size.auto_step_size`'s, ``None`` when it cannot be measured); when the
+        :func:`~langevin_lora.core.step_size.auto_step_size`'s, ``None`` when it cannot be measured); when the
         cut step is still longer, the step goes down to it in this one cut. Raises
         :class:`DivergenceError` after ``max_cuts`` cuts."""
         self.events.append(event)

@@ -3,7 +3,7 @@ r"""The sampling engine: per-tensor sampler state and the operations every Lange
 :class:`LangevinEngine` is what :class:`~langevin_lora.LangevinSGD`, :class:`~langevin_lora.LangevinAdam`
 (torch optimizers) and :class:`~langevin_lora.LangevinLoRA` (a Lightning callback) drive; they only
 translate their framework's calls into its operations. The update itself is written once, in
-:func:`langevin_lora.functional.langevin_step_` (THEORY §1–2):
+:func:`langevin_lora.core.functional.langevin_step_` (THEORY §1–2):
 
 .. math::
     \theta \leftarrow \theta - \eta\, G\odot(g + \lambda\theta) + \sqrt{2\eta/\beta}\,\sqrt G\odot\xi,
@@ -23,7 +23,7 @@ diagonal :math:`G` (none: :math:`G = 1`).
 - ``"adapt_sq"``: running sum of :math:`(g + \lambda\theta)^2` while adapting :math:`G`
   (:meth:`~LangevinEngine.accumulate`).
 - ``"momentum"``: the kinetic (BAOAB) momentum :math:`p` of a group with a ``friction``
-  (:func:`~langevin_lora.functional.kinetic_step_`; :math:`p` stands for :math:`G\cdot p`, mass
+  (:func:`~langevin_lora.core.functional.kinetic_step_`; :math:`p` stands for :math:`G\cdot p`, mass
   :math:`G^{-1}`), in the work dtype. Drawn from its stationary law :math:`N(0, G/\beta)` from the
   engine's generators at the tensor's first kinetic step (:math:`p = 0` at :math:`\beta = \infty`),
   so every data-parallel rank holds the same momenta. Stored *before* the closing half kick of the
@@ -46,9 +46,9 @@ torch.optim's convention), so ``opt.state[p]["precond"]`` and ``Optimizer.state_
 
 **One step** (:meth:`~LangevinEngine.step`): the initial momenta of kinetic tensors taking their
 first step (one draw), then one Gaussian draw for all noisy tensors of all groups
-(:func:`langevin_lora._rng.draw_standard_normal`, explicit per-device generators), then one
-:func:`~langevin_lora.functional.langevin_step_` (``friction=None``) or
-:func:`~langevin_lora.functional.kinetic_step_` per (group, device, dtype) bucket, as torch.optim
+(:func:`langevin_lora.core.rng.draw_standard_normal`, explicit per-device generators), then one
+:func:`~langevin_lora.core.functional.langevin_step_` (``friction=None``) or
+:func:`~langevin_lora.core.functional.kinetic_step_` per (group, device, dtype) bucket, as torch.optim
 groups its foreach kernels. Front-ends that present the same tensors, gradients, groups and seed
 therefore produce bitwise-identical chains.
 
@@ -58,10 +58,10 @@ therefore produce bitwise-identical chains.
 
 **Snapshots** (:meth:`~LangevinEngine.snapshot`, :meth:`~LangevinEngine.restore`): a copy of the work
 tensors and of every slot of chosen keys, whatever the slots are, and its restoration; the divergence
-guard (:mod:`langevin_lora.guard`) returns a chain to its last good position with them.
+guard (:mod:`langevin_lora.core.guard`) returns a chain to its last good position with them.
 
 (Over 400 lines on purpose: the per-tensor state, its operations and its checkpoint form are one
-contract shared by three front-ends; the update formulas themselves live in :mod:`langevin_lora.functional`.)
+contract shared by three front-ends; the update formulas themselves live in :mod:`langevin_lora.core.functional`.)
 """
 from __future__ import annotations
 
@@ -76,10 +76,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from langevin_lora._rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
+from langevin_lora.core.rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice
-from langevin_lora.functional import (
+from langevin_lora.core.functional import (
     FRICTION_AUTO,
+    LOW_PRECISION,
     accumulate_potential_grad_sq_,
     adapted_preconditioner,
     all_finite,
@@ -89,12 +90,11 @@ from langevin_lora.functional import (
     langevin_step_,
     median_scale,
 )
-from langevin_lora.temperature import noise_std
+from langevin_lora.core.temperature import noise_std
 
-__all__ = ["LOW_PRECISION", "NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
+__all__ = ["NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",
            "StepGroup", "work_tensor_of"]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 NONFINITE_POLICIES = ("skip", "raise")
 _DERIVED = ("precond_sqrt",)   # recomputed on load instead of saved
 _log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class NonFiniteGradientWarning(UserWarning):
 
 @dataclass
 class StepGroup:
-    """One group's share of a step: the tensors that have a gradient, their work tensors and
+    r"""One group's share of a step: the tensors that have a gradient, their work tensors and
     gradients (in the update dtype), and the group's hyperparameters read at this step
     (``friction``: ``None`` for the overdamped step, :math:`\gamma > 0` or ``"auto"`` for BAOAB;
     ``name`` keys the group's last kinetic step size)."""
@@ -335,7 +335,7 @@ class LangevinEngine:
     def refreeze(self, counts: Mapping[Hashable, int], reference: float, *, eps: float = 1e-8,
                  clamp: tuple[float, float] = (0.01, 100.0)) -> list[Tensor]:
         """End of adaptation: :math:`G` from the mean squared gradient of U of every key of ``counts``
-        that has a sum (:func:`~langevin_lora.functional.adapted_preconditioner`, jointly, median
+        that has a sum (:func:`~langevin_lora.core.functional.adapted_preconditioner`, jointly, median
         ``reference``); the sums are dropped. Keys without a sum keep their :math:`G`. Returns the new
         :math:`G` tensors."""
         keys = [k for k in counts if "adapt_sq" in self.state.get(k, {})]
@@ -349,7 +349,7 @@ class LangevinEngine:
 
     # -- the step --------------------------------------------------------------------------------------
     def friction(self, group: StepGroup) -> float | None:
-        """The group's :math:`\gamma` (``"auto"`` resolved by :func:`~langevin_lora.functional.auto_friction`
+        r"""The group's :math:`\gamma` (``"auto"`` resolved by :func:`~langevin_lora.core.functional.auto_friction`
         from its weight decay and frozen :math:`G`, cached until either changes)."""
         if group.friction != FRICTION_AUTO:
             return group.friction
@@ -364,12 +364,12 @@ class LangevinEngine:
         return cached[2]
 
     def auto_frictions(self) -> dict[str, float]:
-        """The :math:`\gamma` that ``friction="auto"`` resolved to, by group name (also logged at INFO by
-        logger ``langevin_lora.engine`` each time it is resolved)."""
+        r"""The :math:`\gamma` that ``friction="auto"`` resolved to, by group name (also logged at INFO by
+        logger ``langevin_lora.core.engine`` each time it is resolved)."""
         return {name: value[2] for name, value in self._auto.items()}
 
     def _init_momenta(self, groups: Sequence[StepGroup]) -> None:
-        """Draw :math:`p \sim N(0, G/\beta)` for every kinetic tensor without a momentum (one draw)."""
+        r"""Draw :math:`p \sim N(0, G/\beta)` for every kinetic tensor without a momentum (one draw)."""
         fresh = [(g, key, w) for g in groups for key, w in zip(g.keys, g.works)
                  if "momentum" not in self.state.get(key, {})]
         noisy = [(g, key, w) for g, key, w in fresh if not math.isinf(g.beta)]
