@@ -143,8 +143,8 @@ def every_step_cost(layers: int, width: int, r: int, steps: int, device: torch.d
     from peft import LoraConfig, get_peft_model
 
     from langevin_lora.diagnostics import GibbsRecorder, LoraModule
-    from langevin_lora.param_groups import lora_modules
-    from langevin_lora.view import LangevinGroupView
+    from langevin_lora.lora.param_groups import lora_modules
+    from langevin_lora.core.view import LangevinGroupView
 
     class Base(torch.nn.Module):
         def __init__(self):

@@ -50,8 +50,8 @@ import torch
 
 from benchmarks._common import add_results_arguments, append_section
 from langevin_lora import LangevinSGD, weight_decay_from_prior_std
-from langevin_lora.balance import balance_factors
-from langevin_lora.gauge import GaugeMoves
+from langevin_lora.lora.balance import balance_factors
+from langevin_lora.lora.gauge import GaugeMoves
 
 
 
@@ -251,7 +251,7 @@ class _Recorder:
 
 def run_minilm(target: MiniLMRecipe, *, chains: int, warmup: int, steps: int, balance_every: int | None,
                balance_at_start: bool, moves: dict | None, seed: int, record_every: int = 1,
-               stationarity_start: int | None = None, adapt_steps: int = 0) -> dict:
+               stationarity_start: int | None = None, precond_adapt_steps: int = 0) -> dict:
     """One configuration: ``chains`` independent Trainer runs (seeds ``seed + c``) of ``warmup`` AdamW
     burn-in steps then ``steps`` Langevin steps; traces every ``record_every`` Langevin steps. The
     stationarity grid starts at ``stationarity_start`` steps (default ``steps // 16``), so it ends at
@@ -271,7 +271,7 @@ def run_minilm(target: MiniLMRecipe, *, chains: int, warmup: int, steps: int, ba
         cb = LangevinLoRA(num_data=target.num_train, temperature=target.temperature,
                           weight_decay=target.weight_decay, burn_in_steps=warmup, balance=balance, gauge_moves=mv,
                           head_temperature=target.head_temperature, precond_clamp=target.precond_clamp,
-                          diagnostics=False, seed=s, precond_adapt_steps=adapt_steps)
+                          diagnostics=False, seed=s, precond_adapt_steps=precond_adapt_steps)
         rec = _Recorder(target, record_every)
         cb.post_step_observers.append(rec.observe)
         trainer = L.Trainer(max_steps=warmup + steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--configs", nargs="+", default=None, choices=list(_configs(argparse.Namespace(balance_every=1, target="minilm"))),
                    help="run only these configurations (default: the four without '+ adapt'; ratios are to "
                         "the first when 'plain' is left out)")
-    m.add_argument("--adapt-steps", type=int, default=48,
+    m.add_argument("--precond-adapt-steps", type=int, default=48,
                    help="precond_adapt_steps of the '+ adapt' configurations (Langevin steps)")
     args = p.parse_args(argv)
     for k, v in TARGETS[args.target].defaults.items():
@@ -532,7 +532,7 @@ def main_minilm(args) -> dict:
         results[name] = run_minilm(target, chains=args.chains, warmup=args.warmup, steps=args.steps,
                                    balance_every=cfg["balance_every"], balance_at_start=cfg["balance_at_start"],
                                    moves=moves, seed=args.seed, record_every=args.record_every,
-                                   adapt_steps=args.adapt_steps if cfg.get("adapt") else 0)
+                                   precond_adapt_steps=args.precond_adapt_steps if cfg.get("adapt") else 0)
         print(name, {k: v for k, v in results[name].items() if k != "traces"}, flush=True)
     wall = time.perf_counter() - t_start
     base = results["plain"] if "plain" in results else next(iter(results.values()))

@@ -13,14 +13,14 @@ gradient evaluations to stationarity and ESS per gradient (issue 13, "Benchmarks
 
 over LoRA :math:`A`, :math:`B` and the head, :math:`\theta_0` the burn-in point, eval mode (no dropout).
 Both samplers are the package's :class:`langevin_lora.LangevinAdam` after its freeze
-(``warmup_steps=None`` + :meth:`~langevin_lora.LangevinAdam.start_sampling`, AdamW's second moment
-handed over, ``precond_clamp=(0.1, 10)``, ``prior_centre="start"``): the same
+(``burn_in_steps=None`` + :meth:`~langevin_lora.LangevinAdam.start_sampling`, AdamW's second moment
+handed over, ``precond_clamp=(0.1, 10)``, ``prior_centre="burn_in"``): the same
 :math:`G = \mathrm{clamp}(1/(\sqrt{\hat v}+\epsilon))` for every arm, ``friction=None`` (overdamped) or
 :math:`\gamma` (BAOAB, mass :math:`G^{-1}`, fresh momenta).
 
 **Steps** from one measurement of :math:`\lambda_{\max}(G^{1/2}\nabla^2 U G^{1/2})` at :math:`\theta_0`
 on a fixed probe of ``--probe`` examples (default 64, as ``LangevinLoRA``;
-:func:`langevin_lora.curvature.top_eigenvalue`, double-backward HVPs):
+:func:`langevin_lora.core.curvature.top_eigenvalue`, double-backward HVPs):
 overdamped :math:`\eta = 0.1/\lambda_{\max}`, kinetic :math:`h = 0.5/\sqrt{\lambda_{\max}}` with
 :math:`\gamma = 10` (the recipe's) and ``"auto"`` (:math:`2\sqrt{\lambda\min G}`). The measurement costs
 :math:`2\times` products :math:`\times` probe/32 batch-32 gradient equivalents; it is added to every arm.
@@ -61,9 +61,9 @@ import torch.nn.functional as F
 from benchmarks._common import (add_results_arguments, append_results, machine_markdown, machine_record,
                                 markdown_table)
 from langevin_lora import LangevinAdam
-from langevin_lora.curvature import top_eigenvalue
+from langevin_lora.core.curvature import top_eigenvalue
 from langevin_lora.diagnostics import effective_sample_size, geweke_z
-from langevin_lora.temperature import weight_decay_from_prior_std
+from langevin_lora.core.temperature import weight_decay_from_prior_std
 
 GOAL = 10.0          # issue 13: kinetic >= 10x fewer gradient evaluations to stationarity
 PLATEAU_TOL, VIRIAL_TOL, GEWEKE_MAX, SLOW_FRAC = 0.05, 0.05, 3.0, 0.05
@@ -151,8 +151,8 @@ def sampler(params, adamw: torch.optim.AdamW, *, lr: float, friction, lam: float
             seed: int) -> LangevinAdam:
     """A :class:`LangevinAdam` frozen at once from AdamW's second moment (its bias-corrected
     :math:`\\hat v`, clamp [0.1, 10] x median), prior centred at the current parameters."""
-    opt = LangevinAdam(params, lr=lr, num_data=num_data, temperature=1.0, weight_decay=lam, warmup_steps=None,
-                       precond_clamp=(0.1, 10.0), friction=friction, prior_centre="start", seed=seed,
+    opt = LangevinAdam(params, lr=lr, num_data=num_data, temperature=1.0, weight_decay=lam, burn_in_steps=None,
+                       precond_clamp=(0.1, 10.0), friction=friction, prior_centre="burn_in", seed=seed,
                        step_size="lr", guard=False)   # this benchmark sets the step itself
     group = opt.param_groups[0]
     for p in params:

@@ -33,7 +33,7 @@ import torch
 
 from benchmarks._common import add_results_arguments, append_results, machine_markdown
 from langevin_lora import LangevinAdam, LangevinSGD
-from langevin_lora._rng import NoiseGenerators, draw_standard_normal
+from langevin_lora.core.rng import NoiseGenerators, draw_standard_normal
 
 SHAPES = {
     "12x768 (BERT-base-like)": (12, 768),
@@ -78,12 +78,12 @@ def make_contenders(n_layers: int, width: int, device: str) -> dict[str, callabl
     out["torch AdamW" + (" fused" if cuda else "")] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=None, foreach=True, seed=0,
+    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, burn_in_steps=None, foreach=True, seed=0,
                        friction=None, prior_centre=None, step_size="lr", guard=False)   # the step as measured before
     out["LangevinAdam warm-up"] = opt.step
 
     p = lora_params(n_layers, width, device)
-    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, warmup_steps=1, foreach=True, seed=0,
+    opt = LangevinAdam(p, lr=LR, num_data=10_000, weight_decay=WD, burn_in_steps=1, foreach=True, seed=0,
                        friction=None, prior_centre=None, step_size="lr", guard=False)
     opt.step()  # one Adam step, then the preconditioner is frozen
     assert opt.sampling

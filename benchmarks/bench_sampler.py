@@ -5,11 +5,11 @@ Compares, on the same targets and at the same step size (in the sense below):
 * ``ours SGLD``        :class:`langevin_lora.LangevinSGD`;
 * ``ours Adam-precond`` :class:`langevin_lora.LangevinAdam`: a short noise-free Adam warm-up,
   then Langevin sampling with the frozen preconditioner :math:`G` (warm-up gradients counted);
-* ``ours Adam + adapt``: the same, with ``adapt_steps``: :math:`G` re-frozen from the mean
+* ``ours Adam + adapt``: the same, with ``precond_adapt_steps``: :math:`G` re-frozen from the mean
   :math:`(\partial U)^2` of the first noisy steps (a curvature scale, see
-  :func:`langevin_lora.functional.adapted_preconditioner`), step size re-tuned (same h);
+  :func:`langevin_lora.core.functional.adapted_preconditioner`), step size re-tuned (same h);
 * ``ours SGLD + gauge`` / ``ours Adam + gauge`` (LoRA targets only): the same chains with exact
-  gauge moves (:class:`langevin_lora.gauge.GaugeMoves`: Haar orthogonal move plus a Metropolis
+  gauge moves (:class:`langevin_lora.lora.gauge.GaugeMoves`: Haar orthogonal move plus a Metropolis
   GL(r) move after every step; they cost no gradient evaluation);
 * ``posteriors SGLD``  :func:`posteriors.sgmcmc.sgld.build` (benchmark-only extra).
 
@@ -68,7 +68,7 @@ from langevin_lora import LangevinAdam, LangevinSGD, weight_decay_from_prior_std
 from langevin_lora.testing import RANK1_GROUND_TRUTH, Quadratic, lora_posterior_grid
 
 try:
-    from langevin_lora.gauge import GaugeMoves
+    from langevin_lora.lora.gauge import GaugeMoves
 except ImportError:  # the gauge module is optional for this benchmark
     GaugeMoves = None
 
@@ -82,7 +82,7 @@ DTYPE = torch.float64
 #     theta <- theta + eps * grad log p(theta) + sqrt(T * eps * (2 - T * eps * beta_pos)) * xi
 #            = theta + eps * grad log p(theta) + sqrt(2 eps T) * xi,
 # whose stationary law (the Langevin SDE d theta = grad log p dt + sqrt(2T) dW) is
-# p_T ∝ exp(log p(theta) / T). Ours (THEORY §1, langevin_lora.functional.langevin_step_):
+# p_T ∝ exp(log p(theta) / T). Ours (THEORY §1, langevin_lora.core.functional.langevin_step_):
 #     theta <- theta - eta * (g + lam * theta) + sqrt(2 eta / beta) * xi,   g = grad of the MEAN loss,
 # stationary law exp(-beta U), U = L_mean + (lam/2)|theta|^2.
 # Matching drift and noise term by term:
@@ -142,7 +142,7 @@ class Target:
     trace_chains: int
     n_burn: int
     n_keep: int
-    adapt_steps: int = 300                      # 'ours Adam + adapt': noisy steps measuring v
+    precond_adapt_steps: int = 300              # 'ours Adam + adapt': noisy steps measuring v
     lora: tuple[int, int] | None = None       # (fan_in, fan_out) when params are (A, B)
     exact_law: Callable | None = None           # (eta, G_flat or None) -> reference moments
     note: str = ""
@@ -400,11 +400,11 @@ def make_ours_sgd(target: Target, eta: float, seed: int, gauge: bool = False):
 
 def make_ours_adam(target: Target, h: float, H: np.ndarray, seed: int, gauge: bool = False, adapt: bool = False):
     """Adam warm-up (noise-free, coupled decay) for ``warm_steps`` steps, then the frozen G (re-frozen
-    after ``target.adapt_steps`` noisy steps with ``adapt``); the step size is set, and re-set when G
+    after ``target.precond_adapt_steps`` noisy steps with ``adapt``); the step size is set, and re-set when G
     changes, so that eta * lambda_max(G^1/2 H G^1/2) = h (same h as SGLD) for every chain."""
     params = _batched_init(target, target.chains)
     opt = LangevinAdam(params, lr=target.warm_lr, beta=target.beta, weight_decay=target.lam,
-                       warmup_steps=target.warm_steps, adapt_steps=target.adapt_steps if adapt else 0, seed=seed,
+                       burn_in_steps=target.warm_steps, precond_adapt_steps=target.precond_adapt_steps if adapt else 0, seed=seed,
                        friction=None, prior_centre=None, step_size="lr", guard=False)   # the sampler compared
     move = _gauge(target, params, seed) if gauge else None
     info: dict = {"eta": None, "gauge": move}
@@ -568,7 +568,7 @@ def bench_target(target: Target, *, seed: int, time_steps: int, log=print) -> li
             specs += [("ours SGLD + gauge", lambda: make_ours_sgd(target, eta, seed, gauge=True)),
                       ("ours Adam + gauge", lambda: make_ours_adam(target, target.h, H, seed, gauge=True))]
         else:
-            log("  gauge moves: not available (langevin_lora.gauge missing)")
+            log("  gauge moves: not available (langevin_lora.lora.gauge missing)")
     if posteriors_sgld is not None:
         specs.append(("posteriors SGLD", lambda: make_posteriors_sgld(target, eta, seed + 1)))
     else:
@@ -652,8 +652,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         elif args.quick:
             t.chains, t.trace_chains = min(t.chains, 256), min(t.trace_chains, 32)
             t.warm_steps = min(t.warm_steps, 150)
-        t.adapt_steps = min(t.adapt_steps, 50) if args.smoke else t.adapt_steps
-        t.n_burn = max(t.n_burn, t.warm_steps + t.adapt_steps + 10)
+        t.precond_adapt_steps = min(t.precond_adapt_steps, 50) if args.smoke else t.precond_adapt_steps
+        t.n_burn = max(t.n_burn, t.warm_steps + t.precond_adapt_steps + 10)
         targets.append(t)
     time_steps = 50 if args.smoke else 150 if args.quick else 300
     results: list[dict] = []
@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"at most {100 * r['pred_bias']:.1f}% of a moment, i.e. up to {r['pred_bias_z']:.1f} SE here; "
                          f"so '|z| vs π' includes this predicted O(h) bias, '|z| vs exact chain law' does not.")
     if GaugeMoves is None:
-        notes.append("gauge moves: not available (langevin_lora.gauge missing) — rows 'ours SGLD + gauge' / "
+        notes.append("gauge moves: not available (langevin_lora.lora.gauge missing) — rows 'ours SGLD + gauge' / "
                      "'ours Adam + gauge' go here.")
     print("\n".join(notes))
     if args.append_results:

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._common import add_results_arguments, append_results, machine_record, markdown_table
 from langevin_lora import LangevinLoRA, bma_predict_proba
-from langevin_lora.guard import DivergenceWarning
+from langevin_lora.core.guard import DivergenceWarning
 
 MODELS = ("minilm", "tiny-bert", "tiny-gpt2", "smollm2")
 LRS = (1e-5, 1e-4, 1e-3, 1e-2)
@@ -221,11 +221,11 @@ def run_one(kind: str, lr: float, *, quick: bool = False, langevin: bool = True,
 def spread(sizes=(8, 32, 128), reps: int = 3, lr: float = 2e-4, seed: int = 0) -> list[dict[str, Any]]:
     """lambda_max on disjoint probes of each size after 40 AdamW steps on MiniLM (G frozen as the callback
     freezes it, the default prior), the way LangevinLoRA measures it (first, cold measurement)."""
-    from langevin_lora.curvature import RngSnapshot
-    from langevin_lora.engine import LangevinEngine
-    from langevin_lora.functional import adam_inverse_scale
-    from langevin_lora.step_size import auto_step_size
-    from langevin_lora.temperature import DEFAULT_PRIOR_STD, weight_decay_from_prior_std
+    from langevin_lora.core.curvature import RngSnapshot
+    from langevin_lora.core.engine import LangevinEngine
+    from langevin_lora.core.functional import adam_inverse_scale
+    from langevin_lora.core.step_size import auto_step_size
+    from langevin_lora.core.temperature import DEFAULT_PRIOR_STD, weight_decay_from_prior_std
 
     L.seed_everything(seed, verbose=False)
     model, tok = build_model("minilm")
@@ -284,12 +284,12 @@ PRE19_ADAM = dict(step_size="lr", friction=None, prior_centre=None, guard=False)
 def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None = None,
                   sizes: dict | None = None, legacy: bool = False) -> dict[str, Any]:
     """The README *optimizer* quick start as written, in a plain loop: ``LangevinAdam(lora_param_groups(model),
-    lr=lr, num_data=N, weight_decay=weight_decay_from_prior_std(0.1, N), warmup_steps=burn_in_steps, seed=0)``
+    lr=lr, num_data=N, weight_decay=weight_decay_from_prior_std(0.1, N), burn_in_steps=burn_in_steps, seed=0)``
     stepped with ``opt.step(closure)`` (every other argument at its default: measured step, kinetic
     ``friction="auto"``, prior centred where sampling starts, guard on); a sample every ``sample_every``
-    sampling steps into a :class:`~langevin_lora.samples.SampleBank`, accuracy of the averaged softmax."""
+    sampling steps into a :class:`~langevin_lora.posterior.bank.SampleBank`, accuracy of the averaged softmax."""
     from langevin_lora import LangevinAdam, lora_param_groups, weight_decay_from_prior_std
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
 
     sizes = dict(FULL, **(sizes or {}))
     steps = sizes["burn_in_steps"] + sizes["sample_every"] * sizes["num_samples"]
@@ -298,7 +298,7 @@ def run_optimizer(kind: str, lr: float, *, seed: int = 0, top_layers: int | None
     train, test, y_test = _loaders(tok, sizes, seed)
     n = sizes["n_train"]
     opt = LangevinAdam(lora_param_groups(model), lr=lr, num_data=n, weight_decay=weight_decay_from_prior_std(0.1, n),
-                       warmup_steps=sizes["burn_in_steps"], seed=0, **(PRE19_ADAM if legacy else {}))
+                       burn_in_steps=sizes["burn_in_steps"], seed=0, **(PRE19_ADAM if legacy else {}))
     bank = SampleBank(num_samples=sizes["num_samples"])
     sq, t, sampled = [], 0, 0
     t0 = time.perf_counter()
@@ -363,7 +363,7 @@ def _notes(sizes: dict, top_layers: int | None) -> str:
             "`guard cuts` 0 = never diverged; β·T_virial: the live diagnostics' last windows (1 at stationarity; "
             "these runs are far too short to get there). `optimizer: auto` rows: the README optimizer quick start, "
             f"LangevinAdam(lora_param_groups(model), lr=<user lr>, num_data={sizes['n_train']}, "
-            "weight_decay=weight_decay_from_prior_std(0.1, N), warmup_steps=<burn-in>) stepped with "
+            "weight_decay=weight_decay_from_prior_std(0.1, N), burn_in_steps=<burn-in>) stepped with "
             "opt.step(closure) in a plain loop (measured kinetic step, prior centred where sampling starts, guard "
             "on); η is its time step h, λ_max measured by finite differences of the closure's gradients.")
 

@@ -268,7 +268,7 @@ def run_langevin(shared: Shared, seed: int, module, run: AdamWRun, methods: list
     probabilities of the requested Langevin arms, and the extras (convergence, traces, plan)."""
     import lightning.pytorch as pl
 
-    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.lightning.callback import LangevinLoRA
     from langevin_lora.diagnostics import GibbsDiagnostics
 
     from recipes.convergence import sample_convergence
@@ -352,7 +352,7 @@ def run_dropin(shared: Shared, seed: int, module, run: AdamWRun, methods: list[s
     Costs: ``grad_evals`` = optimizer steps x accumulation + the curvature probes (in minibatch
     gradients), without validation; ``val_passes`` = the Trainer's validation checks + one pass per
     sample the ladder scored (each stage's samples are scored on validation as they are taken)."""
-    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.lightning.callback import LangevinLoRA
 
     from recipes.convergence import sample_convergence
 

@@ -61,7 +61,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from langevin_lora.functional import check_friction
+from langevin_lora.core.functional import check_friction
 
 __all__ = ["GibbsData", "GibbsChains", "attention_data", "relaxation_fit", "main"]
 
@@ -171,7 +171,7 @@ class GibbsChains(LightningModule):
         task: ``attention`` or ``digits`` (must match the data).
         num_chains: chains batched along the leading dimension.
         sampler: ``sgld`` (:class:`~langevin_lora.LangevinSGD`) or ``adam``
-            (:class:`~langevin_lora.LangevinAdam`: ``warmup_steps`` of Adam, then frozen-preconditioner
+            (:class:`~langevin_lora.LangevinAdam`: ``burn_in_steps`` of Adam, then frozen-preconditioner
             Langevin).
         lr: step size: :math:`\eta` (overdamped) or the time step :math:`h` (kinetic; stable for
             :math:`h\sqrt{\lambda_{\max}} < 2`, the configs use :math:`0.5/\sqrt{\lambda_{\max}}`).
@@ -181,7 +181,7 @@ class GibbsChains(LightningModule):
             ``num_data`` (:math:`\beta = N/T`, the digits posterior).
         temperature: :math:`T`.
         weight_decay: :math:`\lambda`, the Gaussian prior.
-        warmup_steps: Adam steps before sampling (``adam`` only).
+        burn_in_steps: Adam steps before sampling (``adam`` only).
         init_scale: the attention chains start at :math:`\theta_0 \sim N(\mu_0, s^2 I)`, :math:`\mu_0` = ``init_mean``;
             digits chains start with :math:`B = 0` and :math:`A \sim N(0, s^2)`, as LoRA does.
         lora_r, lora_alpha, hidden, pretrain_steps: the digits network.
@@ -190,7 +190,7 @@ class GibbsChains(LightningModule):
 
     def __init__(self, task: str = "attention", num_chains: int = 64, sampler: str = "sgld", lr: float = 0.02,
                  beta: float | None = 50.0, temperature: float = 1.0, weight_decay: float = 0.1,
-                 warmup_steps: int = 0, init_scale: float = 0.5, init_mean: tuple[float, float, float] = (1.0, 1.0, 0.0), lora_r: int = 2, lora_alpha: float = 2.0,
+                 burn_in_steps: int = 0, init_scale: float = 0.5, init_mean: tuple[float, float, float] = (1.0, 1.0, 0.0), lora_r: int = 2, lora_alpha: float = 2.0,
                  hidden: int = 32, pretrain_steps: int = 150, seed: int = 0,
                  friction: float | str | None = None) -> None:
         super().__init__()
@@ -333,7 +333,7 @@ class GibbsChains(LightningModule):
         if hp.sampler == "sgld":
             return LangevinSGD(params, **kw)
         # the recipe's measured behaviour (before issue 19's defaults): lr is the step, prior centred at 0
-        return LangevinAdam(params, warmup_steps=hp.warmup_steps, prior_centre=None, step_size="lr", **kw)
+        return LangevinAdam(params, burn_in_steps=hp.burn_in_steps, prior_centre=None, step_size="lr", **kw)
 
     # -- summary ---------------------------------------------------------------------------------
     def on_fit_end(self) -> None:

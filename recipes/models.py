@@ -3,7 +3,7 @@ r"""LightningModules of the recipes: a PEFT LoRA sequence classifier (encoders).
 The training objective is the mean cross-entropy :math:`\hat L(\theta)` over a minibatch; only the
 LoRA tensors (and the classification head, ``modules_to_save``) are trainable. The optimizer is
 AdamW, as users run LoRA today; Langevin sampling is added by the
-:class:`~langevin_lora.callback.LangevinLoRA` callback (burn-in runs this AdamW, then the LoRA
+:class:`~langevin_lora.LangevinLoRA` callback (burn-in runs this AdamW, then the LoRA
 tensors take frozen-preconditioner Langevin steps), or, without the callback, by
 ``optimizer="langevin_adam"`` (:class:`~langevin_lora.LangevinAdam` over
 :func:`~langevin_lora.lora_param_groups`, the head noise-free).
@@ -250,7 +250,7 @@ def configure_lora_optimizer(module: LightningModule):
                              "exposing num_train_examples")
         opt = LangevinAdam(lora_param_groups(module.model), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                            num_data=module.num_data, temperature=hp.temperature, weight_decay=hp.prior_weight_decay,
-                           warmup_steps=hp.burn_in_steps, seed=hp.sampler_seed,
+                           burn_in_steps=hp.burn_in_steps, seed=hp.sampler_seed,
                            # the recipe's behaviour before issue 19's defaults (lr is the step, overdamped,
                            # prior centred at 0); the measured step needs step(closure) outside Lightning
                            prior_centre=None, friction=None, step_size="lr")

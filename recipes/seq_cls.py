@@ -5,7 +5,7 @@
         --trainer.precision bf16-mixed --trainer.devices 4 --trainer.strategy ddp   # on GPUs
 
 The Langevin sampler and its diagnostics are Trainer callbacks in the config
-(:class:`~langevin_lora.callback.LangevinLoRA`, :class:`~langevin_lora.diagnostics.GibbsDiagnostics`);
+(:class:`~langevin_lora.LangevinLoRA`, :class:`~langevin_lora.diagnostics.GibbsDiagnostics`);
 remove them to get the plain AdamW LoRA baseline. ``python -m recipes.compare`` runs both and
 reports the metrics side by side.
 """

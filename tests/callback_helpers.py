@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from langevin_lora import LangevinAdam, LangevinSGD, lora_param_groups
-from langevin_lora.param_groups import lora_modules
+from langevin_lora.lora.param_groups import lora_modules
 
 IN, OUT, R, N = 6, 3, 2, 32
 
@@ -121,7 +121,7 @@ class LoraOnly(L.LightningModule):
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
         if self.mode == "langevin_sgd":
             return LangevinSGD(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED)
-        return adam_pre19(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED, warmup_steps=None)
+        return adam_pre19(groups, lr=LR, num_data=N, weight_decay=WD, seed=SEED, burn_in_steps=None)
 
     def on_train_start(self):
         opt = self.trainer.optimizers[0]

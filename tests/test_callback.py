@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from langevin_lora import LangevinSGD, NonFiniteGradientWarning
-from langevin_lora._rng import NoiseGenerators, draw_standard_normal
-from langevin_lora.callback import LangevinLoRA
+from langevin_lora.core.rng import NoiseGenerators, draw_standard_normal
+from langevin_lora.lightning.callback import LangevinLoRA
 from langevin_lora.diagnostics import StepSizeWarning
-from langevin_lora.functional import adam_inverse_scale, adapted_preconditioner, frozen_preconditioner, median_scale
-from langevin_lora.param_groups import lora_modules
+from langevin_lora.core.functional import adam_inverse_scale, adapted_preconditioner, frozen_preconditioner, median_scale
+from langevin_lora.lora.param_groups import lora_modules
 from callback_helpers import IN, OUT, N, R, Tiny, all_tensors, data, loader, lora_tensors, trainer
 
 pytestmark = pytest.mark.usefixtures("quiet_lightning")

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from langevin_lora import BalanceSchedule, GaugeMoves, LangevinLoRA
-from langevin_lora.gauge import gauge_imbalance
-from langevin_lora.param_groups import lora_modules
+from langevin_lora.lora.gauge import gauge_imbalance
+from langevin_lora.lora.param_groups import lora_modules
 from callback_helpers import Tiny, loader, trainer
 
 

@@ -1,9 +1,9 @@
-"""The phase logic of the zero-config drop-in (langevin_lora.chain), without a Trainer."""
+"""The phase logic of the zero-config drop-in (langevin_lora.lightning.schedule), without a Trainer."""
 import math
 
 import pytest
 
-from langevin_lora.chain import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
+from langevin_lora.lightning.schedule import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
 
 
 def test_watch_restores_the_best_after_patience():

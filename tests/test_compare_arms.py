@@ -105,7 +105,7 @@ def test_langevin_settings_map_onto_langevin_lora(monkeypatch):
         LangevinSettings(dropout="no")
 
     # an argument LangevinLoRA gains later is a config key at once (no change in the recipes)
-    import langevin_lora.callback as cb
+    import langevin_lora.lightning.callback as cb
 
     class Future(cb.LangevinLoRA):
         def __init__(self, *args, friction: float | None = None, prior_std: float | None = None, **kwargs):
@@ -150,7 +150,7 @@ def test_all_arms_from_one_adamw_run(tmp_path, monkeypatch):
     """burn_in 'best': the Langevin run starts at the best-validation step from that checkpoint's
     weights and AdamW moments; every arm is reported with its costs; the test split is not read
     before the end."""
-    import langevin_lora.callback as cb
+    import langevin_lora.lightning.callback as cb
 
     from recipes.compare import load_config, run_comparison
     from recipes.report import REPORT_COLUMNS

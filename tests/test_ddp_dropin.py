@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from langevin_lora.callback import LangevinLoRA
+from langevin_lora.lightning.callback import LangevinLoRA
 
 
 class Base(nn.Module):

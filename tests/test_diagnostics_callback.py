@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from langevin_lora import LangevinSGD, lora_param_groups
 from langevin_lora.diagnostics import GibbsDiagnostics
-from langevin_lora.view import LangevinGroupView
+from langevin_lora.core.view import LangevinGroupView
 from diag_helpers import Regression, regression_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -189,8 +189,8 @@ def test_constructor_validation():
 
 def test_with_langevin_lora_callback(tmp_path, minilm_lora_factory, sms_loader):
     """The real sampler callback: diagnostics attach as a step observer and see its groups."""
-    pytest.importorskip("langevin_lora.callback")
-    from langevin_lora.callback import LangevinLoRA
+    pytest.importorskip("langevin_lora.lightning.callback")
+    from langevin_lora.lightning.callback import LangevinLoRA
 
     class AdamW(SmsClassifier):
         def configure_optimizers(self):

@@ -1,4 +1,4 @@
-"""langevin_lora.curvature: the probes a sampler can use to set its step (issue 13) — power iteration
+"""langevin_lora.core.curvature: the probes a sampler can use to set its step (issue 13) — power iteration
 with a preconditioner and per-tensor weight decay against exact eigenvalues, its early stop and
 cost counts, Hutchinson with per-tensor decay, the RNG replay of a dropout forward pass, and the
 probes' state surviving a state dict."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from langevin_lora.curvature import (
+from langevin_lora.core.curvature import (
     HessianVectorProduct,
     RngSnapshot,
     hutchinson_laplacian,

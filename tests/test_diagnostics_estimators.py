@@ -204,7 +204,7 @@ def test_hvp_falls_back_to_finite_differences_when_double_backward_raises(caplog
     with pytest.raises(RuntimeError):
         HessianVectorProduct(loss, [x], method="double_backward")([torch.ones(3, dtype=torch.float64)])
     hvp = HessianVectorProduct(loss, [x], method="auto")
-    with caplog.at_level(logging.DEBUG, logger="langevin_lora.curvature"), warnings.catch_warnings():
+    with caplog.at_level(logging.DEBUG, logger="langevin_lora.core.curvature"), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)   # issue 19: a debug line, not a warning on every CPU run
         hv = hvp([torch.ones(3, dtype=torch.float64)])
     assert "falling back to central finite differences" in caplog.text

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_rng_snapshot_replays_cuda_dropout():
-    from langevin_lora.curvature import RngSnapshot
+    from langevin_lora.core.curvature import RngSnapshot
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 1)).cuda()

@@ -16,7 +16,7 @@ from langevin_lora.diagnostics import (
     noise_ratio,
     virial_temperature,
 )
-from langevin_lora.view import LangevinGroupView
+from langevin_lora.core.view import LangevinGroupView
 from diag_helpers import Quadratic
 
 

@@ -83,8 +83,8 @@ def test_engine_state_round_trips_by_key_and_refuses_unknown_names():
 
 def test_callback_loads_the_state_written_before_the_engine():
     """A version-1 callback state (per-kind dicts of tensors by name) is converted on load."""
-    from langevin_lora._rng import NoiseGenerators
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.core.rng import NoiseGenerators
+    from langevin_lora.posterior.bank import SampleBank
 
     G = torch.rand(3) + 0.5
     v1 = {"version": 1, "sampling": True, "langevin_steps": 4, "skipped_steps": 1, "num_data": None,

@@ -10,8 +10,8 @@ import torch
 from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import LangevinAdam, LangevinSGD, lora_modules
-from langevin_lora.balance import BalanceSchedule, balance_factors, balance_lora_
-from langevin_lora.gauge import (
+from langevin_lora.lora.balance import BalanceSchedule, balance_factors, balance_lora_
+from langevin_lora.lora.gauge import (
     GaugeMoves,
     gauge_imbalance,
     gl_gauge_move_,
@@ -240,7 +240,7 @@ def test_balance_lora_minilm_preserves_function_and_transports_moments(minilm_lo
         assert (dw - ref[n]).abs().amax() <= 1e-5 * ref[n].abs().amax() + 1e-30, n
 
     # refused once LangevinAdam has frozen its preconditioner
-    sampler = adam_pre19([f.A for f in factors] + [f.B for f in factors], lr=1e-4, num_data=100, warmup_steps=None)
+    sampler = adam_pre19([f.A for f in factors] + [f.B for f in factors], lr=1e-4, num_data=100, burn_in_steps=None)
     with pytest.warns(UserWarning, match="no warm-up step"):
         sampler.start_sampling()
     with pytest.raises(ValueError, match="frozen preconditioner"):

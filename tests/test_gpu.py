@@ -32,7 +32,7 @@ def _grads(params, t):
 def test_foreach_equals_single_tensor_on_cuda_float64(opt_cls):
     kw = dict(lr=1e-3, beta=100.0, weight_decay=0.1, seed=3)
     if opt_cls is LangevinAdam:
-        kw["warmup_steps"] = 3
+        kw["burn_in_steps"] = 3
     a, b = _params(torch.float64), _params(torch.float64)
     oa, ob = opt_cls(a, foreach=True, **kw), opt_cls(b, foreach=False, **kw)
     for t in range(8):

@@ -10,8 +10,8 @@ import torch
 from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import LangevinAdam, LangevinSGD
-from langevin_lora.engine import LangevinEngine
-from langevin_lora.guard import Divergence, DivergenceError, DivergenceGuard, DivergenceWarning
+from langevin_lora.core.engine import LangevinEngine
+from langevin_lora.core.guard import Divergence, DivergenceError, DivergenceGuard, DivergenceWarning
 
 BETA, LAM = 10.0, 0.1
 K = torch.tensor([1.0, 2.0, 5.0, 10.0], dtype=torch.float64)   # loss Hessian; U's is K + LAM
@@ -162,7 +162,7 @@ def test_langevin_adam_warmup_groups_are_not_watched():
     """Custom loop with LangevinAdam: the guard starts with the first sampling step (warm-up groups are
     Adam, not a chain) and a stable chain passes."""
     theta = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
-    opt = adam_pre19([theta], lr=1e-2, beta=BETA, weight_decay=LAM, warmup_steps=20, seed=0)
+    opt = adam_pre19([theta], lr=1e-2, beta=BETA, weight_decay=LAM, burn_in_steps=20, seed=0)
     guard = DivergenceGuard()
     for t in range(60):
         opt.zero_grad()

@@ -97,7 +97,7 @@ def test_recorder_traces_export():
 def test_bank_log_likelihood_and_loo():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3))

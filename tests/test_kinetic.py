@@ -21,7 +21,7 @@ import torch
 from pinned import adam_pre19  # LangevinAdam with its pre-issue-19 defaults
 
 from langevin_lora import LangevinAdam, LangevinLoRA, LangevinSGD
-from langevin_lora.functional import auto_friction, kinetic_coefficients, kinetic_step_, langevin_step_
+from langevin_lora.core.functional import auto_friction, kinetic_coefficients, kinetic_step_, langevin_step_
 from langevin_lora.testing import Quadratic, run_chains, zscores
 from callback_helpers import (LR, N, SEED, STEPS, WD, LoraOnly, Tiny, all_tensors, given_G, loader, trainable_tensors,
                               trainer)
@@ -148,7 +148,7 @@ def test_kinetic_adam_frozen_preconditioner_gaussian_law_is_exact():
     h sqrt(lambda_max(G^1/2 K G^1/2)) = 1.2: theta ~ N(K^-1 b, (beta K)^-1) and p ~ N(0, G/beta), exactly."""
     target, C = _ill_conditioned(), 1024
     theta = torch.nn.Parameter(torch.tensor([[2.0, -1.0, 0.5, 0.2]], dtype=DT).repeat(C, 1))
-    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, warmup_steps=200, seed=12, friction=1.0)
+    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, burn_in_steps=200, seed=12, friction=1.0)
     for _ in range(200):
         theta.grad = target.grad(theta.detach())
         opt.step()
@@ -234,7 +234,7 @@ def test_temperature_zero_is_damped_dynamics_with_consistent_kicks_under_a_sched
         G = torch.ones(4, dtype=DT)
     else:
         opt = adam_pre19([theta], lr=lrs[0], beta=BETA, temperature=0.0, weight_decay=LAM, friction=1.5,
-                           warmup_steps=None, seed=0)
+                           burn_in_steps=None, seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt.start_sampling()
@@ -260,7 +260,7 @@ def test_initial_momentum_is_drawn_from_its_stationary_law():
     any number of steps beta p^2/G has mean 1 and variance 2 per coordinate: z-tested over 20,000 coordinates."""
     G = torch.linspace(0.1, 10.0, 20000, dtype=DT)
     theta = torch.nn.Parameter(torch.zeros(20000, dtype=DT))
-    opt = adam_pre19([theta], lr=0.1, beta=BETA, friction=0.7, warmup_steps=None, seed=3)
+    opt = adam_pre19([theta], lr=0.1, beta=BETA, friction=0.7, burn_in_steps=None, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.start_sampling()
@@ -305,7 +305,7 @@ def test_resume_is_bitwise_and_nonfinite_step_changes_nothing(optimizer):
         if optimizer == "sgd":
             opt = LangevinSGD([theta], lr=0.05, beta=BETA, weight_decay=LAM, friction=2.0, seed=9)
         else:
-            opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, friction=2.0, warmup_steps=3, seed=9)
+            opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, friction=2.0, burn_in_steps=3, seed=9)
         return theta, opt
 
     def run(theta, opt, steps, start):

@@ -87,7 +87,7 @@ def test_the_split_samples_module_still_offers_the_averaging():
     sys.modules.pop("langevin_lora.samples", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from langevin_lora.samples import SampleBank, bma_predict_proba
+        from langevin_lora import SampleBank, bma_predict_proba
     assert SampleBank is langevin_lora.SampleBank and bma_predict_proba is langevin_lora.bma_predict_proba
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -97,7 +97,7 @@ def test_the_split_samples_module_still_offers_the_averaging():
 
 
 def test_the_yaml_class_path_of_release_01_still_resolves():
-    """``class_path: langevin_lora.callback.LangevinLoRA`` in a LightningCLI YAML, as jsonargparse resolves it."""
+    """``class_path: langevin_lora.LangevinLoRA`` in a LightningCLI YAML, as jsonargparse resolves it."""
     from jsonargparse import ArgumentParser
     from lightning.pytorch import Callback
 

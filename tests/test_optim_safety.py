@@ -16,7 +16,7 @@ from torch import nn
 from langevin_lora import DivergenceWarning, LangevinAdam, LangevinSGD, lora_param_groups, weight_decay_from_prior_std
 from langevin_lora.diagnostics.checks import check_step_size
 from langevin_lora.diagnostics import stationarity_report
-from langevin_lora.step_size import (
+from langevin_lora.core.step_size import (
     AUTO_STEP_MARGIN,
     STEP_ACCURACY_BOUND,
     StepSizeWarning,
@@ -52,7 +52,7 @@ def run_quickstart(lr, steps, warmup, closure=True, seed=0, **kw):
     model.train()
     batches = token_batches()
     opt = LangevinAdam(lora_param_groups(model), lr=lr, num_data=64, weight_decay=weight_decay_from_prior_std(0.1, 64),
-                       warmup_steps=warmup, seed=0, **kw)
+                       burn_in_steps=warmup, seed=0, **kw)
     theta_max = []
     start = None
     for t in range(steps):
@@ -138,8 +138,8 @@ def test_adam_defaults_follow_the_callback():
 
 def test_auto_friction_gamma_is_logged(caplog):
     w = nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = LangevinAdam([w], lr=1e-2, num_data=10, weight_decay=0.1, warmup_steps=1, step_size="lr", seed=0)
-    with caplog.at_level(logging.INFO, logger="langevin_lora.engine"):
+    opt = LangevinAdam([w], lr=1e-2, num_data=10, weight_decay=0.1, burn_in_steps=1, step_size="lr", seed=0)
+    with caplog.at_level(logging.INFO, logger="langevin_lora.core.engine"):
         for _ in range(3):
             opt.zero_grad()
             w.square().sum().backward()
@@ -219,7 +219,7 @@ class TwoInputs(nn.Module):
 
 
 def test_bma_default_forward_passes_every_input_forward_requires():
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
     from langevin_lora import bma_predict_proba
 
     model = TwoInputs()
@@ -234,7 +234,7 @@ def test_bma_default_forward_passes_every_input_forward_requires():
 
 # -- papercuts ------------------------------------------------------------------------------------------------
 def test_sample_of_wrong_shapes_names_the_parameter():
-    from langevin_lora.samples import SampleBank
+    from langevin_lora.posterior.bank import SampleBank
 
     bank = SampleBank(num_samples=2)
     bank.add(nn.Linear(3, 2), 1)

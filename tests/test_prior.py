@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from langevin_lora.temperature import prior_std_from_weight_decay, weight_decay_from_prior_std
+from langevin_lora.core.temperature import prior_std_from_weight_decay, weight_decay_from_prior_std
 
 
 @pytest.mark.parametrize("sigma, n", [(0.1, 1000), (0.02, 2000), (1.0, 569), (0.5, 7.5)])
@@ -53,8 +53,8 @@ def test_lora_callback_refuses_an_improper_prior_and_defaults_to_a_proper_one():
     documented DEFAULT_PRIOR_STD, or with prior_std; prior_std beside weight_decay is refused."""
     from callback_helpers import N, Tiny, loader, trainer
 
-    from langevin_lora.callback import LangevinLoRA
-    from langevin_lora.temperature import DEFAULT_PRIOR_STD
+    from langevin_lora.lightning.callback import LangevinLoRA
+    from langevin_lora.core.temperature import DEFAULT_PRIOR_STD
 
     with pytest.raises(ValueError, match=r"Invalid weight_decay: 0 at temperature 1 > 0 \(expected weight_decay > 0"):
         LangevinLoRA(weight_decay=0.0)

@@ -56,7 +56,7 @@ def _moments(theta, mean):
 
 @pytest.mark.parametrize("kinetic", [False, True])
 def test_centred_prior_exact_gaussian_law(kinetic):
-    """LangevinSGD(prior_centre="start"), every chain starting at theta_s (so theta_0 = theta_s): overdamped,
+    """LangevinSGD(prior_centre="burn_in"), every chain starting at theta_s (so theta_0 = theta_s): overdamped,
     the exact ULA law; kinetic (h sqrt(lambda_max) = 1), the exact Gibbs law. The uncentred mean K^-1 b is rejected."""
     target, C = _target(), 512
     ev = np.linalg.eigvalsh(target.K)
@@ -65,11 +65,11 @@ def test_centred_prior_exact_gaussian_law(kinetic):
     if kinetic:
         h = 1.0 / math.sqrt(ev.max())
         opt = LangevinSGD([theta], lr=h, beta=BETA, weight_decay=LAM, seed=41, friction=2 * math.sqrt(ev.min()),
-                          prior_centre="start")
+                          prior_centre="burn_in")
         cov, rate = target.gibbs_cov(BETA), h * math.sqrt(ev.min())
     else:
         eta = 0.1 / ev.max()
-        opt = LangevinSGD([theta], lr=eta, beta=BETA, weight_decay=LAM, seed=42, prior_centre="start")
+        opt = LangevinSGD([theta], lr=eta, beta=BETA, weight_decay=LAM, seed=42, prior_centre="burn_in")
         cov, rate = target.ula_cov(eta, BETA), eta * ev.min()
 
     def set_grads():
@@ -88,7 +88,7 @@ def test_centred_prior_exact_gaussian_law(kinetic):
 def test_adam_centre_is_the_freeze_point_and_is_saved():
     target = _target()
     theta = torch.nn.Parameter(torch.zeros(8, 3, dtype=DT))
-    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, warmup_steps=5, seed=0, prior_centre="start")
+    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=LAM, burn_in_steps=5, seed=0, prior_centre="burn_in")
     for _ in range(5):
         theta.grad = target.grad(theta.detach())
         opt.step()
@@ -100,8 +100,8 @@ def test_adam_centre_is_the_freeze_point_and_is_saved():
     assert torch.equal(opt.state[theta]["prior_centre"], frozen_at)
     assert torch.equal(opt.state_dict()["state"][0]["prior_centre"], frozen_at)
     assert opt.langevin_groups()[0].prior_centre[0] is opt.state[theta]["prior_centre"]
-    with pytest.raises(ValueError, match="prior_centre"):
-        adam_pre19([theta], lr=0.1, beta=1.0, prior_centre="burn_in")
+    with pytest.raises(ValueError, match=r"Invalid prior_centre: 'middle' \(expected one of 'zero', 'burn_in'\)"):
+        adam_pre19([theta], lr=0.1, beta=1.0, prior_centre="middle")
 
 
 def test_callback_burn_in_centre_gauge_refusals():
@@ -127,14 +127,14 @@ def test_callback_burn_in_centre_gauge_refusals():
     with pytest.raises(ValueError, match="centred away from 0"):
         GaugeMoves()([], beta=1.0, weight_decay=0.1, sampler=cb)
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = LangevinSGD([p], lr=0.1, beta=1.0, prior_centre="start", seed=0)
+    opt = LangevinSGD([p], lr=0.1, beta=1.0, prior_centre="burn_in", seed=0)
     p.grad = torch.zeros(3)
     opt.step()
     with pytest.raises(ValueError, match="centred away from 0"):
         GaugeMoves()([], beta=1.0, weight_decay=0.1, sampler=opt)
     opt_mod = Tiny()
     lora = [q for n, q in opt_mod.named_parameters() if "lora_" in n]
-    opt2 = LangevinSGD(lora, lr=0.1, beta=1.0, prior_centre="start", seed=0)
+    opt2 = LangevinSGD(lora, lr=0.1, beta=1.0, prior_centre="burn_in", seed=0)
     for q in lora:
         q.grad = torch.zeros_like(q)
     opt2.step()
@@ -196,7 +196,7 @@ def test_kinetic_temperature_check_fails_on_a_hot_momentum():
 def test_gauge_columns_skipped_only_for_centred_modules():
     """The gauge identity needs a prior centred at 0: a LoRA module whose tensors have a centre gets no gauge gap."""
     from langevin_lora.diagnostics.layout import LoraModule, build_layout
-    from langevin_lora.view import LangevinGroupView
+    from langevin_lora.core.view import LangevinGroupView
 
     A, B = torch.zeros(2, 5), torch.zeros(4, 2)
     view = dict(name="g", params=[A, B], lr=0.1, beta=1.0, weight_decay=0.1, precond=None, sampling=True)

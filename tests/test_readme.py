@@ -52,7 +52,7 @@ def token_examples(n: int, seq: int = 8, seed: int = 1) -> list[dict[str, torch.
 
 def reader_namespace(tmp_path: Path) -> dict:
     """The names the README leaves to its reader (module docstring). ``num_epochs`` is chosen so that the
-    optimizer quick start (``warmup_steps=200``) takes 40 sampling steps; the Lightning blocks' own
+    optimizer quick start (``burn_in_steps=200``) takes 40 sampling steps; the Lightning blocks' own
     ``max_epochs``/``max_steps`` run as printed."""
     import lightning as L
     from torch.utils.data import DataLoader

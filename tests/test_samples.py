@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from langevin_lora.callback import LangevinLoRA
-from langevin_lora.param_groups import lora_modules
-from langevin_lora.samples import SampleBank, bma_predict_proba
+from langevin_lora.lightning.callback import LangevinLoRA
+from langevin_lora.lora.param_groups import lora_modules
+from langevin_lora import SampleBank, bma_predict_proba
 
 IN, K, N = 5, 3, 24
 

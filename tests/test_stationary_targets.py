@@ -186,7 +186,7 @@ def _adam_frozen(target: Quadratic, C: int):
     """Adam warm-up (identical deterministic start in every chain, so every chain freezes the same G),
     then the sampling step size from THEORY §2's stability rule eta lambda_max(G^1/2 K G^1/2) = 0.1."""
     theta = torch.nn.Parameter(torch.tensor([[2.0, -1.0, 0.5]], dtype=DT).repeat(C, 1))
-    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=ADAM_LAM, warmup_steps=300, seed=4)
+    opt = adam_pre19([theta], lr=0.05, beta=BETA, weight_decay=ADAM_LAM, burn_in_steps=300, seed=4)
     for _ in range(300):
         theta.grad = target.grad(theta.detach())
         opt.step()

@@ -13,10 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from langevin_lora.callback import LangevinLoRA
-from langevin_lora.curvature import top_eigenvalue
-from langevin_lora.guard import DivergenceError, DivergenceWarning
-from langevin_lora.step_size import (
+from langevin_lora.lightning.callback import LangevinLoRA
+from langevin_lora.core.curvature import top_eigenvalue
+from langevin_lora.core.guard import DivergenceError, DivergenceWarning
+from langevin_lora.core.step_size import (
     KINETIC_SAFETY,
     OVERDAMPED_SAFETY,
     AutoStepSize,
@@ -354,7 +354,7 @@ def test_auto_step_falls_back_to_finite_differences_without_double_backward(capl
         g, = torch.autograd.grad(closure(), [theta], create_graph=True)
         torch.autograd.grad(g.sum(), [theta])
     auto = AutoStepSize(num_iters=200, rtol=1e-10)
-    with caplog.at_level(logging.DEBUG, logger="langevin_lora.curvature"), warnings.catch_warnings():
+    with caplog.at_level(logging.DEBUG, logger="langevin_lora.core.curvature"), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)   # issue 19: the expected fallback is no warning
         est = auto.measure(closure, [theta], precond=None, weight_decay=[0.0])
     assert "falling back to central finite differences" in caplog.text
