@@ -115,6 +115,15 @@ def add_results_arguments(parser) -> None:
                         help="results file for --append-results (default benchmarks/RESULTS.md)")
 
 
+def add_size_arguments(parser, quick_help: str) -> None:
+    """The run sizes of the sampler benchmarks: ``--quick`` (``quick_help``) or ``--smoke`` (seconds, for the
+    test suite), exclusive; plus ``--seed``."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=quick_help)
+    mode.add_argument("--smoke", action="store_true", help="tiny run for the test suite (seconds)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def append_section(text: str, path: Path | str | None = None) -> Path:
     """Append ``text`` (one whole markdown section) to ``path`` (default ``benchmarks/RESULTS.md``, created
     if absent) under an exclusive lock, in a single write: concurrent benchmark scripts interleave whole

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks._common import (add_results_arguments, append_results, machine_markdown, machine_record,
-                                markdown_table)
+from benchmarks._common import (add_results_arguments, add_size_arguments, append_results, machine_markdown,
+                                machine_record, markdown_table)
 from benchmarks.bench_sampler import DTYPE, Target, lora_target
 from langevin_lora import LangevinSGD
 from langevin_lora.diagnostics import effective_sample_size, split_rhat
@@ -278,11 +278,8 @@ def _fmt_grads(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer chains, shorter caps")
-    mode.add_argument("--smoke", action="store_true", help="tiny run for the test suite (seconds)")
+    add_size_arguments(ap, quick_help="fewer chains, shorter caps")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-sweep", action="store_true", help="skip the friction sweep")
     add_results_arguments(ap)
     args = ap.parse_args(argv)

@@ -62,8 +62,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks._common import (ESS_BACKEND, add_results_arguments, append_results, effective_sample_size,
-                                machine_markdown, machine_record, markdown_table, time_per_call)
+from benchmarks._common import (ESS_BACKEND, add_results_arguments, add_size_arguments, append_results,
+                                effective_sample_size, machine_markdown, machine_record, markdown_table,
+                                time_per_call)
 from langevin_lora import LangevinAdam, LangevinSGD, weight_decay_from_prior_std
 from langevin_lora.testing import RANK1_GROUND_TRUTH, Quadratic, lora_posterior_grid
 
@@ -629,11 +630,8 @@ TARGETS = {"quadratic": quadratic_target, "lora-rank1": lambda s: lora_target(1,
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="about 10x fewer steps (about 30 s)")
-    mode.add_argument("--smoke", action="store_true", help="tiny run for the test suite (seconds)")
+    add_size_arguments(ap, quick_help="about 10x fewer steps (about 30 s)")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    ap.add_argument("--seed", type=int, default=0)
     add_results_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
