@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from langevin_lora.temperature import weight_decay_from_prior_std
 from recipes.config_check import ConfigError, GivenItem, check_given, given_items, one_line, signature_keys
 
@@ -420,9 +422,10 @@ def _check_sections(cfg: Mapping[str, Any]) -> LangevinSettings:
 
 
 def _command_line(argv: Sequence[str]) -> list[str]:
-    """The arguments as jsonargparse reads them: ``--set section.key=value`` (the value is everything
-    after the first ``=``) becomes ``--section.key=value``; ``--seeds 0 1 2`` and ``--methods adamw
-    langevin`` become YAML lists."""
+    """The arguments as jsonargparse reads them. ``--set section.key=value`` (the value is everything
+    after the first ``=``, parsed as YAML as in the file) becomes a one-key config string
+    ``--config '{section: {key: value}}'``, merged over the file by jsonargparse; ``--seeds 0 1 2``
+    and ``--methods adamw langevin`` become YAML lists."""
     argv, out, i = list(argv), [], 0
     while i < len(argv):
         token, i = argv[i], i + 1
@@ -432,7 +435,12 @@ def _command_line(argv: Sequence[str]) -> list[str]:
             key, eq, value = item.partition("=")
             if not eq or not all(key.strip().split(".")):
                 raise ConfigError(f"Invalid override: {item!r} (expected section.key=value)")
-            out.append(f"--{key.strip()}={value}")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"Invalid override: {item!r} (the value {value!r} is not valid YAML: "
+                                  f"{one_line(exc)})") from None
+            out += ["--config", yaml.safe_dump(_nest(key.strip(), parsed), default_flow_style=True).strip()]
         elif token in ("--seeds", "--methods"):
             values = []
             while i < len(argv) and not argv[i].startswith("--"):

@@ -99,9 +99,9 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-def option_items(args: Sequence[str], start: int = 0, stop: int | None = None) -> Iterator[GivenItem | Path]:
+def option_items(args: Sequence[str], start: int = 0, stop: int | None = None) -> Iterator[GivenItem | str]:
     """``--key value`` / ``--key=value`` options of ``args[start:stop]`` as :class:`GivenItem`, and
-    the ``--config`` files as :class:`~pathlib.Path`; other tokens (a subcommand, ``--help``,
+    the ``--config`` values as they are (a path or a config string); other tokens (a subcommand, ``--help``,
     ``--print_config``) are skipped."""
     args = list(args)[start:stop]
     i = 0
@@ -114,7 +114,7 @@ def option_items(args: Sequence[str], start: int = 0, stop: int | None = None) -
         if not eq and i < len(args) and not args[i].startswith("--"):
             value, i = args[i], i + 1
         if name in CONFIG_OPTIONS:
-            yield Path(value)
+            yield value   # a file's path, or a config string (given_items tells them apart)
             continue
         name = name[2:].rstrip("+")
         if name in ("", "help") or name.startswith("print_config"):
@@ -123,20 +123,22 @@ def option_items(args: Sequence[str], start: int = 0, stop: int | None = None) -
 
 
 def given_items(args: Sequence[str], start: int = 0, stop: int | None = None) -> list[GivenItem]:
-    """What ``args`` set, in order: each top-level key of each ``--config`` file (read with
-    ``yaml.safe_load`` only to name its keys; jsonargparse parses it) and each option. A file that
-    is missing or not YAML gives nothing here: jsonargparse says what is wrong with it."""
+    """What ``args`` set, in order: each top-level key of each ``--config`` (a file, or a YAML string
+    as jsonargparse also takes; read with ``yaml.safe_load`` only to name its keys) and each option.
+    A file that is missing or not YAML gives nothing here: jsonargparse says what is wrong with it."""
     out: list[GivenItem] = []
     for item in option_items(args, start, stop):
         if isinstance(item, GivenItem):
             out.append(item)
             continue
         try:
-            cfg = yaml.safe_load(item.read_text())
+            path = Path(item)
+            cfg, where = (yaml.safe_load(path.read_text()), f"in {item}") if path.is_file() else \
+                (yaml.safe_load(item), f"in --config {one_line(item)}")
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(cfg, Mapping):
-            out += [GivenItem(str(k), v, f"in {item}") for k, v in cfg.items() if k != "__path__"]
+            out += [GivenItem(str(k), v, where) for k, v in cfg.items() if k != "__path__"]
     return out
 
 

@@ -41,6 +41,19 @@ def test_dotted_options_and_set_overrides_give_the_same_config():
     assert "num_labels" not in dotted["model"] and set(dotted["trainer"]) == set(file["trainer"])
 
 
+def test_set_values_are_yaml_as_in_the_file():
+    """``--set`` values are parsed as YAML, as a file's are: ``0.001`` is a number even where the
+    annotation lists ``str`` first (LangevinLoRA's ``step_size: str | float``)."""
+    from recipes.compare_config import ConfigError, load_config
+
+    cfg = load_config(SMS, ["langevin.step_size=0.001", "trainer.max_steps=7", "data.tokenizer=minilm"])
+    assert cfg["langevin"]["step_size"] == 0.001 and cfg["trainer"]["max_steps"] == 7
+    with pytest.raises(ConfigError, match=r"Invalid override: 'langevin.burn_in=\[1' \(the value '\[1' is not valid YAML"):
+        load_config(SMS, ["langevin.burn_in=[1"])
+    with pytest.raises(ConfigError, match=r"Invalid override: 'langevin' \(expected section.key=value\)"):
+        load_config(SMS, ["langevin"])
+
+
 def test_print_config_prints_a_config_that_loads_back(capsys, tmp_path):
     from recipes.compare import main
     from recipes.compare_config import load_config
@@ -63,6 +76,8 @@ def test_print_config_prints_a_config_that_loads_back(capsys, tmp_path):
     (["--langevin.diagnostics.lambda_max_every_n_step", "0"],
      ("unknown key 'langevin.diagnostics.lambda_max_every_n_step'", "closest first: lambda_max_every_n_steps, ")),
     (["--sedes", "1"], ("unknown key 'sedes'", "closest first: seeds, ")),
+    (["--langevin.temperature.x", "1"], ("unknown key 'langevin.temperature.x'", "langevin.temperature takes a value, "
+                                                                               "not keys")),
 ])
 def test_unknown_key_is_one_line_naming_it(capsys, args, expected):
     from recipes.compare import main

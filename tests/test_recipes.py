@@ -299,17 +299,16 @@ def test_compare_misspelled_key_is_one_line_listing_valid_keys(capsys, override,
 # The messages name the key, the value and what is allowed; the reason is jsonargparse's (issue 22).
 # Re-worded from the hand-rolled checker: "(expected an integer)" -> jsonargparse's "Expected a <class 'int'>",
 # "unknown section 'dataa'; valid sections" -> "unknown key 'dataa' ... valid keys of the config",
-# "langevin.temperature is 1.0, not a section" -> "takes a value, not keys", and "[1" is no longer a YAML error
-# (jsonargparse reads it as the text "[1", which burn_in refuses).
+# "langevin.temperature is 1.0, not a section with keys" -> "Invalid langevin.temperature: {'x': 1}".
 @pytest.mark.parametrize("override, match", [
     ("trainer.max_steps=3=4", ("Invalid trainer.max_steps: '3=4' (", "Expected a <class 'int'>")),
     ("data.batch_size=abc", ("Invalid data.batch_size: 'abc' (", "Expected a <class 'int'>")),
     ("langevin.precond_clamp=[1, 2, 3]", ("Invalid langevin.precond_clamp: [1, 2, 3] (",
                                           "Expected a tuple with 2 elements")),
     ("trainer.callbacks=[]", ("Invalid key trainer.callbacks: the comparison sets the Trainer's callbacks itself",)),
-    ("langevin.temperature.x=1", ("unknown key 'langevin.temperature.x'", "langevin.temperature takes a value, not keys")),
+    ("langevin.temperature.x=1", ("Invalid langevin.temperature: {'x': 1} (",)),
     ("dataa.x=1", ("unknown key 'dataa'", "closest first: data, ")),
-    ("langevin.burn_in=[1", ("Invalid langevin.burn_in: '[1' (",)),
+    ("langevin.burn_in=[1", ("is not valid YAML",)),
 ])
 def test_compare_bad_values_are_one_line(capsys, override, match):
     from recipes.compare import main
