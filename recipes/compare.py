@@ -2,7 +2,8 @@ r"""The comparison users run: AdamW LoRA, its cheap fixes, and Langevin LoRA, on
 seeds, initialisation and data order.
 
     python -m recipes.compare --config recipes/configs/compare_twitter.yaml [--seeds 0 1 2]
-        [--methods adamw langevin] [--output_dir DIR] [--set data.num_train=500 --set trainer.max_epochs=2 ...]
+        [--methods adamw langevin] [--output_dir DIR] [--data.num_train 500 --trainer.max_epochs 2 ...]
+        [--set data.num_train=500 ...] [--print_config]
 
 For every seed (the same LoRA initialisation and minibatch order for all arms):
 
@@ -30,13 +31,15 @@ arguments), ``trainer`` (Lightning Trainer arguments, passed unchanged), ``selec
 (:class:`~recipes.compare_config.SelectionSettings`) and ``langevin``
 (:class:`~recipes.compare_config.LangevinSettings`: the recipe's keys plus any LangevinLoRA argument).
 
-Configuration mistakes (an unknown key, a value of the wrong type, a value a constructor refuses)
-end in one line ``python -m recipes.compare: error: ...`` that names the key, and exit status 2
+The command line is a jsonargparse parser of the config (:func:`~recipes.compare_config.compare_parser`):
+every key can be set as ``--section.key value`` (or ``--set section.key=value``; the value is parsed
+as YAML) and ``--print_config`` prints the config as given. Configuration mistakes (an unknown key,
+a value of the wrong type, a value a constructor refuses) end in one line
+``python -m recipes.compare: error: ...`` that names the key, and exit status 2
 (:mod:`recipes.compare_config`, :mod:`recipes.config_check`).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import shlex
@@ -47,8 +50,8 @@ from typing import Any
 import torch
 
 from recipes.arms import Shared, adamw_rows, building, run_adamw, run_dropin, run_langevin
-from recipes.compare_config import (METHODS, TASKS, LangevinSettings, SelectionSettings, load_config,
-                                    validate_config)
+from recipes.compare_config import (METHODS, PROG, TASKS, LangevinSettings, SelectionSettings, load_config,
+                                    parse_args, validate_config)
 from recipes.config_check import ConfigError, exit_on_config_error
 
 __all__ = ["LangevinSettings", "run_comparison", "load_config", "validate_config", "main", "TASKS", "METHODS"]
@@ -219,21 +222,14 @@ def _notes(shared: Shared, settings: LangevinSettings, rows: list[dict], extras:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m recipes.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (recipes/configs/compare_*.yaml)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
-    parser.add_argument("--output_dir", help="override the config's output folder")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (YAML-parsed), e.g. --set trainer.precision=bf16-mixed")
-    args = parser.parse_args(argv)
-    command = "python -m recipes.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    """``python -m recipes.compare``: parse the command line (:func:`~recipes.compare_config.parse_args`)
+    and run the comparison; a configuration mistake prints one line and exits with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = f"{PROG} " + " ".join(shlex.quote(a) for a in argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        return run_comparison(cfg, seeds=args.seeds, output_dir=args.output_dir, methods=args.methods,
-                              command=command)
+        return run_comparison(parse_args(argv), command=command)
     except ConfigError as exc:  # one line, exit status 2, no traceback
-        exit_on_config_error(parser.prog, exc)
+        exit_on_config_error(PROG, exc)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,40 @@
-r"""What a comparison config is: its sections, the Langevin settings, loading and checking.
+r"""What a comparison config is: its sections, the Langevin settings, and the parser that reads it.
 
 A config (YAML) has the sections ``seeds``, ``output_dir``, ``task`` (``text``; ``choice`` for
 causal-LM multiple choice), ``methods``, ``threads``, ``data`` (data-module arguments), ``model``
-(module arguments), ``trainer`` (Lightning Trainer arguments, passed unchanged) and ``langevin``
-(:class:`LangevinSettings`; its ``diagnostics`` mapping holds
-:class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments). :func:`load_config` reads it,
-applies ``section.key=value`` overrides and runs :func:`validate_config`, which refuses an unknown
-key or an ill-typed value with one line naming it (:class:`~recipes.config_check.ConfigError`).
+(module arguments), ``trainer`` (Lightning Trainer arguments, passed unchanged), ``selection``
+(:class:`SelectionSettings`) and ``langevin`` (:class:`LangevinSettings`: the recipe's keys plus
+any :class:`~langevin_lora.LangevinLoRA` argument; its ``diagnostics`` mapping holds
+:class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments).
+
+:func:`compare_parser` is a jsonargparse parser of it: ``data``, ``model`` and ``trainer`` are the
+signatures of the task's data module, LightningModule and :class:`~lightning.pytorch.Trainer`,
+``selection`` the :class:`SelectionSettings` dataclass, ``langevin`` the recipe's
+:class:`RecipeFields` dataclass and the ``LangevinLoRA`` signature (:func:`langevin_parser`).
+jsonargparse loads the YAML, applies ``--section.key value`` overrides, checks each value against
+its annotation and prints ``--print_config``. :func:`parse_args` (the command line) and
+:func:`load_config` (a file and ``section.key=value`` overrides) run it and return the config as
+given (the keys the user set, not the defaults); a mistake is one
+:class:`~recipes.config_check.ConfigError` naming the key.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import math
-import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from langevin_lora.temperature import weight_decay_from_prior_std
-from recipes.config_check import ConfigError, check_keys, check_section, check_value, suggest, type_hints
+from recipes.config_check import ConfigError, GivenItem, check_given, given_items, one_line, signature_keys
 
-__all__ = ["LangevinSettings", "SelectionSettings", "TASKS", "SECTIONS", "METHODS", "load_config", "validate_config",
-           "callback_signature"]
+__all__ = ["LangevinSettings", "SelectionSettings", "RecipeFields", "TASKS", "SECTIONS", "METHODS", "PROG",
+           "compare_parser", "langevin_parser", "parse_args", "load_config", "validate_config", "callback_signature"]
 
+PROG = "python -m recipes.compare"
 SECTIONS = ("seeds", "output_dir", "task", "data", "model", "trainer", "selection", "langevin", "methods", "threads")
 #: The arms, in report order (module docstring of :mod:`recipes.compare`).
 METHODS = ("adamw", "adamw_best", "adamw_ts", "langevin", "langevin_ts")
@@ -73,7 +82,7 @@ class SelectionSettings:
 
 
 @dataclasses.dataclass
-class _RecipeFields:
+class RecipeFields:
     r"""The ``langevin:`` keys the comparison reads itself (the other keys are LangevinLoRA's).
 
     Attributes:
@@ -104,7 +113,7 @@ class _RecipeFields:
         diagnostics: extra :class:`~langevin_lora.diagnostics.GibbsDiagnostics` arguments.
     """
 
-    burn_in: float | str = "auto"
+    burn_in: float | Literal["auto", "best"] = "auto"
     sampling_steps: int | None = None
     num_samples: int = 16
     sample_every: int | None = None
@@ -116,7 +125,7 @@ class _RecipeFields:
     diagnostics: dict = dataclasses.field(default_factory=dict)
 
 
-RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(_RecipeFields)}
+RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(RecipeFields)}
 
 
 def _real(v: Any) -> bool:
@@ -124,7 +133,7 @@ def _real(v: Any) -> bool:
 
 
 class LangevinSettings:
-    r"""The ``langevin:`` section: the recipe's own keys (:class:`_RecipeFields`: ``burn_in``,
+    r"""The ``langevin:`` section: the recipe's own keys (:class:`RecipeFields`: ``burn_in``,
     ``sampling_steps``, ``num_samples``, ``sample_every``, ``sample_span``, ``prior_std``,
     ``lr_scale``, ``temperature_scaling_bounds``, ``dropout``, ``diagnostics``) and any
     keyword argument of
@@ -142,12 +151,16 @@ class LangevinSettings:
         for key, reason in RESERVED_CALLBACK.items():
             if key in settings:
                 raise ConfigError(f"Invalid key langevin.{key}: {reason}")
-        check_keys("langevin", settings, set(RECIPE_FIELDS) | set(signature) - set(RESERVED_CALLBACK))
+        check_given([GivenItem("langevin", settings, "")], _langevin_sections())
+        given = [GivenItem(f"langevin.{k}", v, "") for k, v in settings.items()]
         recipe = {k: settings.pop(k) for k in list(settings) if k in RECIPE_FIELDS}
-        self._fields = dataclasses.asdict(_RecipeFields(**recipe))
+        self._fields = dataclasses.asdict(RecipeFields(**recipe))
         self.callback = dict(settings)
         self._defaults = {n: p.default for n, p in signature.items()}
         self._check_recipe_fields()
+        parser = langevin_parser()
+        _parsed(lambda: parser.parse_object({**recipe, **self.callback}, defaults=False), parser, given,
+                _langevin_sections(), prefix="langevin.")
         self._check_callback_values()
 
     def __getattr__(self, name: str) -> Any:
@@ -196,21 +209,22 @@ class LangevinSettings:
                               "GibbsDiagnostics arguments)")
 
     def _check_callback_values(self) -> None:
-        """Build a LangevinLoRA with the given arguments once: a value it refuses becomes a
-        ConfigError naming ``langevin.<key>``."""
+        """Build a LangevinLoRA with the given arguments once. When it refuses them, each given
+        argument is tried alone (with the recipe's prior) to name the key it refuses: a one-line
+        ConfigError ``Invalid langevin.<key>: <value> (<LangevinLoRA's message>)``."""
         from langevin_lora.callback import LangevinLoRA
 
         kwargs = self.dropin_kwargs() if self._fields["burn_in"] == "auto" else self.callback_kwargs(num_data=1)
         try:
             LangevinLoRA(**kwargs, num_data=1, diagnostics=False)
         except (ValueError, TypeError) as exc:
-            msg = str(exc)
-            m = re.match(r"Invalid (\w+)", msg)
-            if m and m.group(1) in self.callback:
-                msg = msg.replace(f"Invalid {m.group(1)}", f"Invalid langevin.{m.group(1)}", 1)
-            else:
-                msg = f"langevin: {msg}"
-            raise ConfigError(msg) from exc
+            for key in self.callback:
+                alone = {k: v for k, v in kwargs.items() if k == key or k not in self.callback}
+                try:
+                    LangevinLoRA(**alone, num_data=1, diagnostics=False)
+                except (ValueError, TypeError) as key_exc:
+                    raise ConfigError(f"Invalid langevin.{key}: {self.callback[key]!r} ({one_line(key_exc)})") from exc
+            raise ConfigError(f"langevin: {one_line(exc)}") from exc
 
     def weight_decay(self, num_data: int) -> float:
         r""":math:`\lambda`: ``weight_decay`` when given, else :math:`1/(N\sigma_p^2)`."""
@@ -287,101 +301,189 @@ def _choice_task():
 TASKS = {"text": _text_task, "choice": _choice_task}
 
 
-# -- loading and checking ---------------------------------------------------------------------------
-def _apply_override(cfg: dict[str, Any], item: Any) -> None:
-    """``section.key=value`` into ``cfg``; the value is everything after the first ``=``, parsed as YAML."""
-    if not isinstance(item, str) or "=" not in item:
-        raise ConfigError(f"Invalid override: {item!r} (expected section.key=value)")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"Invalid override: {item!r} (empty key part in {key!r}; expected section.key=value)")
-    if parts[0] not in SECTIONS:
-        raise ConfigError(f"Invalid override: {item!r}: unknown section {parts[0]!r}; valid sections, closest first: "
-                          f"{suggest(parts[0], SECTIONS)}")
+# -- the parser --------------------------------------------------------------------------------------
+def _langevin_sections() -> dict[str, set[str] | None]:
+    """Valid keys of ``langevin`` and ``langevin.diagnostics`` (reserved keys included: they are
+    refused with their reason, not as unknown)."""
+    from langevin_lora.diagnostics import GibbsDiagnostics
+
+    return {"langevin": set(RECIPE_FIELDS) | set(callback_signature()),
+            "langevin.diagnostics": signature_keys(GibbsDiagnostics)}
+
+
+def langevin_parser():
+    """The ``langevin:`` section as a jsonargparse parser: :class:`RecipeFields`, ``diagnostics``
+    as the :class:`~langevin_lora.diagnostics.GibbsDiagnostics` signature, and the ``LangevinLoRA``
+    signature less the recipe's own names (read when called: an argument LangevinLoRA gains later is
+    a key at once)."""
+    from jsonargparse import ArgumentParser
+
+    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.diagnostics import GibbsDiagnostics
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RecipeFields, skip={"diagnostics"})
+    parser.add_class_arguments(GibbsDiagnostics, "diagnostics")
+    parser.add_class_arguments(LangevinLoRA, skip=set(RECIPE_FIELDS))
+    return parser
+
+
+def config_sections(task: Any = "text") -> dict[str, set[str] | None]:
+    """Valid keys of each section (``""``: the top level), from the signatures of what it builds."""
+    import lightning.pytorch as pl
+
+    data_cls, module_cls, _ = TASKS[task if task in TASKS else "text"]()
+    return {"": set(SECTIONS), "data": signature_keys(data_cls), "model": signature_keys(module_cls),
+            "trainer": signature_keys(pl.Trainer), "selection": signature_keys(SelectionSettings),
+            **_langevin_sections()}
+
+
+def compare_parser(task: Any = "text"):
+    """The jsonargparse parser of a comparison config whose ``task`` is ``task`` (it picks the data
+    module and LightningModule): ``--config FILE``, ``--section.key value``, ``--print_config``."""
+    import lightning.pytorch as pl
+    from jsonargparse import ActionConfigFile, ActionParser, ArgumentParser
+
+    data_cls, module_cls, _ = TASKS[task if task in TASKS else "text"]()
+    parser = ArgumentParser(prog=PROG, exit_on_error=False, description="AdamW LoRA, its cheap fixes and Langevin "
+                            "LoRA on the same data, seeds, initialisation and data order (recipes/README.md).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (recipes/configs/compare_*.yaml)")
+    parser.add_argument("--seeds", type=list[int], default=[0], help="seeds, e.g. --seeds 0 1 2")
+    parser.add_argument("--output_dir", type=str, default="outputs/compare")
+    parser.add_argument("--task", type=Literal[tuple(TASKS)], default="text")
+    parser.add_argument("--methods", type=list[Literal[METHODS]], default=list(METHODS),
+                        help="arms, e.g. --methods adamw langevin")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
+    parser.add_class_arguments(data_cls, "data")
+    parser.add_class_arguments(module_cls, "model")
+    parser.add_class_arguments(pl.Trainer, "trainer")
+    parser.add_class_arguments(SelectionSettings, "selection")
+    parser.add_argument("--langevin", action=ActionParser(parser=langevin_parser()))
+    return parser
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    head, _, rest = key.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def _leaves(item: GivenItem, sections: Mapping[str, Any]) -> Iterator[GivenItem]:
+    """``item`` split down to the keys of the sections it sets (``data: {...}`` -> ``data.x``, ...)."""
+    if isinstance(item.value, Mapping) and sections.get(item.key) is not None:
+        for k, v in item.value.items():
+            yield from _leaves(GivenItem(f"{item.key}.{k}", v, item.where), sections)
+    else:
+        yield item
+
+
+def _parsed(parse: Callable[[], Any], parser, items: Sequence[GivenItem], sections: Mapping[str, Any],
+            prefix: str = "") -> Any:
+    """``parse()``; when jsonargparse refuses, each given key is parsed alone (``parser.parse_object``)
+    and the first one refused is a one-line :class:`ConfigError` naming it, its value and
+    jsonargparse's reason (else jsonargparse's message)."""
+    from jsonargparse import ArgumentError
+
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Invalid override: {item!r} (the value {value!r} is not valid YAML: "
-                          f"{' '.join(str(exc).split())})") from None
-    node = cfg
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"Invalid override: {item!r} ({'.'.join(parts[:i + 1])} is {child!r}, not a section "
-                              "with keys)")
-        node = child
-    node[parts[-1]] = parsed
+        return parse()
+    except ArgumentError as exc:
+        for leaf in (leaf for item in items for leaf in _leaves(item, sections)):
+            try:
+                parser.parse_object(_nest(leaf.key.removeprefix(prefix), leaf.value), defaults=False)
+            except ArgumentError as leaf_exc:
+                raise ConfigError(f"Invalid {leaf.key}: {leaf.value!r} ({one_line(leaf_exc)})") from None
+            except Exception:  # noqa: BLE001 - a key that cannot be parsed alone: jsonargparse's message below
+                continue
+        raise ConfigError(one_line(exc)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML) and
-    :func:`validate_config` it. Every mistake is a :class:`ConfigError` (a ``ValueError``)."""
-    cfg: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Invalid config: {str(p)!r} does not exist")
-        try:
-            cfg = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Invalid config: {str(p)!r} is not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"Invalid config: {str(p)!r} holds a {type(cfg).__name__}, not a mapping of sections")
-    cfg = copy.deepcopy(cfg)
-    unknown = sorted(set(cfg) - set(SECTIONS), key=str)
-    if unknown:
-        raise ConfigError(f"Invalid config: unknown sections {unknown} in {str(path)!r}; valid sections, closest "
-                          f"first: {suggest(str(unknown[0]), SECTIONS)}")
-    for item in overrides:
-        _apply_override(cfg, item)
-    validate_config(cfg)
+def _task(items: Sequence[GivenItem]) -> Any:
+    """The ``task`` the items set last (a file's ``task:`` or ``--task``); ``text`` by default."""
+    return next((item.value for item in reversed(items) if item.key == "task"), "text")
+
+
+def _check_sections(cfg: Mapping[str, Any]) -> LangevinSettings:
+    """What the annotations do not say (non-empty ``seeds``/``methods``, ``threads`` >= 1, the keys
+    the comparison sets itself), then the Langevin settings (:class:`LangevinSettings`)."""
+    seeds = cfg.get("seeds", [0])
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"Invalid seeds: {seeds!r} (expected a non-empty list of integers >= 0)")
+    if not cfg.get("methods", METHODS):
+        raise ConfigError(f"Invalid methods: [] (expected a list of some of {', '.join(METHODS)})")
+    if cfg.get("threads") is not None and cfg["threads"] < 1:
+        raise ConfigError(f"Invalid threads: {cfg['threads']!r} (expected an integer >= 1)")
+    langevin = cfg.get("langevin") or {}
+    for section, given, reserved in (("trainer", cfg.get("trainer") or {}, RESERVED_TRAINER),
+                                     ("langevin.diagnostics", langevin.get("diagnostics") or {}, RESERVED_DIAGNOSTICS)):
+        for key in given:
+            if key in reserved:
+                raise ConfigError(f"Invalid key {section}.{key}: {reserved[key]}")
+    SelectionSettings(**(cfg.get("selection") or {}))
+    return LangevinSettings(**langevin)
+
+
+def _command_line(argv: Sequence[str]) -> list[str]:
+    """The arguments as jsonargparse reads them. ``--set section.key=value`` (the value is everything
+    after the first ``=``, parsed as YAML as in the file) becomes a one-key config string
+    ``--config '{section: {key: value}}'``, merged over the file by jsonargparse; ``--seeds 0 1 2``
+    and ``--methods adamw langevin`` become YAML lists."""
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        if token == "--set" or token.startswith("--set="):
+            item = token[len("--set="):] if token.startswith("--set=") else (argv[i] if i < len(argv) else "")
+            i += token == "--set"
+            key, eq, value = item.partition("=")
+            if not eq or not all(key.strip().split(".")):
+                raise ConfigError(f"Invalid override: {item!r} (expected section.key=value)")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"Invalid override: {item!r} (the value {value!r} is not valid YAML: "
+                                  f"{one_line(exc)})") from None
+            out += ["--config", yaml.safe_dump(_nest(key.strip(), parsed), default_flow_style=True).strip()]
+        elif token in ("--seeds", "--methods"):
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values, i = [*values, argv[i]], i + 1
+            one_list = len(values) == 1 and values[0].startswith("[")
+            out.append(f"{token}={values[0]}" if one_list else f"{token}=[{', '.join(values)}]")
+        else:
+            out.append(token)
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    """The comparison's command line (``--config FILE``, ``--section.key value``, ``--set
+    section.key=value``, ``--print_config``) as a config: the keys given (file and overrides; no
+    defaults added), checked. Every mistake is a one-line :class:`ConfigError`."""
+    from jsonargparse import strip_meta
+
+    args = _command_line(argv)
+    items = given_items(args)
+    sections = config_sections(_task(items))
+    check_given(items, sections)
+    parser = compare_parser(_task(items))
+    cfg = strip_meta(_parsed(lambda: parser.parse_args(args, defaults=False), parser, items, sections)).as_dict()
+    cfg.pop("config", None)
+    _check_sections(cfg)
     return cfg
 
 
-def validate_config(cfg: dict[str, Any]) -> LangevinSettings:
-    """Check every section's keys against what it builds (data module, LightningModule, Trainer,
-    :class:`SelectionSettings`, :class:`LangevinSettings` = recipe keys + LangevinLoRA's arguments,
-    GibbsDiagnostics) and their values against the annotations; return the Langevin settings.
-    Raises :class:`ConfigError` naming the first bad key."""
-    import lightning.pytorch as pl
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config with ``section.key=value`` overrides (values parsed as YAML): the command line
+    ``--config path --set override ...`` (:func:`parse_args`)."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"Invalid config: {str(path)!r} does not exist")
+    return parse_args([*(["--config", str(path)] if path is not None else []),
+                       *(a for item in overrides for a in ("--set", item))])
 
-    check_keys("", cfg, SECTIONS)
-    task = cfg.get("task", "text")
-    if task not in TASKS:
-        raise ConfigError(f"Invalid task: {task!r} (expected one of {', '.join(TASKS)})")
-    seeds = cfg.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                            for s in seeds):
-        raise ConfigError(f"Invalid seeds: {seeds!r} (expected a non-empty list of integers >= 0)")
-    methods = cfg.get("methods", list(METHODS))
-    if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
-        raise ConfigError(f"Invalid methods: {methods!r} (expected a list of some of {', '.join(METHODS)})")
-    threads = cfg.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"Invalid threads: {threads!r} (expected an integer >= 1)")
-    if not isinstance(cfg.get("output_dir", ""), str):
-        raise ConfigError(f"Invalid output_dir: {cfg['output_dir']!r} (expected a folder path)")
-    data_cls, module_cls, _ = TASKS[task]()
-    check_section("data", cfg.get("data"), data_cls)
-    check_section("model", cfg.get("model"), module_cls)
-    check_section("trainer", cfg.get("trainer"), pl.Trainer, reserved=RESERVED_TRAINER)
-    check_section("selection", cfg.get("selection"), SelectionSettings)
-    SelectionSettings(**(cfg.get("selection") or {}))
-    langevin = cfg.get("langevin") or {}
-    if not isinstance(langevin, dict):
-        raise ConfigError(f"Invalid langevin: {langevin!r} (expected a mapping of langevin keys)")
-    from langevin_lora.callback import LangevinLoRA
 
-    hints = type_hints(LangevinLoRA) | type_hints(_RecipeFields)
-    for key, value in langevin.items():
-        if key in hints and key not in RESERVED_CALLBACK:
-            check_value(f"langevin.{key}", value, hints[key])
-    settings = LangevinSettings(**langevin)
-    if settings.diagnostics:
-        from langevin_lora.diagnostics import GibbsDiagnostics
-
-        check_section("langevin.diagnostics", settings.diagnostics, GibbsDiagnostics, reserved=RESERVED_DIAGNOSTICS)
-    return settings
+def validate_config(cfg: Mapping[str, Any]) -> LangevinSettings:
+    """Check a config mapping (as :func:`load_config` returns it, perhaps edited) as the command line
+    is checked; return its Langevin settings."""
+    items = [GivenItem(str(k), v, "in the config") for k, v in cfg.items()]
+    sections = config_sections(_task(items))
+    check_given(items, sections)
+    parser = compare_parser(_task(items))
+    _parsed(lambda: parser.parse_object(dict(cfg), defaults=False), parser, items, sections)
+    return _check_sections(cfg)

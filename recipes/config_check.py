@@ -1,41 +1,44 @@
-"""Checks of recipe configurations before anything is built: unknown keys and ill-typed values.
+"""One-line configuration errors for the recipes' two command lines (:mod:`recipes.compare` and the
+LightningCLI recipes of :mod:`recipes.cli`).
 
-A misspelled key (``langevin.num_sampls``, ``model.lora_rnak``, ``trainer.max_step``) or a value of
-the wrong type (``trainer.max_steps: "3=4"``) would otherwise surface as a traceback from deep inside
-a constructor. Here each is one :class:`ConfigError` whose message fits on one line: it names the
-key and lists the valid ones, the closest matches (:func:`difflib.get_close_matches`) first.
-
-Valid keys come from the signature of what the section builds (``inspect.signature``; a
-constructor with ``**kwargs`` accepts any key) and value types from its annotations
-(``typing.get_type_hints``). A type the checker does not know (a class, a callable) accepts any
-value, so a check never refuses what the constructor would take.
+jsonargparse parses: it loads the YAML files, applies ``--section.key value`` options, checks
+every value against its annotation and prints ``--print_config``. What it does not do is say which
+key was *meant*: a misspelled key (``langevin.num_sampls``, ``model.lora_rnak``,
+``trainer.max_step``) is refused without the valid ones, and an empty unknown section is dropped
+silently. :func:`check_given` closes that gap before parsing: every key the user gave (in a
+``--config`` file or as an option, :func:`given_items`) is checked against the keys of the
+section it lands in, and the first unknown one is a :class:`ConfigError` whose message fits on
+one line, naming the key and listing the valid ones, closest matches first
+(:func:`difflib.get_close_matches`). Valid keys come from the signature of what a section builds
+(:func:`signature_keys`; a constructor with ``**kwargs`` accepts any key), and for a
+``{class_path, init_args}`` entry (a Trainer callback) from the class named.
+:func:`exit_on_config_error` prints the one line and exits with status 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
-import os
 import sys
-import types
-import typing
-from collections import abc as cabc
-from collections.abc import Iterable, Mapping
-from numbers import Integral, Real
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-SEQUENCES = (list, tuple, cabc.Sequence, cabc.Iterable, cabc.Collection)
-MAPPINGS = (dict, cabc.Mapping)
+import yaml
 
-__all__ = ["ConfigError", "check_keys", "check_section", "check_value", "exit_on_config_error", "one_line",
-           "signature_keys", "suggest", "type_hints"]
+__all__ = ["ConfigError", "GivenItem", "check_class_paths", "check_given", "check_keys", "exit_on_config_error",
+           "given_items", "one_line", "option_items", "signature_keys", "suggest"]
+
+#: The options that name a config file (jsonargparse's ``ActionConfigFile``).
+CONFIG_OPTIONS = ("--config", "-c")
 
 
 class ConfigError(ValueError):
     """A configuration mistake, described in one line."""
 
 
-def one_line(message: str, limit: int = 2000) -> str:
+def one_line(message: Any, limit: int = 2000) -> str:
     """``message`` with its whitespace collapsed, cut at ``limit`` characters."""
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -78,92 +81,121 @@ def signature_keys(obj: Any) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def type_hints(obj: Any) -> dict[str, Any]:
-    """Resolved annotations of ``obj``'s keyword arguments (a class's ``__init__``, a dataclass's
-    fields, a function); ``{}`` when they cannot be resolved."""
-    target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
+@dataclasses.dataclass(frozen=True)
+class GivenItem:
+    """One thing the user set: ``key`` (dotted, ``langevin.num_samples``), its ``value`` (YAML-loaded)
+    and ``where`` it was given (``in path.yaml`` or ``option --langevin.num_samples``)."""
+
+    key: str
+    value: Any
+    where: str
+
+
+def _yaml_value(text: str) -> Any:
+    """An option's value as jsonargparse reads it: YAML when it parses, else the text itself."""
     try:
-        return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no type checks, keys still checked
-        return {}
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is type(None):
-        return "null"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in args))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-    if tp in names:
-        return names[tp]
-    if (origin or tp) in SEQUENCES:
-        return "a list"
-    if (origin or tp) in MAPPINGS:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+def option_items(args: Sequence[str], start: int = 0, stop: int | None = None) -> Iterator[GivenItem | str]:
+    """``--key value`` / ``--key=value`` options of ``args[start:stop]`` as :class:`GivenItem`, and
+    the ``--config`` values as they are (a path or a config string); other tokens (a subcommand, ``--help``,
+    ``--print_config``) are skipped."""
+    args = list(args)[start:stop]
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if not token.startswith("--") and token not in CONFIG_OPTIONS:
+            continue
+        name, eq, value = token.partition("=")
+        if not eq and i < len(args) and not args[i].startswith("--"):
+            value, i = args[i], i + 1
+        if name in CONFIG_OPTIONS:
+            yield value   # a file's path, or a config string (given_items tells them apart)
+            continue
+        name = name[2:].rstrip("+")
+        if name in ("", "help") or name.startswith("print_config"):
+            continue
+        yield GivenItem(name, _yaml_value(value) if (eq or value) else None, f"option --{name}")
 
 
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` (parsed from YAML) fits annotation ``tp``; unknown types accept anything."""
-    if tp is Any or isinstance(tp, (typing.TypeVar, str)):
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, Integral) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, Real) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if tp in (os.PathLike,) or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
-        return isinstance(value, (str, os.PathLike))
-    kind = origin if origin is not None else tp
-    if kind in SEQUENCES:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-        elem = args[0] if args else Any
-        return all(_matches(v, elem) for v in value)
-    if kind in MAPPINGS:
-        return isinstance(value, dict)
-    return True  # classes, callables, ...: left to the constructor
+def given_items(args: Sequence[str], start: int = 0, stop: int | None = None) -> list[GivenItem]:
+    """What ``args`` set, in order: each top-level key of each ``--config`` (a file, or a YAML string
+    as jsonargparse also takes; read with ``yaml.safe_load`` only to name its keys) and each option.
+    A file that is missing or not YAML gives nothing here: jsonargparse says what is wrong with it."""
+    out: list[GivenItem] = []
+    for item in option_items(args, start, stop):
+        if isinstance(item, GivenItem):
+            out.append(item)
+            continue
+        try:
+            path = Path(item)
+            cfg, where = (yaml.safe_load(path.read_text()), f"in {item}") if path.is_file() else \
+                (yaml.safe_load(item), f"in --config {one_line(item)}")
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(cfg, Mapping):
+            out += [GivenItem(str(k), v, where) for k, v in cfg.items() if k != "__path__"]
+    return out
 
 
-def check_value(name: str, value: Any, tp: Any) -> None:
-    """``value`` must fit annotation ``tp``; else :class:`ConfigError` naming ``name``."""
-    if not _matches(value, tp):
-        hint = ""
-        if isinstance(value, str) and "=" in value:
-            hint = "; a --set value is everything after the first '=', parsed as YAML"
-        raise ConfigError(f"Invalid {name}: {value!r} (expected {_describe(tp)}){hint}")
+def check_given(items: Iterable[GivenItem], sections: Mapping[str, Iterable[str] | None]) -> None:
+    """Each item's key, and the keys of a mapping it sets, against ``sections`` (dotted section
+    name -> its valid keys; ``""``: the top level; ``None`` or absent: not checked here). The first
+    unknown key is a one-line :class:`ConfigError` (:func:`check_keys`); a key below a plain value
+    (``langevin.temperature.x``) says the value has no keys. The ``init_args`` of every
+    ``class_path`` entry are checked against that class (:func:`check_class_paths`)."""
+    sections = {k: None if v is None else set(v) for k, v in sections.items()}
+
+    def visit(parts: list[str], value: Any, where: str) -> None:
+        for i, part in enumerate(parts):
+            section = ".".join(parts[:i])
+            valid = sections.get(section)
+            if valid is None:
+                continue
+            check_keys(section, {part: None}, valid, where)
+            here = ".".join(parts[: i + 1])
+            if i < len(parts) - 1 and here not in sections:
+                raise ConfigError(f"unknown key {'.'.join(parts)!r} ({where}); {here} takes a value, not keys")
+        dotted = ".".join(parts)
+        if isinstance(value, Mapping) and sections.get(dotted) is not None:
+            for key, sub in value.items():
+                if key != "__path__":
+                    visit([*parts, str(key)], sub, where)
+        else:
+            check_class_paths(value, dotted, where)
+
+    for item in items:
+        visit(item.key.split("."), item.value, item.where)
 
 
-def check_section(section: str, mapping: Any, target: Any, *, reserved: Mapping[str, str] | None = None,
-                  where: str = "") -> None:
-    """Keys of ``mapping`` against the keyword arguments of ``target``, then each value against its
-    annotation. ``reserved`` maps keys the recipe sets itself to the reason they cannot be given."""
-    if mapping is None:
+def _import_class(path: Any) -> Any:
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # jsonargparse resolves (or refuses) it
+
+
+def check_class_paths(node: Any, dotted: str, where: str) -> None:
+    """``init_args`` of every ``{class_path, init_args}`` entry below ``node`` against the class's signature."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            check_class_paths(item, f"{dotted}[{i}]", where)
         return
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"Invalid {section}: {mapping!r} (expected a mapping of {section} keys)")
-    for key, reason in (reserved or {}).items():
-        if key in mapping:
-            raise ConfigError(f"Invalid key {section}.{key}: {reason}")
-    valid = signature_keys(target)
-    if valid is not None:
-        check_keys(section, mapping, valid - set(reserved or {}), where)
-    hints = type_hints(target)
-    for key, value in mapping.items():
-        if key in hints:
-            check_value(f"{section}.{key}", value, hints[key])
+    if not isinstance(node, Mapping):
+        return
+    cls = _import_class(node.get("class_path"))
+    init_args = node.get("init_args")
+    if cls is not None and isinstance(init_args, Mapping):
+        valid = signature_keys(cls)
+        if valid is not None:
+            check_keys(f"{dotted}.init_args", init_args, valid, where, label=cls.__name__)
+    for key, value in node.items():
+        if key != "class_path":
+            check_class_paths(value, f"{dotted}.{key}", where)
