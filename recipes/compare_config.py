@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from langevin_lora.temperature import weight_decay_from_prior_std
+from langevin_lora.core.temperature import weight_decay_from_prior_std
 from recipes.config_check import ConfigError, GivenItem, check_given, given_items, one_line, signature_keys
 
 __all__ = ["LangevinSettings", "SelectionSettings", "RecipeFields", "TASKS", "SECTIONS", "METHODS", "PROG",
@@ -58,7 +58,7 @@ RESERVED_CALLBACK = {
 def callback_signature() -> dict[str, inspect.Parameter]:
     """Keyword arguments of :class:`~langevin_lora.LangevinLoRA` (read with :mod:`inspect`, so
     arguments added to it later are accepted in ``langevin:`` without a change here)."""
-    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.lightning.callback import LangevinLoRA
 
     return {n: p for n, p in inspect.signature(LangevinLoRA).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -101,7 +101,7 @@ class RecipeFields:
         sample_span: fraction of the sampling steps, at their end, that the kept samples span (the
             chain relaxes to its target during the rest).
         prior_std: :math:`\sigma_p` of the Gaussian prior on every LoRA coordinate,
-            :math:`\lambda = 1/(N\sigma_p^2)` (:func:`~langevin_lora.temperature.weight_decay_from_prior_std`);
+            :math:`\lambda = 1/(N\sigma_p^2)` (:func:`~langevin_lora.core.temperature.weight_decay_from_prior_std`);
             passed to LangevinLoRA as ``prior_std`` when it takes one, else as ``weight_decay``;
             ignored when ``weight_decay`` is given.
         lr_scale: the param groups' learning rate is multiplied by it when sampling starts (the
@@ -212,7 +212,7 @@ class LangevinSettings:
         """Build a LangevinLoRA with the given arguments once. When it refuses them, each given
         argument is tried alone (with the recipe's prior) to name the key it refuses: a one-line
         ConfigError ``Invalid langevin.<key>: <value> (<LangevinLoRA's message>)``."""
-        from langevin_lora.callback import LangevinLoRA
+        from langevin_lora.lightning.callback import LangevinLoRA
 
         kwargs = self.dropin_kwargs() if self._fields["burn_in"] == "auto" else self.callback_kwargs(num_data=1)
         try:
@@ -318,7 +318,7 @@ def langevin_parser():
     a key at once)."""
     from jsonargparse import ArgumentParser
 
-    from langevin_lora.callback import LangevinLoRA
+    from langevin_lora.lightning.callback import LangevinLoRA
     from langevin_lora.diagnostics import GibbsDiagnostics
 
     parser = ArgumentParser(exit_on_error=False)

@@ -119,7 +119,7 @@ def test_causal_lm_config_parses():
     assert not set(cfg["data"]) - set(inspect.signature(ChoiceData).parameters)
     assert not set(cfg["model"]) - set(inspect.signature(LoRAChoiceLM).parameters)
     assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == [
-        "langevin_lora.callback.LangevinLoRA", "langevin_lora.diagnostics.GibbsDiagnostics"]
+        "langevin_lora.LangevinLoRA", "langevin_lora.diagnostics.GibbsDiagnostics"]
 
 
 # -- clear errors -----------------------------------------------------------------------------------
