@@ -122,3 +122,19 @@ def test_wrong_type_in_a_config_file_and_in_a_config_mapping(tmp_path):
     with pytest.raises(ConfigError, match=r"^unknown key 'model.lora_rnak' \(in the config\); .* closest first: "
                                           r"lora_r, "):
         validate_config(cfg)
+
+
+def test_a_float_step_size_on_the_command_line_is_a_number():
+    """LangevinLoRA/optimizers annotate step_size ``float | str``, so jsonargparse reads ``0.001`` as a number
+    (as ``str | float`` it stayed the string '0.001', which LangevinLoRA refuses) and ``auto`` as the string."""
+    import typing
+
+    from jsonargparse import ArgumentParser
+
+    from langevin_lora import LangevinAdam, LangevinLoRA, LangevinSGD
+
+    for cls in (LangevinLoRA, LangevinSGD, LangevinAdam):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--step_size", type=typing.get_type_hints(cls.__init__)["step_size"])
+        assert parser.parse_args(["--step_size", "0.001"]).step_size == 0.001, cls
+        assert parser.parse_args(["--step_size", "auto"]).step_size == "auto", cls

@@ -359,7 +359,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                  gauge_moves: GaugeMoves | None = None, diagnostics: Any = True,
                  precond_adapt_steps: int = 0, friction: float | str | None = DEFAULT,
                  prior_centre: str | None = None, prior_std: float | Sequence[float] | None = None,
-                 step_size: str | float = "auto",
+                 step_size: float | str = "auto",
                  step_safety: float | None = None, step_size_every_n_steps: int = 1000, probe_examples: int = 64,
                  loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
                  guard: bool | DivergenceGuard = True, monitor: str = "val_loss", mode: str = "min",

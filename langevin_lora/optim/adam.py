@@ -117,7 +117,7 @@ class LangevinAdam(LangevinOptimizer):
                  precond_clamp: tuple[float, float] = (0.01, 100.0), precond_adapt_steps: int = 0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
                  friction: float | str | None = "auto", prior_centre: str | None = "burn_in",
-                 step_size: str | float = "auto", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
+                 step_size: float | str = "auto", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
                  guard: bool | DivergenceGuard = True, **renamed: Any) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, temperature=temperature, weight_decay=weight_decay,
                         burn_in_steps=burn_in_steps, precond_clamp=precond_clamp,

@@ -83,7 +83,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, num_data: int | None,
-                 beta: float | None, seed: int | None, nonfinite: str, step_size: str | float = "lr",
+                 beta: float | None, seed: int | None, nonfinite: str, step_size: float | str = "lr",
                  step_safety: float | None = None, step_size_every_n_steps: int = 1000,
                  guard: bool | DivergenceGuard = True) -> None:
         base_beta = resolve_base_beta(num_data, beta)

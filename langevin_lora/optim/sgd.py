@@ -109,7 +109,7 @@ class LangevinSGD(LangevinOptimizer):
                  temperature: float = 1.0, beta: float | None = None, weight_decay: float = 0.0,
                  seed: int | None = None, foreach: bool | None = None, nonfinite: str = "skip",
                  friction: float | str | None = None, prior_centre: str | None = "zero",
-                 step_size: str | float = "lr", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
+                 step_size: float | str = "lr", step_safety: float | None = None, step_size_every_n_steps: int = 1000,
                  guard: bool | DivergenceGuard = True) -> None:
         defaults = dict(lr=lr, temperature=temperature, weight_decay=weight_decay, foreach=foreach, friction=friction,
                         prior_centre=prior_centre)
