@@ -10,7 +10,10 @@ balancing), :mod:`~langevin_lora.posterior` (sample bank, averaging, adapter fol
 stationarity) and :mod:`~langevin_lora.lightning` (the callback). Release 0.1's module paths are
 aliases with a ``DeprecationWarning`` (:mod:`langevin_lora._moved`).
 """
-from langevin_lora import _moved
+from langevin_lora.core.engine import LangevinEngine
+from langevin_lora.core.functional import adapted_preconditioner, frozen_preconditioner, langevin_step_
+from langevin_lora.core.guard import DivergenceError, DivergenceGuard, DivergenceWarning
+from langevin_lora.core.step_size import AutoStepSize, auto_step_size
 from langevin_lora.core.temperature import (
     DEFAULT_PRIOR_STD,
     effective_beta,
@@ -19,16 +22,13 @@ from langevin_lora.core.temperature import (
     resolve_base_beta,
     weight_decay_from_prior_std,
 )
-from langevin_lora.core.functional import adapted_preconditioner, frozen_preconditioner, langevin_step_
-from langevin_lora.core.engine import LangevinEngine
-from langevin_lora.core.step_size import AutoStepSize, auto_step_size
-from langevin_lora.core.guard import DivergenceError, DivergenceGuard, DivergenceWarning
-from langevin_lora.lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
-from langevin_lora.lora.gauge import GaugeMoves
 from langevin_lora.lora.balance import BalanceSchedule, balance_factors, balance_lora_
-from langevin_lora.posterior.bank import SampleBank
+from langevin_lora.lora.gauge import GaugeMoves
+from langevin_lora.lora.param_groups import LoraFactors, lora_modules, lora_param_groups, lora_parameters
 from langevin_lora.posterior.averaging import bma_predict_proba
+from langevin_lora.posterior.bank import SampleBank
 from langevin_lora.optim import LangevinAdam, LangevinSGD, NonFiniteGradientWarning
+from langevin_lora import _moved
 import langevin_lora.diagnostics  # noqa: F401  (registers the default diagnostics of LangevinLoRA)
 from langevin_lora.lightning.callback import LangevinLoRA
 

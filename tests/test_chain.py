@@ -176,3 +176,28 @@ def test_invalid_arguments(kwargs, match):
 
 def test_default_ladder_is_ascending():
     assert list(DEFAULT_PRIOR_LADDER) == sorted(DEFAULT_PRIOR_LADDER)
+
+
+def test_paired_nll_scores_the_average_and_the_paired_difference():
+    """lightning.validation.paired_nll: NLL of the samples' average, and the mean and standard error of the
+    per-example difference from the best stage's NLL (the paired comparison the ladder uses)."""
+    import math
+
+    import torch
+
+    from langevin_lora.lightning.validation import paired_nll
+
+    labels = torch.tensor([0, 1, 1])
+    probs = [torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.5, 0.5]]), torch.tensor([[0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])]
+    assert paired_nll([], labels, None) == (None, None, 0.0, None)
+    nll, delta, se, per_example = paired_nll(probs, labels, None)
+    expected = -torch.tensor([0.7, 0.7, 0.6], dtype=torch.float64).log()
+    torch.testing.assert_close(per_example, expected)
+    assert nll == pytest.approx(float(expected.mean())) and delta is None and se == 0.0
+    best = torch.tensor([0.5, 0.2, 0.4], dtype=torch.float64)
+    _, delta, se, _ = paired_nll(probs, labels, best)
+    d = expected - best
+    assert delta == pytest.approx(float(d.mean()))
+    assert se == pytest.approx(math.sqrt(float(d.var(unbiased=True)) / 3))
+    _, delta2, se2, _ = paired_nll(probs, labels, best, reduce=lambda t: 2 * t)   # two ranks with equal shards
+    assert delta2 == pytest.approx(delta) and se2 == pytest.approx(math.sqrt(float(d.var(unbiased=False)) * 6 / 5 / 6))

@@ -76,7 +76,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from langevin_lora.core.rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
 from langevin_lora._validation import check_choice
 from langevin_lora.core.functional import (
     FRICTION_AUTO,
@@ -90,6 +89,7 @@ from langevin_lora.core.functional import (
     langevin_step_,
     median_scale,
 )
+from langevin_lora.core.rng import NoiseBuffer, NoiseGenerators, draw_standard_normal
 from langevin_lora.core.temperature import noise_std
 
 __all__ = ["NONFINITE_POLICIES", "EngineFrontEnd", "LangevinEngine", "NonFiniteGradientWarning",

@@ -22,6 +22,7 @@ Layers, each usable alone (dependencies point down):
 - :class:`GibbsDiagnostics` (:mod:`~langevin_lora.diagnostics.gibbs_callback`): the Lightning
   callback over all of them (imports Lightning, loaded on first use).
 """
+from langevin_lora.core.view import register_default_diagnostics
 from langevin_lora.diagnostics.accumulators import BlockMeans, MicroBatchMoments, WindowCenter
 from langevin_lora.diagnostics.chains import (
     as_chains,
@@ -69,7 +70,6 @@ from langevin_lora.diagnostics.metrics import (
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.recorder import GibbsRecorder, LoraModule
 from langevin_lora.diagnostics.report import Check, StationarityReport
-from langevin_lora.core.view import register_default_diagnostics
 
 
 def _default_diagnostics(trainer):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from langevin_lora._validation import check_int, check_positive, check_real
+from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, step_remedy
 from langevin_lora.diagnostics.chains import (
     as_chains,
     TAIL_PROB,
@@ -42,7 +43,6 @@ from langevin_lora.diagnostics.chains import (
     poincare_lower_bounds,
 )
 from langevin_lora.diagnostics.report import NOISE_HOW_TO, Check, StationarityReport
-from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, step_remedy
 
 __all__ = ["Evidence", "CHECKS", "stationarity_report", "STATIONARITY_TRACES"]
 

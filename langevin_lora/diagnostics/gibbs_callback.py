@@ -52,16 +52,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from langevin_lora.diagnostics.replay import isolated_training_step, loss_tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive, check_version
 from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.functional import LOW_PRECISION
-from langevin_lora.diagnostics.probes import CurvatureProbes
-from langevin_lora.diagnostics.layout import lora_modules_of
-from langevin_lora.diagnostics.recorder import GibbsRecorder
-from langevin_lora.diagnostics.checks import stationarity_report
-from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
 from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
+from langevin_lora.diagnostics.checks import stationarity_report
+from langevin_lora.diagnostics.layout import lora_modules_of
+from langevin_lora.diagnostics.probes import CurvatureProbes
+from langevin_lora.diagnostics.recorder import GibbsRecorder
+from langevin_lora.diagnostics.replay import isolated_training_step, loss_tensor
+from langevin_lora.diagnostics.report import NOISE_HOW_TO, StationarityReport
 
 __all__ = ["GibbsDiagnostics", "StepSizeWarning"]
 

@@ -165,9 +165,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
-from langevin_lora.diagnostics.replay import ProbeBatches, replayed_training_loss
-from langevin_lora.lightning._step_wrapper import StepWrapper
-from langevin_lora.lightning._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
 from langevin_lora._validation import (
     check_bool,
     check_choice,
@@ -177,17 +174,9 @@ from langevin_lora._validation import (
     check_positive,
     check_version,
 )
-from langevin_lora.lora.balance import SAMPLING_REFUSAL, BalanceSchedule
-from langevin_lora.posterior.averaging import default_forward
-from langevin_lora.lightning.schedule import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
-from langevin_lora.diagnostics.convergence import sample_convergence
 from langevin_lora.core.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
 from langevin_lora.core.functional import check_clamp, check_friction
-from langevin_lora.lora.gauge import CENTRE_REFUSAL, GaugeMoves
 from langevin_lora.core.guard import Divergence, DivergenceGuard
-from langevin_lora.optim.base import LangevinOptimizer
-from langevin_lora.lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
-from langevin_lora.posterior.bank import SAMPLE_PREFIX, SampleBank
 from langevin_lora.core.step_size import AutoStepSize, step_from_lambda_max
 from langevin_lora.core.temperature import (
     DEFAULT_PRIOR_STD,
@@ -197,6 +186,17 @@ from langevin_lora.core.temperature import (
     weight_decay_from_prior_std,
 )
 from langevin_lora.core.view import LangevinGroupView, default_diagnostics_factory
+from langevin_lora.lora.balance import SAMPLING_REFUSAL, BalanceSchedule
+from langevin_lora.lora.gauge import CENTRE_REFUSAL, GaugeMoves
+from langevin_lora.lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
+from langevin_lora.posterior.bank import SAMPLE_PREFIX, SampleBank
+from langevin_lora.optim.base import LangevinOptimizer
+from langevin_lora.diagnostics.convergence import sample_convergence
+from langevin_lora.diagnostics.replay import ProbeBatches, replayed_training_loss
+from langevin_lora.lightning._step_wrapper import StepWrapper
+from langevin_lora.lightning._user_optimizer import LangevinGroup, adam_freeze_inputs, langevin_groups_in
+from langevin_lora.lightning.schedule import DEFAULT_PRIOR_LADDER, ChainSchedule, relaxation_steps
+from langevin_lora.lightning.validation import ValidationSet, paired_nll
 
 __all__ = ["CHECKPOINT_VERSION", "LangevinLoRA", "SHARDED_STRATEGIES"]
 
@@ -389,6 +389,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if forward_fn is not None and not callable(forward_fn):
             raise ValueError(f"Invalid forward_fn: {forward_fn!r} (expected a callable (module, batch) -> logits)")
         self.forward_fn = forward_fn
+        self._validation = ValidationSet(forward_fn)
         if num_data is not None and beta is not None:
             resolve_base_beta(num_data, beta)  # raises: exactly one of them
         self._num_data_arg = check_int("num_data", num_data, low=1, allow_none=True)
@@ -581,7 +582,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         self._best_example_nll: Tensor | None = None   # per-example score of the best stage
         self._example_nll: Tensor | None = None
         self._stage_probs: list[Tensor] = []         # the stage's samples' validation probabilities
-        self._val_batches: list | None = None
+        self._validation.reset()
         self._stage_prior: tuple[float, float] | None = None
         for schedule in (self.balance, self.gauge_moves):
             if schedule is not None:
@@ -1028,7 +1029,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         if chain.sample_due(kept):
             self._stage_bank.add(module, trainer.global_step, write=False)
             stage.samples += 1
-            probs = self._validation_probs(trainer, module)
+            probs = self._validation.probs(trainer, module, self._validation_fallback)
             if probs is not None:
                 self._stage_probs.append(probs)
             if stage.final and len(self._stage_bank) >= 2 * self.num_samples:   # the thinning reservoir
@@ -1057,7 +1058,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             settled = True
             probs = self._final_probs()
             if probs:
-                labels = self._val_labels()
+                labels = self._validation.labels()
                 settled = bool(sample_convergence(torch.stack(probs), labels)["converged"])
             ess, ess_min = self._final_stage_ess(kept)
             if settled and (ess is None or ess >= ess_min):
@@ -1118,10 +1119,17 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         """Optimizer steps left in the Trainer's plan, the curvature probes' cost taken off."""
         return self.chain.planned_steps - self._trainer.global_step - self.probe_steps()
 
+    @property
+    def _validation_fallback(self) -> str:
+        return f"sampling keeps prior_std {self.prior_std:g}"
+
     def _close_stage(self, trainer: Trainer, budget_left: bool) -> None:
         """Score a ladder stage and go on: the next rung, the final stage, or (no sample at all) stop."""
         chain, stage = self.chain, self.chain.stage
-        nll, delta, se = self._stage_nll(trainer)
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if getattr(trainer, "world_size", 1) > 1 \
+            else None
+        nll, delta, se, self._example_nll = paired_nll(self._stage_probs, self._validation.labels(),
+                                                       self._best_example_nll, reduce)
         if nll is not None:
             self._metrics["val_nll_average"] = nll
         rank_zero_info(f"LangevinLoRA: stage {len(chain.stages)} (prior_std {stage.prior_std:g}, {stage.samples} "
@@ -1173,88 +1181,6 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         rank_zero_info(f"LangevinLoRA: sampling done at step {trainer.global_step} ({reason}); "
                        + (f"{len(self.sample_bank)} samples of prior_std {stage.prior_std:g}" if stage is not None
                           else "no sample") + "; stopping the Trainer")
-
-    # -- validation predictions of the samples ----------------------------------------------------
-    def _validation_batches(self, trainer: Trainer) -> list:
-        """The first validation DataLoader as ``(batch on device, labels)`` pairs, read once; empty
-        (with one warning) when there is none or its batches carry no labels."""
-        if self._val_batches is not None:
-            return self._val_batches
-        from lightning.fabric.utilities.apply_func import move_data_to_device
-
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-        self._val_batches = []
-        if loader is None:
-            rank_zero_warn("LangevinLoRA: the Trainer has no validation DataLoader, so the prior scale cannot be "
-                           f"chosen on validation; sampling keeps prior_std {self.prior_std:g}.")
-            return self._val_batches
-        device = self._module.device
-        for batch in loader:
-            labels = _labels_of(batch)
-            if labels is None:
-                rank_zero_warn("LangevinLoRA: validation batches carry no labels (a 'labels'/'label' key or (x, y)), "
-                               f"so the prior scale cannot be chosen on validation; sampling keeps prior_std "
-                               f"{self.prior_std:g}.")
-                self._val_batches = []
-                break
-            self._val_batches.append((move_data_to_device(batch, device), labels.to(device)))
-        return self._val_batches
-
-    def _val_labels(self) -> Tensor:
-        return torch.cat([y for _, y in self._val_batches])
-
-    @torch.no_grad()
-    def _validation_probs(self, trainer: Trainer, module: LightningModule) -> Tensor | None:
-        batches = self._validation_batches(trainer)
-        if not batches:
-            return None
-        was_training = module.training
-        module.eval()
-        try:
-            return torch.cat([torch.softmax(self._forward(module, b).float(), dim=-1) for b, _ in batches])
-        except (TypeError, AttributeError, RuntimeError) as exc:
-            rank_zero_warn(f"LangevinLoRA: could not predict on the validation batches ({type(exc).__name__}: {exc}); "
-                           "pass forward_fn=(module, batch) -> logits. The prior scale is not chosen on validation.")
-            self._val_batches = []
-            return None
-        finally:
-            module.train(was_training)
-
-    def _forward(self, module: LightningModule, batch: Any) -> Tensor:
-        """``forward_fn``, else :func:`~langevin_lora.posterior.averaging.default_forward`, else ``module(batch)``."""
-        if self.forward_fn is not None:
-            return self.forward_fn(module, batch)
-        try:
-            return default_forward(module, batch)
-        except TypeError:
-            self.forward_fn = lambda m, b: _logits(m(b))
-            return self.forward_fn(module, batch)
-
-    def _stage_nll(self, trainer: Trainer) -> tuple[float | None, float | None, float]:
-        """The stage's score, the validation NLL of its posterior average, its mean per-example difference
-        from the best stage's on the same examples and that difference's standard error
-        (:mod:`langevin_lora.lightning.schedule`), summed over the DDP ranks' shards."""
-        if not self._stage_probs:
-            return None, None, 0.0
-        labels = self._val_labels()
-        average = torch.stack(self._stage_probs).double().mean(0)
-        self._example_nll = -average.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).squeeze(1)
-        d = self._example_nll - self._best_example_nll if self._best_example_nll is not None else None
-        stats = torch.stack([self._example_nll.sum(), torch.tensor(float(len(labels)), dtype=torch.float64,
-                                                                    device=labels.device),
-                             d.sum() if d is not None else torch.zeros((), dtype=torch.float64, device=labels.device),
-                             d.square().sum() if d is not None else torch.zeros((), dtype=torch.float64,
-                                                                                device=labels.device)])
-        if getattr(trainer, "world_size", 1) > 1:
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        n = float(stats[1])
-        score = float(stats[0]) / n
-        if d is None:
-            return score, None, 0.0
-        mean = float(stats[2]) / n
-        var = max(0.0, float(stats[3]) / n - mean * mean) * n / max(1.0, n - 1)
-        return score, mean, math.sqrt(var / n)
 
     @property
     def adapting(self) -> bool:
@@ -1377,19 +1303,3 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.chain.phase = "sample"
         self._restored = True
 
-
-def _labels_of(batch: Any) -> Tensor | None:
-    """The labels of a validation batch: its ``labels``/``label`` entry, or the second item of ``(x, y)``."""
-    from collections.abc import Mapping
-
-    if isinstance(batch, Mapping):
-        y = batch.get("labels", batch.get("label"))
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        y = batch[1]
-    else:
-        y = None
-    return y if torch.is_tensor(y) and y.dtype in (torch.int64, torch.int32) and y.ndim == 1 else None
-
-
-def _logits(out: Any) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out

@@ -33,9 +33,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from langevin_lora.core.rng import NoiseGenerators
 from langevin_lora._validation import check_bool, check_int, check_non_negative, check_positive
 from langevin_lora.core.engine import work_tensor_of
+from langevin_lora.core.rng import NoiseGenerators
 from langevin_lora.lora.pair import check_pair, matrix_views, work_dtype
 from langevin_lora.lora.param_groups import LoraFactors
 
