@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from langevin_lora.engine import LOW_PRECISION
 from langevin_lora.functional import adam_inverse_scale
 from langevin_lora.param_groups import lora_param_groups
+from langevin_lora.sharding import local_tensor
 
 __all__ = ["LangevinGroup", "adam_freeze_inputs", "langevin_groups_in"]
 
@@ -88,9 +89,10 @@ def adam_freeze_inputs(opt: torch.optim.Optimizer, groups: list[LangevinGroup], 
             t = float(t.item() if torch.is_tensor(t) else t) if t is not None else 0.0
             dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
             if precondition and v is not None and betas is not None and eps is not None and t > 0:
-                raw.append((n, adam_inverse_scale(v.detach().to(dtype), t, float(betas[1]), float(eps)), clamp))
+                v = local_tensor(v.detach())   # a sharded parameter's moment: its shard, like the engine's state
+                raw.append((n, adam_inverse_scale(v.to(dtype), t, float(betas[1]), float(eps)), clamp))
             else:
-                plain.append((n, torch.ones_like(p, dtype=dtype)))
+                plain.append((n, torch.ones_like(local_tensor(p), dtype=dtype)))
         if len(plain) < len(g.names):
             fixed.update(plain)
         identity += [n for n, _ in plain]

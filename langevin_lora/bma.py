@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
+from langevin_lora.sharding import copy_full_
+
 if TYPE_CHECKING:  # pragma: no cover
     from langevin_lora.samples import SampleBank
 
@@ -93,7 +95,7 @@ class Averager:
         """Copy sample ``i`` into the model in place."""
         sample = self.bank[i]
         for name, p in self._targets.items():
-            p.copy_(sample[name])
+            copy_full_(p, sample[name])   # a sharded (FSDP2) parameter receives its slice
 
     def predict_proba(self, batch: Any, forward_fn: Forward | None = None) -> Tensor:
         """Average over the bank of ``softmax(forward_fn(model, batch))`` for one batch."""

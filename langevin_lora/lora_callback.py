@@ -126,8 +126,14 @@ refused at the start of such a fit (they belong to an earlier run; empty the fol
 another, or resume that run with ``ckpt_path``).
 
 **Data parallel.** DDP works: gradients are averaged before the step and every rank draws the same
-noise from identically seeded generators, so replicas stay identical. Sharded strategies (FSDP,
-DeepSpeed, ModelParallel) are refused in ``setup`` with a ``MisconfigurationException``.
+noise from identically seeded generators, so replicas stay identical. **FSDP2** works through
+Lightning's ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``): every rank draws the
+unsharded noise and keeps its shard's slice, so the chain is the one a single device or DDP runs
+(:mod:`langevin_lora.sharding`); the guard's sums reduce over the ranks, the sample bank keeps full
+tensors and checkpoints hold the unsharded state. With sharded adapters ``step_size`` must be a float
+(the Hessian-vector products of ``"auto"`` do not run through FSDP2's hooks), and ``balance`` and
+``gauge_moves`` are refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts
+and FSDP2's CPU offload are refused with a ``MisconfigurationException`` naming the alternative.
 
 **Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
 each Langevin step and before the user's optimizer updates the heads (gradients final and present,
@@ -187,6 +193,7 @@ from langevin_lora.guard import Divergence, DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
 from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
+from langevin_lora.sharding import UnsupportedSharding, check_sharded_params, sharding_refusal
 from langevin_lora.step_size import AutoStepSize, step_from_lambda_max
 from langevin_lora.temperature import DEFAULT_PRIOR_STD, effective_beta, resolve_base_beta, weight_decay_from_prior_std
 from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
@@ -196,9 +203,10 @@ __all__ = ["LangevinLoRA", "PRIOR_CENTRES", "SHARDED_STRATEGIES"]
 #: ``prior_centre`` of :class:`LangevinLoRA`: at 0, or at the tensors when burn-in ends.
 PRIOR_CENTRES = ("zero", "burn_in")
 
-#: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
-#: identical across world sizes.
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Strategy classes refused (their parameters are flattened or partitioned shards that are not DTensors,
+#: so the sharding-invariant noise of :mod:`langevin_lora.sharding` cannot find each element's place).
+#: FSDP2 through ``ModelParallelStrategy`` is supported.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
 
@@ -504,13 +512,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        names = {c.__name__ for c in type(trainer.strategy).__mro__}
-        refused = names.intersection(SHARDED_STRATEGIES)
-        if refused:
-            raise MisconfigurationException(
-                f"LangevinLoRA does not support the sharded strategy {type(trainer.strategy).__name__} "
-                f"({sorted(refused)[0]}): each rank holds shards of the adapter tensors, so noise drawn per "
-                "tensor would depend on the sharding. Use strategy='ddp' (or a single device).")
+        refusal = sharding_refusal(trainer.strategy, SHARDED_STRATEGIES)
+        if refusal:
+            raise MisconfigurationException(f"LangevinLoRA {refusal}")
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "LangevinLoRA needs automatic optimization (it wraps the optimizer step Lightning calls); "
@@ -637,6 +641,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                                           weight_decay=self.weight_decay, head_temperature=self.head_temperature,
                                           head_weight_decay=self.head_weight_decay)
         self._names = {id(p): n for g in self._groups for n, p in zip(g.names, g.params)}
+        self._check_sharded(trainer, pl_module)
         self._others = [p for g in opt.param_groups for p in g["params"] if id(p) not in self._names]
         self.sample_bank.bind(pl_module, self.adapter_name)
         try:
@@ -647,6 +652,24 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.balance.start_sampling(pl_module, optimizer=opt, adapter_name=self.adapter_name)
         self._uninstall()
         self._wrapper = StepWrapper(opt, self._on_optimizer_step)
+
+    def _check_sharded(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """FSDP2-sharded Langevin tensors: a supported layout, and the options that work on shards."""
+        named = [(n, p) for g in self._groups for n, p in zip(g.names, g.params)]
+        try:
+            sharded = check_sharded_params(named, pl_module, trainer.strategy.root_device)
+        except UnsupportedSharding as exc:
+            raise MisconfigurationException(f"LangevinLoRA: {exc}") from None
+        if not sharded:
+            return
+        for arg, bad in (("step_size", self.step_size == "auto"), ("balance", self.balance is not None),
+                         ("gauge_moves", self.gauge_moves is not None)):
+            if bad:
+                raise MisconfigurationException(
+                    f"LangevinLoRA: {arg}={getattr(self, arg)!r} is not supported with sharded (fully_shard) adapters "
+                    + ("(the Hessian-vector products of the automatic step do not run through FSDP2's hooks): pass "
+                       "step_size=<float>" if arg == "step_size" else "(it needs the unsharded LoRA factors): pass "
+                       f"{arg}=None") + ", or train with strategy='ddp'.")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.sampling and self.chain.phase == "watch" and self.chain.due(trainer.global_step):
@@ -856,7 +879,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _recover(self, event: Divergence) -> None:
         """The guard saw a runaway: restore, cut, re-measure (``"auto"``); raises past its last cut."""
         first = self._groups[0] if self._groups else None
-        stable = self._stable_step if self.step_size != "auto" and first is not None else None
+        stable = (self._stable_step if self.step_size != "auto" and first is not None and not self.engine.sharded
+                  else None)
         self.guard.recover(event, step_size=self.group_step(first) if first is not None else None, stable_step=stable)
         if self.step_size == "auto":
             self._measure_step()

@@ -1,0 +1,140 @@
+"""Runs shared by tests/test_fsdp.py and tests/fsdp_worker.py: one tiny PEFT LoRA model, sampled by the
+callback or the optimizers, overdamped and kinetic, on one process, under DDP or under FSDP2
+(Lightning's ModelParallelStrategy, ``fully_shard`` in ``configure_model``).
+
+Every rank sees the same batches (``use_distributed_sampler=False``): the all-reduce (DDP) or
+reduce-scatter (FSDP2) of two identical gradients is that gradient exactly (sums and halvings of
+floats are exact), so the gradients of 1 and 2 processes agree bitwise and any difference left
+would come from the noise or the sharded state. (With different data per rank the mean over 2×4
+examples and the mean over 8 round differently: equality would then hold to a reduction-order
+tolerance only, which would not test what the sharding does.)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from langevin_lora import LangevinAdam, LangevinSGD
+from langevin_lora.callback import LangevinLoRA
+from langevin_lora.sharding import full_tensor
+
+STEPS, BURN = 60, 5   # burn-in + 55 sampling steps
+N = 64
+
+#: name -> (front-end, options): the callback and both optimizers, overdamped and kinetic.
+RUNS = {
+    "callback_overdamped": ("callback", dict(friction=None, step_size=2e-3, head_temperature=0.0)),
+    "callback_kinetic": ("callback", dict(friction="auto", step_size=2e-2, head_temperature=1.0,
+                                          prior_centre="burn_in")),
+    "sgd_overdamped": ("sgd", dict(lr=2e-3, friction=None)),
+    "sgd_kinetic": ("sgd", dict(lr=2e-2, friction=2.0)),
+    "adam_overdamped": ("adam", dict(lr=1e-2, friction=None, step_size=2e-3)),
+    "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2)),
+}
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)   # 5 output rows over 2 ranks: uneven shards (3 + 2)
+        self.cls = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.cls(torch.tanh(self.lin(x)))
+
+
+class Module(L.LightningModule):
+    def __init__(self, kind: str, options: dict, sharded: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = get_peft_model(Base(), LoraConfig(r=3, lora_alpha=3, target_modules=["lin"],
+                                                       modules_to_save=["cls"]))
+        self.kind, self.options, self.sharded = kind, options, sharded
+
+    def configure_model(self):
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opts = dict(self.options)
+        if self.kind == "callback":
+            return torch.optim.AdamW(params, lr=1e-2)
+        if self.kind == "sgd":
+            return LangevinSGD(params, num_data=N, weight_decay=1e-2, seed=7, **opts)
+        return LangevinAdam(params, num_data=N, weight_decay=1e-2, seed=7, warmup_steps=BURN, **opts)
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g))
+
+
+def make_trainer(strategy, devices: int, callbacks=(), max_steps: int = STEPS, **kwargs) -> L.Trainer:
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=max_steps, max_epochs=-1,
+                     callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, use_distributed_sampler=False, **kwargs)
+
+
+def make_callback(options: dict, **kwargs) -> LangevinLoRA:
+    return LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20,
+                        diagnostics=False, **dict(options, **kwargs))
+
+
+def loader() -> DataLoader:
+    return DataLoader(dataset(), batch_size=4)
+
+
+def full_params(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, unsharded (a collective under FSDP: every rank calls it)."""
+    return {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def run(name: str, strategy, devices: int, sharded: bool) -> dict:
+    """One run of RUNS[name]; returns the unsharded adapters and heads and what the front-end kept."""
+    kind, options = RUNS[name]
+    module = Module(kind, options, sharded)
+    callbacks = [make_callback(options)] if kind == "callback" else []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer = make_trainer(strategy, devices, callbacks)
+        trainer.fit(module, loader())
+    out = {"params": full_params(module), "global_step": trainer.global_step}
+    if callbacks:
+        cb = callbacks[0]
+        out.update(langevin_steps=cb.langevin_steps, bank=[dict(s) for s in cb.sample_bank],
+                   bank_steps=list(cb.sample_bank.steps), theta_scale=cb.guard.theta_scale)
+    return out
+
+
+def worker_main(out_dir: str, mode: str, names: list[str]) -> None:
+    """In each of 2 processes launched with LOCAL_RANK/WORLD_SIZE set: the runs ``names`` under
+    ``mode`` ("fsdp" or "ddp"); rank 0 saves the results."""
+    torch.set_num_threads(1)
+    if mode == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        def strategy():
+            return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        def strategy():
+            return "ddp"
+    results = {n: run(n, strategy(), 2, mode == "fsdp") for n in names}
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        torch.save(results, os.path.join(out_dir, f"{mode}.pt"))
