@@ -239,8 +239,9 @@ def check_sharded_params(named: Sequence[tuple[str, Tensor]], module: Any = None
             return sharded
         for m in module.modules():
             if isinstance(m, FSDPModule):
-                group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-                if isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
+                state = m._get_fsdp_state()
+                groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+                if any(isinstance(getattr(g, "offload_policy", None), CPUOffloadPolicy) for g in groups):
                     raise UnsupportedSharding(
                         f"CPU offload (fully_shard(..., offload_policy=CPUOffloadPolicy()) on {type(m).__name__}) is "
                         "not supported: shard without offload_policy (LoRA adapters and their sampler state are "

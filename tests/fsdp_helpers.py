@@ -86,9 +86,12 @@ def dataset() -> TensorDataset:
 
 
 def make_trainer(strategy, devices: int, callbacks=(), max_steps: int = STEPS, **kwargs) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=max_steps, max_epochs=-1,
                      callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, use_distributed_sampler=False, **kwargs)
+                     enable_checkpointing=saving, use_distributed_sampler=False, **kwargs)
 
 
 def make_callback(options: dict, **kwargs) -> LangevinLoRA:
@@ -138,3 +141,68 @@ def worker_main(out_dir: str, mode: str, names: list[str]) -> None:
     results = {n: run(n, strategy(), 2, mode == "fsdp") for n in names}
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(results, os.path.join(out_dir, f"{mode}.pt"))
+
+
+RESUME_AT = 32   # an epoch boundary (16 batches of 4 per epoch): a plain DataLoader restarts there
+
+
+def _callback_fit(strategy, devices: int, sharded: bool, max_steps: int, ckpt_path=None, save_dir=None,
+                  sample_dir=None) -> tuple[Module, LangevinLoRA]:
+    """The kinetic callback chain; ``save_dir``: checkpoint at step RESUME_AT there (``step=32.ckpt``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kind, options = RUNS["callback_kinetic"]
+    module = Module(kind, options, sharded)
+    cb = make_callback(options, sample_dir=sample_dir) if sample_dir is not None else make_callback(options)
+    callbacks = [cb]
+    if save_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=RESUME_AT, save_top_k=-1,
+                                         filename="{step}"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer = make_trainer(strategy, devices, callbacks, max_steps=max_steps)
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def resume_runs(strategy, out_dir: str) -> dict:
+    """The kinetic callback chain under FSDP2 interrupted at RESUME_AT and resumed to STEPS, from a
+    sharded (distributed) checkpoint and from a full one (``save_distributed_checkpoint=False``)."""
+    out = {}
+    for kind, distributed in (("sharded", True), ("full", False)):
+        folder = os.path.join(out_dir, kind)
+        module, cb = _callback_fit(strategy(distributed), 2, True, STEPS, save_dir=folder)
+        out[f"{kind}_straight"] = full_params(module)
+        module, cb = _callback_fit(strategy(distributed), 2, True, STEPS,
+                                   ckpt_path=os.path.join(folder, f"step={RESUME_AT}.ckpt"))
+        out[kind] = full_params(module)
+        out[f"{kind}_bank"] = [dict(s) for s in cb.sample_bank]
+    return out
+
+
+def bank_and_bma(strategy, devices: int, sharded: bool, sample_dir: str) -> dict:
+    """The kinetic callback chain with its samples written as PEFT folders (rank 0), then
+    ``bma_predict_proba`` of the (sharded) module on the training inputs."""
+    from langevin_lora import bma_predict_proba
+
+    module, cb = _callback_fit(strategy, devices, sharded, STEPS, sample_dir=sample_dir)
+    x = dataset().tensors[0]
+    probs = bma_predict_proba(module, cb.sample_bank, [x[:32], x[32:]], forward_fn=lambda m, b: m(b))
+    return {"probs": probs, "bank": [dict(s) for s in cb.sample_bank], "params": full_params(module)}
+
+
+def worker_extra(out_dir: str) -> None:
+    """FSDP2, 2 processes: resume (sharded and full checkpoints), sample folders and BMA."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    torch.set_num_threads(1)
+
+    def strategy(distributed: bool = True):
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=distributed)
+
+    results = {"resume": resume_runs(strategy, out_dir),
+               "bank": bank_and_bma(strategy(), 2, True, os.path.join(out_dir, "samples"))}
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        torch.save(results, os.path.join(out_dir, "extra.pt"))

@@ -144,6 +144,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         """Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
+        if self.engine.sharded:
+            raise ValueError(f"Invalid step_size: 'auto' with sharded (FSDP2 / DTensor) parameters ({type(self).__name__} "
+                             "measures the step by moving the parameters along random directions, which are not "
+                             "drawn independently of the sharding yet): pass step_size=<float> or 'lr'")
         noisy = self._noisy()
         params, scale, decay = [], [], []
         for group, ps in noisy:
