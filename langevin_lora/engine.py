@@ -201,6 +201,15 @@ class LangevinEngine:
             master = slot["master"] = sharding.mark(param.detach().float(), spec)
         return master
 
+    def track(self, params: Mapping[Hashable, Tensor]) -> None:
+        """Record the :class:`~langevin_lora.sharding.ShardSpec` of every sharded (DTensor) parameter of
+        ``params`` (key -> parameter) before anything reduces over the shards (e.g. the median of a freeze
+        made before the first step); raises :class:`~langevin_lora.sharding.UnsupportedSharding` for an
+        unsupported layout. Cheap for unsharded parameters."""
+        for key, p in params.items():
+            if sharding.is_sharded(p) and key not in self.shards:
+                self.shards[key] = sharding.shard_spec(p, key)
+
     @property
     def sharded(self) -> bool:
         """Whether any parameter met so far is sharded (then sums, minima and medians reduce over ranks)."""

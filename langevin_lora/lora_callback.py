@@ -193,7 +193,7 @@ from langevin_lora.guard import Divergence, DivergenceGuard
 from langevin_lora.optim.base import LangevinOptimizer
 from langevin_lora.param_groups import lora_adapter_names, lora_modules, lora_param_groups
 from langevin_lora.samples import SAMPLE_PREFIX, SampleBank
-from langevin_lora.sharding import UnsupportedSharding, check_sharded_params, sharding_refusal
+from langevin_lora.sharding import UnsupportedSharding, check_sharded_params, global_min, reshard, sharding_refusal
 from langevin_lora.step_size import AutoStepSize, step_from_lambda_max
 from langevin_lora.temperature import DEFAULT_PRIOR_STD, effective_beta, resolve_base_beta, weight_decay_from_prior_std
 from langevin_lora.view import LangevinGroupView, default_diagnostics_factory
@@ -670,6 +670,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             raise MisconfigurationException(f"LangevinLoRA: {exc}") from None
         if not sharded:
             return
+        self.engine.track(dict(named))   # before the freeze's median reduces over the shards
         for arg, bad in (("step_size", self.step_size == "auto"), ("balance", self.balance is not None),
                          ("gauge_moves", self.gauge_moves is not None)):
             if bad:
@@ -699,6 +700,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             value = float(value)
         if self.chain.observe(value, trainer.global_step):
             opt = trainer.optimizers[0]
+            reshard(pl_module)   # FSDP2 leaves the root unsharded after validation: copy the shards
             self._best_point = {"step": trainer.global_step,
                                 "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()
                                            if p.requires_grad},
@@ -708,6 +710,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _take_best_point(self, pl_module: LightningModule) -> dict[str, Any]:
         """Copy the best-monitored trainable tensors back into the module and hand over the snapshot."""
         best, self._best_point = self._best_point, None
+        reshard(pl_module)   # write the shards, not FSDP2's unsharded copies (lost at its next reshard)
         for n, p in pl_module.named_parameters():
             if n in best["params"]:
                 p.copy_(best["params"][n])
@@ -1023,7 +1026,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         relax = 1
         for g in self._groups:
             G = self.engine.preconditioners(g.names)
-            g_min = min(float(x.min()) for x in G) if G else 1.0
+            g_min = global_min(G, self.engine.specs(g.names)) if G else 1.0   # over every shard
             friction = self.engine.friction(self._step_group(g, gather=False))
             relax = max(relax, relaxation_steps(self.group_step(g), g.weight_decay, g_min, friction,
                                                 self.chain.relax_efolds))
@@ -1301,9 +1304,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             counts = {n: self.precond_adapt_steps for g in self._groups for n in g.names}
             G = self.engine.refreeze(counts, self._precond_reference, clamp=self.precond_clamp)
             if G:
+                specs = self.engine.specs(counts)
                 rank_zero_info(f"LangevinLoRA: preconditioner re-frozen after {self.precond_adapt_steps} adaptation "
-                               f"steps (G in [{min(float(x.min()) for x in G):.3g}, "
-                               f"{max(float(x.max()) for x in G):.3g}], median {self._precond_reference:.3g})")
+                               f"steps (G in [{global_min(G, specs):.3g}, {-global_min([-x for x in G], specs):.3g}], "
+                               f"median {self._precond_reference:.3g})")
                 if self.step_size == "auto":
                     self._measure_step()
                 if guard is not None:

@@ -247,3 +247,17 @@ def check_sharded_params(named: Sequence[tuple[str, Tensor]], module: Any = None
                         "not supported: shard without offload_policy (LoRA adapters and their sampler state are "
                         f"small), or use strategy='ddp'. Device: {device}")
     return sharded
+
+
+def reshard(module: Any) -> None:
+    """Free FSDP2's unsharded parameters of ``module`` so that ``named_parameters()`` are the sharded
+    DTensors again. After a forward pass without backward (validation, prediction) the root module stays
+    unsharded; a write into those unsharded tensors would be lost at the next reshard, and a copy of
+    them is not the sharded parameter. No-op without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

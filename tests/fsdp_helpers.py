@@ -29,13 +29,15 @@ N = 64
 
 #: name -> (front-end, options): the callback and both optimizers, overdamped and kinetic.
 RUNS = {
-    "callback_overdamped": ("callback", dict(friction=None, step_size=2e-3, head_temperature=0.0)),
+    # a tight clamp: G's median scale (over every shard) decides which entries are clamped
+    "callback_overdamped": ("callback", dict(friction=None, step_size=2e-3, head_temperature=0.0,
+                                             precond_clamp=(0.5, 2.0))),
     "callback_kinetic": ("callback", dict(friction="auto", step_size=2e-2, head_temperature=1.0,
                                           prior_centre="burn_in")),
     "sgd_overdamped": ("sgd", dict(lr=2e-3, friction=None)),
     "sgd_kinetic": ("sgd", dict(lr=2e-2, friction=2.0)),
     "adam_overdamped": ("adam", dict(lr=1e-2, friction=None, step_size=2e-3)),
-    "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2)),
+    "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2, precond_clamp=(0.5, 2.0))),
 }
 
 
@@ -69,6 +71,10 @@ class Module(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):   # the drop-in's monitor (not synced: the callback reduces)
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.model(x), y))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -116,6 +122,7 @@ def run(name: str, strategy, devices: int, sharded: bool) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")   # the drop-in's validation_step
         trainer = make_trainer(strategy, devices, callbacks)
         trainer.fit(module, loader())
     out = {"params": full_params(module), "global_step": trainer.global_step}
@@ -192,6 +199,29 @@ def bank_and_bma(strategy, devices: int, sharded: bool, sample_dir: str) -> dict
     return {"probs": probs, "bank": [dict(s) for s in cb.sample_bank], "params": full_params(module)}
 
 
+def val_loader() -> DataLoader:
+    """Random labels: validation stops improving early, so the drop-in samples (its ladder of stages)."""
+    g = torch.Generator().manual_seed(5)
+    return DataLoader(TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                      batch_size=16)
+
+
+def dropin_run(strategy, devices: int, sharded: bool) -> dict:
+    """The zero-config drop-in (``burn_in_steps="auto"``: validation watch, best-point restore, clamp
+    (0.1, 10), kinetic, sampled heads, the ladder of prior scales) with a float step."""
+    module = Module("callback", {}, sharded)
+    cb = LangevinLoRA(step_size=1e-2, diagnostics=False, seed=3, num_samples=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=16, callbacks=[cb],
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0)
+        trainer.fit(module, loader(), val_loader())
+    return {"params": full_params(module), "chain": cb.chain.state_dict(), "bank_steps": list(cb.sample_bank.steps),
+            "langevin_steps": cb.langevin_steps}
+
+
 def worker_extra(out_dir: str) -> None:
     """FSDP2, 2 processes: resume (sharded and full checkpoints), sample folders and BMA."""
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -203,6 +233,7 @@ def worker_extra(out_dir: str) -> None:
                                      save_distributed_checkpoint=distributed)
 
     results = {"resume": resume_runs(strategy, out_dir),
-               "bank": bank_and_bma(strategy(), 2, True, os.path.join(out_dir, "samples"))}
+               "bank": bank_and_bma(strategy(), 2, True, os.path.join(out_dir, "samples")),
+               "dropin": dropin_run(strategy(), 2, True)}
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(results, os.path.join(out_dir, "extra.pt"))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from fsdp_helpers import RUNS, Module, bank_and_bma, dataset, run
+from fsdp_helpers import RUNS, Module, bank_and_bma, dataset, dropin_run, run
 from langevin_lora._rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.callback import LangevinLoRA
 from langevin_lora.sharding import ShardSpec, mark
@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     single = {name: run(name, "auto", 1, False) for name in RUNS}
     single["bank"] = bank_and_bma("auto", 1, False, str(out / "single_samples"))
+    single["dropin"] = dropin_run("auto", 1, False)
     _launch(out, "fsdp", *RUNS)
     _launch(out, "ddp", *RUNS)
     return types.SimpleNamespace(out=out, single=single, fsdp=torch.load(out / "fsdp.pt", weights_only=False),
@@ -108,6 +109,17 @@ def test_fsdp_sample_bank_writes_full_adapters_and_bma_runs_sharded(runs):
     _assert_same(ref, written, "adapter_model.safetensors")
     assert torch.equal(single["probs"], fsdp["probs"])
     assert single["probs"].shape == (len(dataset()), 3)
+
+
+@pytest.mark.slow
+def test_fsdp_dropin_is_the_single_device_dropin(runs):
+    """The default mode: the validation watch, the best point restored into the shards (FSDP2 leaves the
+    root unsharded after validation: the callback reshards first), G's clamp by the median over every
+    shard, kinetic with sampled heads and the ladder of prior scales, decided alike on every rank."""
+    single, fsdp = runs.single["dropin"], runs.extra["dropin"]
+    assert single["langevin_steps"] > 50 and single["bank_steps"]
+    assert single["chain"] == fsdp["chain"] and single["bank_steps"] == fsdp["bank_steps"]
+    _assert_same(single["params"], fsdp["params"], "drop-in FSDP2 vs 1 process")
 
 
 # -- no process needed ------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         super().add_param_group(param_group)
         try:
             self._validate_group(self.param_groups[-1])
+            if hasattr(self, "engine"):   # sharded (FSDP2) parameters: known before any freeze
+                self.engine.track({p: p for p in self.param_groups[-1]["params"]})
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay behind
             raise
