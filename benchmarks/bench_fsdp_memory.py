@@ -115,7 +115,7 @@ def main() -> None:
         f"### FSDP2: per-rank sampler state of the adapters (bench_fsdp_memory.py, torch {torch.__version__}, CPU)",
         "",
         f"LangevinAdam, kinetic, prior centred at the start, {args.layers} LoRA layers {args.width}x{args.width} "
-        f"r={args.rank} ({one['adapter_numel']:,} adapter numbers); state = G, momenta, prior centres (fp32).",
+        f"r={args.rank} ({one['adapter_numel']:,} adapter numbers); state = every tensor of the optimizer's state (G and its square root, momenta, prior centres, Adam's second moment; fp32).",
         "",
         "| run | state MiB | / unsharded |",
         "|---|---|---|",

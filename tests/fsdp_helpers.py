@@ -38,6 +38,8 @@ RUNS = {
     "sgd_kinetic": ("sgd", dict(lr=2e-2, friction=2.0)),
     "adam_overdamped": ("adam", dict(lr=1e-2, friction=None, step_size=2e-3)),
     "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2, precond_clamp=(0.5, 2.0))),
+    # bf16 parameters: the fp32 masters are shards beside them, the parameters receive their rounding
+    "sgd_bf16_kinetic": ("sgd", dict(lr=2e-2, friction=2.0, dtype=torch.bfloat16)),
 }
 
 
@@ -57,6 +59,11 @@ class Module(L.LightningModule):
         torch.manual_seed(0)
         self.model = get_peft_model(Base(), LoraConfig(r=3, lora_alpha=3, target_modules=["lin"],
                                                        modules_to_save=["cls"]))
+        options = dict(options)
+        dtype = options.pop("dtype", None)
+        if dtype is not None:
+            self.model.to(dtype)
+        self.dtype_ = dtype or torch.float32
         self.kind, self.options, self.sharded = kind, options, sharded
 
     def configure_model(self):
@@ -70,7 +77,7 @@ class Module(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self.model(x), y)
+        return nn.functional.cross_entropy(self.model(x.to(self.dtype_)).float(), y)
 
     def validation_step(self, batch, batch_idx):   # the drop-in's monitor (not synced: the callback reduces)
         x, y = batch

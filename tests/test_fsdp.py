@@ -3,7 +3,8 @@
 
 With the same seed and the same batches on every rank (tests/fsdp_helpers.py says why), the adapters and
 heads after 5 burn-in + 55 sampling steps are bitwise those of 1 process and of DDP, for the callback and
-both optimizers, overdamped and kinetic; a chain resumed from a sharded or a full checkpoint continues
+both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the
+zero-config drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a full checkpoint continues
 bitwise; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
 the sharded module gives the single-device probabilities. Unsupported strategies and layouts are refused
 with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
