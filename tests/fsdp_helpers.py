@@ -175,6 +175,7 @@ def _callback_fit(strategy, devices: int, sharded: bool, max_steps: int, ckpt_pa
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")   # the drop-in's validation_step
         trainer = make_trainer(strategy, devices, callbacks, max_steps=max_steps)
         trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return module, cb

@@ -223,3 +223,46 @@ def test_fsdp_recipe_config_parses():
     (callback,) = [build(c) for c in cfg["trainer"]["callbacks"]]
     assert isinstance(callback, LangevinLoRA) and isinstance(callback.step_size, float)
     assert callback.diagnostics is False
+
+
+def test_options_that_need_unsharded_tensors_are_refused(one_rank_group):
+    """On sharded parameters: the callback refuses step_size='auto', balance and gauge_moves at the start
+    of training; the optimizers refuse step_size='auto' at their first measurement and an unsupported
+    layout when built."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from langevin_lora import BalanceSchedule, LangevinAdam, LangevinSGD
+    from langevin_lora.sharding import UnsupportedSharding
+
+    mesh = init_device_mesh("cpu", (1,))
+    w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    fake = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
+    for kwargs, match in ((dict(), "step_size='auto' is not supported with sharded"),
+                          (dict(step_size=1e-3, balance=BalanceSchedule(at_sampling_start=True)),
+                           "balance=.* is not supported with sharded")):
+        cb = LangevinLoRA(burn_in_steps=1, num_data=8, **kwargs)
+        cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
+        with pytest.raises(MisconfigurationException, match=match):
+            cb._check_sharded(fake, nn.Module())
+    cb = LangevinLoRA(burn_in_steps=1, num_data=8, step_size=1e-3)
+    cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
+    cb._check_sharded(fake, nn.Module())   # a float step: accepted, the shard tracked
+    assert list(cb.engine.shards) == ["w"]
+
+    opt = LangevinAdam([w], lr=1e-2, num_data=8, weight_decay=1e-2, warmup_steps=0, step_size="auto")
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * w).sum().full_tensor()
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="no warm-up step"), \
+            pytest.raises(ValueError, match="Invalid step_size: 'auto' with sharded"):
+        opt.step(closure)
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    tp = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)]))
+    with pytest.raises(UnsupportedSharding, match="Unsupported sharding"):
+        LangevinSGD([tp], lr=1e-3, num_data=8, weight_decay=1e-2)
