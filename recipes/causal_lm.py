@@ -300,6 +300,23 @@ class LoRAChoiceLM(AdapterCheckpoints, LightningModule):
         model.train()
         return model
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` every decoder layer, then the
+        whole model, over the data-parallel mesh (``recipes/configs/causal_lm_fsdp_7b.yaml``); a no-op
+        under any other strategy. The LoRA tensors are sharded with their layers; LangevinLoRA draws the
+        noise independently of the sharding (:mod:`langevin_lora.core.sharding`)."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for module in self.model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+        self._sharded = True
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "choice_token_ids"):

@@ -77,6 +77,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from langevin_lora._validation import check_choice
+from langevin_lora.core import sharding
 from langevin_lora.core.functional import (
     FRICTION_AUTO,
     LOW_PRECISION,
@@ -173,6 +174,8 @@ class LangevinEngine:
         self.skipped_steps = 0
         self.kinetic_lr: dict[str, float] = {}   # group name -> h of its last kinetic step
         self._auto: dict[str, tuple[list[Tensor] | None, float, float]] = {}   # "auto" friction, cached
+        #: key -> :class:`~langevin_lora.core.sharding.ShardSpec` of each sharded (DTensor) parameter met
+        self.shards: dict[Hashable, sharding.ShardSpec] = {}
 
     # -- per-tensor state ----------------------------------------------------------------------------
     def _slot(self, key: Hashable) -> dict[str, Tensor]:
@@ -183,15 +186,44 @@ class LangevinEngine:
 
     def work_tensor(self, key: Hashable, param: Tensor) -> Tensor:
         """The tensor updated for ``param``: its fp32 master copy for fp16/bf16 (made on first use),
-        else ``param`` itself. Anything that writes a sampled parameter (gauge moves, balancing)
-        must write this tensor and then copy it into ``param``."""
+        else ``param`` itself; for a sharded (DTensor) parameter, its local shard or the shard's master
+        (:mod:`langevin_lora.core.sharding`). Anything that writes a sampled parameter (gauge moves,
+        balancing) must write this tensor and then copy it into ``param``."""
+        spec = None
+        if sharding.is_sharded(param):
+            spec = self.shards.get(key) or self.shards.setdefault(key, sharding.shard_spec(param, key))
+            param = sharding.mark(sharding.local_tensor(param), spec)
         if param.dtype not in LOW_PRECISION:
             return param
         slot = self._slot(key)
         master = slot.get("master")
         if master is None:
-            master = slot["master"] = param.detach().float()
+            master = slot["master"] = sharding.mark(param.detach().float(), spec)
         return master
+
+    def track(self, params: Mapping[Hashable, Tensor]) -> None:
+        """Record the :class:`~langevin_lora.core.sharding.ShardSpec` of every sharded (DTensor) parameter of
+        ``params`` (key -> parameter) before anything reduces over the shards (e.g. the median of a freeze
+        made before the first step); raises :class:`~langevin_lora.core.sharding.UnsupportedSharding` for an
+        unsupported layout. Cheap for unsharded parameters."""
+        for key, p in params.items():
+            if sharding.is_sharded(p) and key not in self.shards:
+                self.shards[key] = sharding.shard_spec(p, key)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any parameter met so far is sharded (then sums, minima and medians reduce over ranks)."""
+        return bool(self.shards)
+
+    def specs(self, keys: Iterable[Hashable]) -> list[sharding.ShardSpec | None]:
+        """The :class:`~langevin_lora.core.sharding.ShardSpec` of each key (``None``: unsharded)."""
+        return [self.shards.get(k) for k in keys]
+
+    def _full(self, key: Hashable, t: Tensor) -> Tensor:
+        """The unsharded tensor of the per-tensor value ``t`` of ``key`` (gathered over its shards: a
+        collective), else ``t``."""
+        spec = self.shards.get(key)
+        return t if spec is None else sharding.full_tensor(t, spec)
 
     def gather(self, params: Sequence[Tensor], keys: Sequence[Hashable] | None = None, **hyper: Any) -> StepGroup:
         """The parameters of ``params`` that have a gradient, with their work tensors and gradients in
@@ -210,7 +242,11 @@ class LangevinEngine:
             okeys.append(key)
             oparams.append(p)
             dtype = p.dtype
-            if dtype in LOW_PRECISION:
+            if sharding.is_sharded(p):   # the local shard, its gradient's shard beside it
+                works.append(self.work_tensor(key, p))
+                grads.append(sharding.local_tensor(g).float() if dtype in LOW_PRECISION else sharding.local_tensor(g))
+                dtype = works[-1].dtype
+            elif dtype in LOW_PRECISION:
                 works.append(self.work_tensor(key, p))
                 grads.append(g.float())
                 dtype = torch.float32
@@ -277,13 +313,19 @@ class LangevinEngine:
         """Copy updated master copies into their fp16/bf16 parameters (their rounding)."""
         for p, w in zip(group.params, group.works):
             if w is not p:
-                p.copy_(w)
+                p = sharding.local_tensor(p)
+                if w is not p:
+                    p.copy_(w)
 
     # -- the non-finite policy -------------------------------------------------------------------------
     def check_finite(self, grads: Sequence[Tensor], *, stacklevel: int = 3) -> bool:
         """``True`` when every gradient is finite; else raise (``"raise"``) or count, warn and return
         ``False`` (``"skip"``: the caller updates nothing and draws no noise)."""
-        if all_finite(grads):
+        if self.shards:   # every rank judges its shards: decide together
+            if sharding.all_ranks_true(all_finite([sharding.local_tensor(g) for g in grads]),
+                                       list(self.shards.values())):
+                return True
+        elif all_finite(grads):
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{self.owner}: non-finite gradient (inf or NaN); nothing was updated")
@@ -312,7 +354,7 @@ class LangevinEngine:
         :math:`r` together (so a tensor whose gradient stayed ~0, LoRA ``A`` while ``B = 0``, is
         capped). ``fixed`` tensors are stored as given (e.g. ones). Returns :math:`m` (1 if ``raw``
         is empty), the reference scale :meth:`refreeze` keeps."""
-        reference = median_scale([r for _, r, _ in raw]) if raw else 1.0
+        reference = median_scale([self._full(key, r) for key, r, _ in raw]) if raw else 1.0
         for key, r, (lo, hi) in raw:
             self._set_precond(key, r.clamp_(min=lo * reference, max=hi * reference))
         for key, G in (fixed or {}).items():
@@ -341,8 +383,9 @@ class LangevinEngine:
         keys = [k for k in counts if "adapt_sq" in self.state.get(k, {})]
         if not keys:
             return []
-        means = [self.state[k].pop("adapt_sq").div_(counts[k]) for k in keys]
-        G = adapted_preconditioner(means, reference, eps, clamp)
+        means = [self._full(k, self.state[k].pop("adapt_sq").div_(counts[k])) for k in keys]
+        G = adapted_preconditioner(means, reference, eps, clamp)   # its median: over the unsharded tensors
+        G = [Gk if k not in self.shards else Gk[self.shards[k].slices].clone() for k, Gk in zip(keys, G)]
         for key, Gk in zip(keys, G):
             self._set_precond(key, Gk)
         return G
@@ -358,7 +401,10 @@ class LangevinEngine:
         if (cached is None or cached[1] != group.weight_decay or (cached[0] is None) != (precond is None)
                 or (precond is not None and (len(precond) != len(cached[0])
                                              or any(a is not b for a, b in zip(precond, cached[0]))))):
-            cached = self._auto[group.name] = (precond, group.weight_decay, auto_friction(group.weight_decay, precond))
+            mins = precond
+            if precond is not None and self.shards:   # the smallest G over every shard
+                mins = [torch.tensor(sharding.global_min(precond, self.specs(group.keys)))]
+            cached = self._auto[group.name] = (precond, group.weight_decay, auto_friction(group.weight_decay, mins))
             _log.info("%s: friction='auto' of group %r: gamma = 2*sqrt(weight_decay * min G) = %.4g "
                       "(weight_decay %.4g)", self.owner, group.name, cached[2], group.weight_decay)
         return cached[2]
@@ -377,6 +423,8 @@ class LangevinEngine:
         for g, key, w in fresh:
             self._slot(key)["momentum"] = torch.zeros_like(w)
         for (g, key, _), xi in zip(noisy, draws):
+            if key in self.shards:
+                xi = xi.clone()   # the shard's slice only: not a view of the full draw
             slot = self.state[key]
             G_sqrt = slot.get("precond_sqrt")
             p = xi.mul_(1.0 / math.sqrt(g.beta))
@@ -461,6 +509,7 @@ class LangevinEngine:
                     slot[name] = value.clone() if torch.is_tensor(value) else value
             work = self.work_tensor(k, p)
             work.copy_(snapshot["works"][k])
+            p = sharding.local_tensor(p)
             if work is not p:
                 p.copy_(work)
 
@@ -468,6 +517,7 @@ class LangevinEngine:
     def reset(self) -> None:
         """Forget every per-tensor state and restart the generators from the seed (a new chain)."""
         self.state.clear()
+        self.shards.clear()
         self.generators.reset()
         self.skipped_steps = 0
         self.kinetic_lr.clear()
@@ -478,8 +528,8 @@ class LangevinEngine:
         the tensors derived on load (:math:`\\sqrt G`). Tensors and builtins only."""
         out: dict[str, Any] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps,
                                "kinetic_lr": dict(self.kinetic_lr)}
-        if per_tensor:
-            out["state"] = {k: {n: t.clone() for n, t in s.items() if n not in _DERIVED}
+        if per_tensor:   # sharded tensors saved unsharded: the checkpoint does not depend on the sharding
+            out["state"] = {k: {n: self._full(k, t).clone() for n, t in s.items() if n not in _DERIVED}
                             for k, s in self.state.items() if s}
         return out
 
@@ -502,8 +552,13 @@ class LangevinEngine:
             p = params.get(key)
             if p is None:
                 raise ValueError(f"{self.owner} state: the module has no parameter {key!r}")
+            spec = None
+            if sharding.is_sharded(p):   # a full (or same-layout) checkpoint: keep this rank's slice
+                spec = self.shards[key] = sharding.shard_spec(p, key)
             for name, t in list(slot.items()):
                 if name not in _DERIVED:
-                    slot[name] = t.to(p.device)
+                    if spec is not None and t.shape == spec.global_shape != p.to_local().shape:
+                        t = t[spec.slices].clone()
+                    slot[name] = sharding.mark(t.to(p.device), spec if name == "master" else None)
             if "precond" in slot:
                 slot["precond_sqrt"] = slot["precond"].sqrt()

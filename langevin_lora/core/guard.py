@@ -76,6 +76,7 @@ from torch import Tensor
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
 from langevin_lora.core.engine import LangevinEngine, StepGroup
+from langevin_lora.core.sharding import global_sums, spec_of
 
 __all__ = ["Divergence", "DivergenceError", "DivergenceGuard", "DivergenceWarning"]
 
@@ -190,9 +191,12 @@ class DivergenceGuard:
         self._candidate = None
         self._ref = {k: engine.work_tensor(k, p).detach().clone() for k, p in self._params.items()}
         theta0 = sum(float(_wide(w).square().sum()) for w in self._ref.values())
+        if engine.sharded:   # |theta_0|^2 over every shard; dimensions of the unsharded tensors
+            specs = engine.specs(self._ref)
+            theta0 = self._sum_sq(list(self._ref.values()), specs)
         spread, energy, dims = 0.0, 0.0, 0
         for g in groups:
-            n = sum(w.numel() for w in g.works)
+            n = sum(w.numel() if s is None else s.global_numel for w, s in zip(g.works, engine.specs(g.keys)))
             if math.isinf(g.beta) or n == 0:
                 continue
             dims += n
@@ -208,6 +212,16 @@ class DivergenceGuard:
         self._u0 = None
         self._skips = 0
         self._clear_window()
+
+    @staticmethod
+    def _sum_sq(works: Sequence[Tensor], specs: Sequence[Any]) -> float:
+        """:math:`\sum\lVert w\rVert^2` over the unsharded tensors (sharded ones reduced over their group)."""
+        parts = [_wide(w).double().square().sum() if w.numel() else torch.zeros((), dtype=torch.float64,
+                                                                                 device=w.device) for w in works]
+        zero = torch.zeros(1, dtype=torch.float64, device=works[0].device if works else "cpu")
+        sharded = zero + sum((t for t, s in zip(parts, specs) if s is not None), zero)
+        replicated = zero + sum((t for t, s in zip(parts, specs) if s is None), zero)
+        return float(global_sums(sharded, replicated, specs))
 
     def mark_good(self) -> None:
         """Take the current position as the good snapshot (e.g. after the front-end changed the
@@ -228,10 +242,17 @@ class DivergenceGuard:
             return
         zero = torch.zeros((), dtype=torch.float64, device=works[0].device)
         sq, virial, prior = zero, zero, zero
+        sharded = self._engine.sharded
+        if sharded:   # sums over the local shards, then over the ranks (global_sums)
+            parts, specs = torch.zeros(2, 3, dtype=torch.float64, device=zero.device), []
         for g in groups:
             centres = self._engine.prior_centres(g.keys, g.works) or [None] * len(g.works)
             for key, w, grad, c in zip(g.keys, g.works, g.grads, centres):
                 w, grad = _wide(w), _wide(grad)
+                if sharded:
+                    spec = self._engine.shards.get(key)
+                    specs.append(spec)
+                    sq, virial, prior = zero, zero, zero
                 sq = sq + w.square().sum().double()
                 shift = w if c is None else w - _wide(c)   # theta - centre: the prior's force is lambda * shift
                 if g.weight_decay:
@@ -240,6 +261,10 @@ class DivergenceGuard:
                 if ref is not None and not math.isinf(g.beta):
                     force = grad.add(shift, alpha=g.weight_decay) if g.weight_decay else grad
                     virial = virial + (w - ref).mul_(force).sum().double() * g.beta
+                if sharded:
+                    parts[0 if spec is not None else 1] += torch.stack([sq, virial, prior])
+        if sharded:
+            sq, virial, prior = global_sums(parts[0], parts[1], specs).unbind()
         nan = torch.full((), math.nan, dtype=torch.float64, device=zero.device)
         if loss is None:
             energy = nan
@@ -258,7 +283,10 @@ class DivergenceGuard:
         self._skips += 1
         if self._ref is not None and self._params:
             works = [_wide(self._engine.work_tensor(k, p)) for k, p in self._params.items()]
-            sq = float(torch.stack(torch._foreach_norm(works)).double().square().sum())
+            if self._engine.sharded:
+                sq = self._sum_sq(works, self._engine.specs(self._params))
+            else:
+                sq = float(torch.stack(torch._foreach_norm(works)).double().square().sum())
             if not math.isfinite(sq):
                 return self._event("|theta|^2 at a step with non-finite gradients (non-finite parameters)", sq, math.inf)
             if sq > self._limits["theta_sq"]:
@@ -279,7 +307,14 @@ class DivergenceGuard:
         self._skips = 0
         values = [math.nan, math.nan, math.nan]
         post = math.inf
-        if self._pending is not None:
+        if works and self._engine is not None and self._engine.sharded:   # |theta|^2 over every shard
+            post_sq = self._sum_sq(works, [spec_of(w) for w in works])
+            if self._pending is not None:
+                values, post = self._pending.tolist(), post_sq
+                self._pending = None
+            else:
+                post = post_sq
+        elif self._pending is not None:
             stats = self._pending
             if works:
                 norms = torch._foreach_norm([_wide(w) for w in works])

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from langevin_lora._validation import check_int
+from langevin_lora.core.sharding import any_marked, spec_of
 
 #: CPU draws of at least this many numbers are split into :data:`CPU_STREAMS` chunks.
 PARALLEL_MIN_NUMEL = 1 << 18
@@ -114,26 +115,31 @@ class NoiseBuffer:
         self._views: list[torch.Tensor] = []
 
     def views(self, tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> tuple[list, list[torch.Tensor]]:
-        key = tuple((id(t), t.shape, dt) for t, dt in zip(tensors, dtypes))
+        specs = [spec_of(t) for t in tensors] if any_marked() else [None] * len(tensors)
+        key = tuple((id(t), t.shape, dt, id(s)) for t, dt, s in zip(tensors, dtypes, specs))
         if key != self._key:
-            self._flats, self._views = _plan(tensors, dtypes)
+            self._flats, self._views = _plan(tensors, dtypes, specs)
             self._key = key
         return self._flats, self._views
 
 
-def _plan(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> tuple[list, list[torch.Tensor]]:
+def _plan(tensors: list[torch.Tensor], dtypes: list[torch.dtype], specs: list) -> tuple[list, list[torch.Tensor]]:
     """One flat buffer per (device, dtype) bucket, in order of first appearance, and a view of it
-    shaped like each tensor (tensors of a bucket are laid out in their order)."""
+    shaped like each tensor (tensors of a bucket are laid out in their order). A local shard
+    (:func:`langevin_lora.core.sharding.spec_of`) takes the room of its *unsharded* tensor, and its view is
+    its slice of that room: every rank draws what one device would and keeps its shard's numbers."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, (t, dt) in enumerate(zip(tensors, dtypes)):
         buckets.setdefault((t.device, dt), []).append(i)
     flats, out = [], [None] * len(tensors)
     for (device, dtype), idx in buckets.items():
-        sizes = [tensors[i].numel() for i in idx]
+        shapes = [tensors[i].shape if specs[i] is None else specs[i].global_shape for i in idx]
+        sizes = [s.numel() for s in shapes]
         flat = torch.empty(sum(sizes), device=device, dtype=dtype)
         flats.append((flat, device))
-        for i, chunk in zip(idx, torch.split(flat, sizes)):
-            out[i] = chunk.view(tensors[i].shape)
+        for i, chunk, shape in zip(idx, torch.split(flat, sizes), shapes):
+            view = chunk.view(shape)
+            out[i] = view if specs[i] is None else view[specs[i].slices]
     return flats, out  # type: ignore[return-value]
 
 
@@ -141,6 +147,9 @@ def draw_standard_normal(tensors: list[torch.Tensor], generators: NoiseGenerator
                          dtypes: list[torch.dtype] | None = None,
                          buffer: NoiseBuffer | None = None) -> list[torch.Tensor]:
     """One :math:`N(0, I)` draw shaped like each tensor.
+
+    A local shard of a sharded parameter (:mod:`langevin_lora.core.sharding`) receives its slice of the draw
+    its unsharded tensor would receive, so the chain is the same on one device, under DDP and under FSDP.
 
     Tensors are drawn in order, one fill per (device, dtype) bucket, then split, so the
     single-tensor and foreach update paths consume the same noise and a bucket costs one kernel

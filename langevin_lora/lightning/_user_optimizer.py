@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from langevin_lora.core.functional import LOW_PRECISION, adam_inverse_scale
+from langevin_lora.core.sharding import local_tensor
 from langevin_lora.lora.param_groups import lora_param_groups
 
 __all__ = ["LangevinGroup", "adam_freeze_inputs", "langevin_groups_in"]
@@ -87,9 +88,10 @@ def adam_freeze_inputs(opt: torch.optim.Optimizer, groups: list[LangevinGroup], 
             t = float(t.item() if torch.is_tensor(t) else t) if t is not None else 0.0
             dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
             if precondition and v is not None and betas is not None and eps is not None and t > 0:
-                raw.append((n, adam_inverse_scale(v.detach().to(dtype), t, float(betas[1]), float(eps)), clamp))
+                v = local_tensor(v.detach())   # a sharded parameter's moment: its shard, like the engine's state
+                raw.append((n, adam_inverse_scale(v.to(dtype), t, float(betas[1]), float(eps)), clamp))
             else:
-                plain.append((n, torch.ones_like(p, dtype=dtype)))
+                plain.append((n, torch.ones_like(local_tensor(p), dtype=dtype)))
         if len(plain) < len(g.names):
             fixed.update(plain)
         identity += [n for n, _ in plain]

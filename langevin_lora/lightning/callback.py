@@ -126,8 +126,14 @@ refused at the start of such a fit (they belong to an earlier run; empty the fol
 another, or resume that run with ``ckpt_path``).
 
 **Data parallel.** DDP works: gradients are averaged before the step and every rank draws the same
-noise from identically seeded generators, so replicas stay identical. Sharded strategies (FSDP,
-DeepSpeed, ModelParallel) are refused in ``setup`` with a ``MisconfigurationException``.
+noise from identically seeded generators, so replicas stay identical. **FSDP2** works through
+Lightning's ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``): every rank draws the
+unsharded noise and keeps its shard's slice, so the chain is the one a single device or DDP runs
+(:mod:`langevin_lora.core.sharding`); the guard's sums reduce over the ranks, the sample bank keeps full
+tensors and checkpoints hold the unsharded state. With sharded adapters ``step_size`` must be a float
+(the Hessian-vector products of ``"auto"`` do not run through FSDP2's hooks), and ``balance`` and
+``gauge_moves`` are refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts
+and FSDP2's CPU offload are refused with a ``MisconfigurationException`` naming the alternative.
 
 **Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
 each Langevin step and before the user's optimizer updates the heads (gradients final and present,
@@ -177,6 +183,7 @@ from langevin_lora._validation import (
 from langevin_lora.core.engine import NONFINITE_POLICIES, EngineFrontEnd, LangevinEngine, StepGroup
 from langevin_lora.core.functional import check_clamp, check_friction
 from langevin_lora.core.guard import Divergence, DivergenceGuard
+from langevin_lora.core.sharding import UnsupportedSharding, check_sharded_params, global_min, reshard, sharding_refusal
 from langevin_lora.core.step_size import AutoStepSize, step_from_lambda_max
 from langevin_lora.core.temperature import (
     DEFAULT_PRIOR_STD,
@@ -205,9 +212,10 @@ __all__ = ["CHECKPOINT_VERSION", "LangevinLoRA", "SHARDED_STRATEGIES"]
 CHECKPOINT_VERSION = 4
 
 
-#: Strategy classes refused: their parameters are shards, so per-tensor noise would not be
-#: identical across world sizes.
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Strategy classes refused (their parameters are flattened or partitioned shards that are not DTensors,
+#: so the sharding-invariant noise of :mod:`langevin_lora.core.sharding` cannot find each element's place).
+#: FSDP2 through ``ModelParallelStrategy`` is supported.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 Observer = Callable[[Trainer, LightningModule, "LangevinLoRA"], None]
 
@@ -515,13 +523,9 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        names = {c.__name__ for c in type(trainer.strategy).__mro__}
-        refused = names.intersection(SHARDED_STRATEGIES)
-        if refused:
-            raise MisconfigurationException(
-                f"LangevinLoRA does not support the sharded strategy {type(trainer.strategy).__name__} "
-                f"({sorted(refused)[0]}): each rank holds shards of the adapter tensors, so noise drawn per "
-                "tensor would depend on the sharding. Use strategy='ddp' (or a single device).")
+        refusal = sharding_refusal(trainer.strategy, SHARDED_STRATEGIES)
+        if refusal:
+            raise MisconfigurationException(f"LangevinLoRA {refusal}")
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "LangevinLoRA needs automatic optimization (it wraps the optimizer step Lightning calls); "
@@ -595,6 +599,14 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         arg = self._diagnostics_arg
         if arg is False:
             return
+        if "ModelParallelStrategy" in {c.__name__ for c in type(trainer.strategy).__mro__}:
+            if arg is True:   # the default: say so once and go on without
+                rank_zero_info("LangevinLoRA: the live Gibbs diagnostics are not computed under ModelParallelStrategy "
+                               "(sharded adapters) yet; sampling runs without them (diagnostics=False)")
+                return
+            raise MisconfigurationException(
+                f"LangevinLoRA: diagnostics={type(arg).__name__}(...) is not supported under ModelParallelStrategy "
+                "(their estimators and probes need the unsharded tensors): pass diagnostics=False, or use strategy='ddp'.")
         if arg is True:
             factory = default_diagnostics_factory()
             if factory is None:
@@ -648,6 +660,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
                                           weight_decay=self.weight_decay, head_temperature=self.head_temperature,
                                           head_weight_decay=self.head_weight_decay)
         self._names = {id(p): n for g in self._groups for n, p in zip(g.names, g.params)}
+        self._check_sharded(trainer, pl_module)
         self._others = [p for g in opt.param_groups for p in g["params"] if id(p) not in self._names]
         self.sample_bank.bind(pl_module, self.adapter_name)
         try:
@@ -658,6 +671,25 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             self.balance.start_sampling(pl_module, optimizer=opt, adapter_name=self.adapter_name)
         self._uninstall()
         self._wrapper = StepWrapper(opt, self._on_optimizer_step)
+
+    def _check_sharded(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """FSDP2-sharded Langevin tensors: a supported layout, and the options that work on shards."""
+        named = [(n, p) for g in self._groups for n, p in zip(g.names, g.params)]
+        try:
+            sharded = check_sharded_params(named, pl_module, trainer.strategy.root_device)
+        except UnsupportedSharding as exc:
+            raise MisconfigurationException(f"LangevinLoRA: {exc}") from None
+        if not sharded:
+            return
+        self.engine.track(dict(named))   # before the freeze's median reduces over the shards
+        for arg, bad in (("step_size", self.step_size == "auto"), ("balance", self.balance is not None),
+                         ("gauge_moves", self.gauge_moves is not None)):
+            if bad:
+                raise MisconfigurationException(
+                    f"LangevinLoRA: {arg}={getattr(self, arg)!r} is not supported with sharded (fully_shard) adapters "
+                    + ("(the Hessian-vector products of the automatic step do not run through FSDP2's hooks): pass "
+                       "step_size=<float>" if arg == "step_size" else "(it needs the unsharded LoRA factors): pass "
+                       f"{arg}=None") + ", or train with strategy='ddp'.")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.sampling and self.chain.phase == "watch" and self.chain.due(trainer.global_step):
@@ -679,6 +711,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             value = float(value)
         if self.chain.observe(value, trainer.global_step):
             opt = trainer.optimizers[0]
+            reshard(pl_module)   # FSDP2 leaves the root unsharded after validation: copy the shards
             self._best_point = {"step": trainer.global_step,
                                 "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()
                                            if p.requires_grad},
@@ -688,6 +721,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _take_best_point(self, pl_module: LightningModule) -> dict[str, Any]:
         """Copy the best-monitored trainable tensors back into the module and hand over the snapshot."""
         best, self._best_point = self._best_point, None
+        reshard(pl_module)   # write the shards, not FSDP2's unsharded copies (lost at its next reshard)
         for n, p in pl_module.named_parameters():
             if n in best["params"]:
                 p.copy_(best["params"][n])
@@ -867,7 +901,8 @@ class LangevinLoRA(EngineFrontEnd, Callback):
     def _recover(self, event: Divergence) -> None:
         """The guard saw a runaway: restore, cut, re-measure (``"auto"``); raises past its last cut."""
         first = self._groups[0] if self._groups else None
-        stable = self._stable_step if self.step_size != "auto" and first is not None else None
+        stable = (self._stable_step if self.step_size != "auto" and first is not None and not self.engine.sharded
+                  else None)
         self.guard.recover(event, step_size=self.group_step(first) if first is not None else None, stable_step=stable)
         if self.step_size == "auto":
             self._measure_step()
@@ -1002,7 +1037,7 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         relax = 1
         for g in self._groups:
             G = self.engine.preconditioners(g.names)
-            g_min = min(float(x.min()) for x in G) if G else 1.0
+            g_min = global_min(G, self.engine.specs(g.names)) if G else 1.0   # over every shard
             friction = self.engine.friction(self._step_group(g, gather=False))
             relax = max(relax, relaxation_steps(self.group_step(g), g.weight_decay, g_min, friction,
                                                 self.chain.relax_efolds))
@@ -1205,9 +1240,10 @@ class LangevinLoRA(EngineFrontEnd, Callback):
             counts = {n: self.precond_adapt_steps for g in self._groups for n in g.names}
             G = self.engine.refreeze(counts, self._precond_reference, clamp=self.precond_clamp)
             if G:
+                specs = self.engine.specs(counts)
                 rank_zero_info(f"LangevinLoRA: preconditioner re-frozen after {self.precond_adapt_steps} adaptation "
-                               f"steps (G in [{min(float(x.min()) for x in G):.3g}, "
-                               f"{max(float(x.max()) for x in G):.3g}], median {self._precond_reference:.3g})")
+                               f"steps (G in [{global_min(G, specs):.3g}, {-global_min([-x for x in G], specs):.3g}], "
+                               f"median {self._precond_reference:.3g})")
                 if self.step_size == "auto":
                     self._measure_step()
                 if guard is not None:

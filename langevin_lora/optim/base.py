@@ -112,6 +112,8 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         super().add_param_group(renamed_keys(param_group, type(self).__name__))
         try:
             self._validate_group(self.param_groups[-1])
+            if hasattr(self, "engine"):   # sharded (FSDP2) parameters: known before any freeze
+                self.engine.track({p: p for p in self.param_groups[-1]["params"]})
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay behind
             raise
@@ -178,6 +180,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
+        if self.engine.sharded:
+            raise ValueError(f"Invalid step_size: 'auto' with sharded (FSDP2 / DTensor) parameters ({type(self).__name__} "
+                             "measures the step by moving the parameters along random directions, which are not "
+                             "drawn independently of the sharding yet): pass step_size=<float> or 'lr'")
         noisy = self._noisy()
         params, scale, decay = [], [], []
         for group, ps in noisy:

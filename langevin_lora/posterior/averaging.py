@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
+from langevin_lora.core.sharding import copy_full_
+
 if TYPE_CHECKING:  # pragma: no cover
     from langevin_lora.posterior.bank import SampleBank
 
@@ -105,7 +107,7 @@ class Averager:
         """Copy sample ``i`` into the model in place."""
         sample = self.bank[i]
         for name, p in self._targets.items():
-            p.copy_(sample[name])
+            copy_full_(p, sample[name])   # a sharded (FSDP2) parameter receives its slice
 
     def per_sample(self, batches: Iterable[Any], forward_fn: Forward | None = None, *, log: bool = False,
                    where: str = "SampleBank.averaging") -> Iterator[Tensor]:

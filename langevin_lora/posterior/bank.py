@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from langevin_lora._validation import check_directory, check_int
+from langevin_lora.core.sharding import copy_full_, full_tensor
 from langevin_lora.posterior.adapter_folders import read_adapter_folder, write_adapter_folder
 from langevin_lora.posterior.averaging import Averager
 
@@ -251,7 +252,8 @@ class SampleBank:
             self.bind(root, self.adapter_name)
         params = _trainable(root)
         self._check_layout(params, "SampleBank.add")
-        self._store(step, {n: p.detach() for n, p in params.items()}, write)
+        # a sharded (FSDP2) parameter is gathered: every rank calls add, rank 0 writes the full tensors
+        self._store(step, {n: full_tensor(p.detach()) for n, p in params.items()}, write)
         self._delete_unreferenced()
 
     def _store(self, step: int, sample: Mapping[str, Tensor], write: bool) -> None:
@@ -391,7 +393,7 @@ class SampleBank:
         targets = self._targets(model)
         sample = self[i]
         for name, p in targets.items():
-            p.copy_(sample[name])
+            copy_full_(p, sample[name])   # a sharded parameter receives its slice
 
     def snapshot(self, model: nn.Module) -> dict[str, Tensor]:
         """Copies of ``model``'s tensors that a sample would overwrite (to restore them later),
