@@ -131,3 +131,21 @@ def test_checkpoint_versions_are_read_on_load():
         GibbsDiagnostics().load_state_dict(dict(saved, version=3))
     with pytest.raises(ValueError, match=r"Invalid GibbsRecorder checkpoint version: 7"):
         GibbsRecorder().load_state_dict(dict(saved["recorder"], version=7))
+
+
+def test_the_readme_layout_table_is_the_tree():
+    """Every module of the package is named in the README's repository table, in its folder's row."""
+    readme = (ROOT.parent / "README.md").read_text()
+    table = readme[readme.index("## Repository"):]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    missing = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        rel = path.relative_to(ROOT.parent).as_posix()
+        folder = rel.rsplit("/", 1)[0] + "/"
+        if any(f"`{rel}`" in line for line in rows.values()):
+            continue
+        if folder not in rows or f"`{path.name}`" not in rows[folder]:
+            missing.append(rel)
+    assert not missing, f"not in the README's repository table: {missing}"

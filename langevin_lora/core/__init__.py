@@ -8,5 +8,6 @@ Dependencies point down the list:
 - :mod:`~langevin_lora.core.engine`: per-tensor sampler state and the step every front-end takes;
 - :mod:`~langevin_lora.core.curvature` and :mod:`~langevin_lora.core.step_size`: the measured step;
 - :mod:`~langevin_lora.core.guard`: the divergence guard;
-- :mod:`~langevin_lora.core.view`: the read-only view of a sampler's groups that diagnostics read.
+- :mod:`~langevin_lora.core.view`: the read-only view of a sampler's groups that diagnostics read;
+- :mod:`~langevin_lora.core.sharding`: FSDP2 shards (each rank's slice of the unsharded noise, sums over ranks).
 """
