@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from langevin_lora import LangevinAdam, LangevinSGD
+from langevin_lora import AutoStepSize, DivergenceWarning, LangevinAdam, LangevinSGD
 from langevin_lora.lightning.callback import LangevinLoRA
 from langevin_lora.core.sharding import full_tensor
 
@@ -40,7 +40,25 @@ RUNS = {
     "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2, precond_clamp=(0.5, 2.0))),
     # bf16 parameters: the fp32 masters are shards beside them, the parameters receive their rounding
     "sgd_bf16_kinetic": ("sgd", dict(lr=2e-2, friction=2.0, dtype=torch.bfloat16)),
+    # step_size="auto": the curvature measured on the shards (finite differences, full probe vectors), at
+    # sampling start and warm-started every 20 steps; the callback's single-device reference measures by
+    # finite differences too (its default there is double backward, which FSDP2 cannot run)
+    "callback_auto_kinetic": ("callback", dict(friction="auto", step_size="auto", head_temperature=1.0,
+                                               step_size_every_n_steps=20)),
+    "callback_auto_overdamped": ("callback", dict(friction=None, step_size="auto", head_temperature=0.0,
+                                                  step_size_every_n_steps=20)),
+    "sgd_auto_overdamped": ("sgd", dict(lr=1.0, friction=None, step_size="auto", step_size_every_n_steps=20)),
+    "adam_auto_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size="auto", step_size_every_n_steps=20)),
+    "sgd_bf16_auto_kinetic": ("sgd", dict(lr=1.0, friction=2.0, step_size="auto", dtype=torch.bfloat16)),
+    # a fixed step far too long: the divergence guard restores and cuts straight to the stable step it
+    # measures at the restored point (on the shards)
+    "callback_guard": ("callback", dict(friction=None, step_size=5.0, head_temperature=0.0,
+                                        step_method="finite_difference")),
+    "sgd_guard": ("sgd", dict(lr=5.0, friction=None)),
 }
+#: Runs compared with 1 process only (the DDP launch skips them: DDP is not what they exercise).
+FSDP_ONLY = ("callback_auto_kinetic", "callback_auto_overdamped", "sgd_auto_overdamped", "adam_auto_kinetic",
+             "sgd_bf16_auto_kinetic", "callback_guard", "sgd_guard")
 
 
 class Base(nn.Module):
@@ -108,8 +126,16 @@ def make_trainer(strategy, devices: int, callbacks=(), max_steps: int = STEPS, *
 
 
 def make_callback(options: dict, **kwargs) -> LangevinLoRA:
-    return LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20,
-                        diagnostics=False, **dict(options, **kwargs))
+    options = dict(options, **kwargs)
+    method = options.pop("step_method", None)
+    if options.get("step_size") == "auto":   # finite differences on one process too (the comment in RUNS)
+        options["step_size"] = AutoStepSize(method="finite_difference", seed=7,
+                                            every_n_steps=options.pop("step_size_every_n_steps", 1000))
+    cb = LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20,
+                      diagnostics=False, **options)
+    if method is not None:   # the guard's measurement of the stable step
+        cb.auto_step.method = method
+    return cb
 
 
 def loader() -> DataLoader:
@@ -130,9 +156,14 @@ def run(name: str, strategy, devices: int, sharded: bool) -> dict:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")   # the drop-in's validation_step
+        if "guard" in name:   # the runaway it is made for (the test checks the cut)
+            warnings.filterwarnings("ignore", category=DivergenceWarning)
         trainer = make_trainer(strategy, devices, callbacks)
         trainer.fit(module, loader())
     out = {"params": full_params(module), "global_step": trainer.global_step}
+    sampler = callbacks[0] if callbacks else trainer.optimizers[0]
+    out.update(lambda_max=sampler.auto_step.lambda_max, measurements=sampler.auto_step.measurements,
+               step_cuts=sampler.guard.cuts)
     if callbacks:
         cb = callbacks[0]
         out.update(langevin_steps=cb.langevin_steps, bank=[dict(s) for s in cb.sample_bank],

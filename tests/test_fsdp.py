@@ -6,8 +6,10 @@ heads after 5 burn-in + 55 sampling steps are bitwise those of 1 process and of 
 both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the
 zero-config drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a full checkpoint continues
 bitwise; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
-the sharded module gives the single-device probabilities. Unsupported strategies and layouts are refused
-with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
+the sharded module gives the single-device probabilities. ``step_size="auto"`` (callback and both
+optimizers, overdamped and kinetic, bf16, re-measured warm every 20 steps) measures on the shards the
+single-device lambda_max bitwise (finite differences on both sides: FSDP2 has no double backward), and the
+guard's measured stable step cuts alike. Unsupported strategies and layouts are refused with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from fsdp_helpers import RUNS, Module, bank_and_bma, dataset, dropin_run, run
+from fsdp_helpers import FSDP_ONLY, RUNS, Module, bank_and_bma, dataset, dropin_run, run
 from langevin_lora.core.rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.lightning.callback import LangevinLoRA
 from langevin_lora.core.sharding import ShardSpec, mark
@@ -52,7 +54,7 @@ def runs(tmp_path_factory):
     single["bank"] = bank_and_bma("auto", 1, False, str(out / "single_samples"))
     single["dropin"] = dropin_run("auto", 1, False)
     _launch(out, "fsdp", *RUNS)
-    _launch(out, "ddp", *RUNS)
+    _launch(out, "ddp", *[n for n in RUNS if n not in FSDP_ONLY])
     return types.SimpleNamespace(out=out, single=single, fsdp=torch.load(out / "fsdp.pt", weights_only=False),
                                  ddp=torch.load(out / "ddp.pt", weights_only=False),
                                  extra=torch.load(out / "extra.pt", weights_only=False))
@@ -67,7 +69,8 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_fsdp_chain_is_the_single_device_and_ddp_chain(runs, name):
-    single, fsdp, ddp = runs.single[name], runs.fsdp[name], runs.ddp[name]
+    single, fsdp = runs.single[name], runs.fsdp[name]
+    ddp = single if name in FSDP_ONLY else runs.ddp[name]
     assert single["global_step"] == fsdp["global_step"] == ddp["global_step"] == 60
     start = Module(*RUNS[name], sharded=False)
     moved = {n: p.detach() for n, p in start.named_parameters() if p.requires_grad}
@@ -75,6 +78,15 @@ def test_fsdp_chain_is_the_single_device_and_ddp_chain(runs, name):
         assert not torch.equal(p, moved[n]), n
     _assert_same(single["params"], fsdp["params"], f"{name} FSDP2 vs 1 process")
     _assert_same(single["params"], ddp["params"], f"{name} DDP vs 1 process")
+    # step_size="auto" (measured at sampling start, then every 20 steps warm-started) and the guard's
+    # stable step: lambda_max measured on the shards is the single-device one bitwise (finite differences
+    # of gradients that are equal bitwise, every other operation on full tensors), hence the equal chains
+    assert (single["lambda_max"], single["measurements"], single["step_cuts"]) == \
+        (fsdp["lambda_max"], fsdp["measurements"], fsdp["step_cuts"])
+    if "auto" in name:
+        assert single["measurements"] == (3 if RUNS[name][1].get("step_size_every_n_steps") == 20 else 1)
+    if "guard" in name:
+        assert single["step_cuts"] == 1 and single["measurements"] == 1   # cut straight to the measured step
     if "bank" in single:   # the callback: same steps, samples, and its guard's |theta_0|^2 reduced over ranks
         assert single["langevin_steps"] == fsdp["langevin_steps"] == 55
         assert single["bank_steps"] == fsdp["bank_steps"] == [24, 44]
@@ -221,48 +233,82 @@ def test_fsdp_recipe_config_parses():
     strategy = build(cfg["trainer"]["strategy"])
     assert type(strategy).__name__ == "ModelParallelStrategy"
     (callback,) = [build(c) for c in cfg["trainer"]["callbacks"]]
-    assert isinstance(callback, LangevinLoRA) and isinstance(callback.step_size, float)
+    assert isinstance(callback, LangevinLoRA) and callback.step_size == "auto"
     assert callback.diagnostics is False
 
 
 def test_options_that_need_unsharded_tensors_are_refused(one_rank_group):
-    """On sharded parameters: the callback refuses step_size='auto', balance and gauge_moves at the start
-    of training; the optimizers refuse step_size='auto' at their first measurement and an unsupported
-    layout when built."""
+    """On sharded parameters: the callback refuses balance and gauge_moves at the start of training (and
+    accepts step_size='auto' since issue 21's second pass); the optimizers refuse an unsupported layout
+    when built."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from langevin_lora import BalanceSchedule, LangevinAdam, LangevinSGD
+    from langevin_lora import BalanceSchedule, LangevinSGD
     from langevin_lora.core.sharding import UnsupportedSharding
 
     mesh = init_device_mesh("cpu", (1,))
     w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
     fake = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
-    for kwargs, match in ((dict(), "step_size='auto' is not supported with sharded"),
-                          (dict(step_size=1e-3, balance=BalanceSchedule(at_sampling_start=True)),
-                           "balance=.* is not supported with sharded")):
+    for kwargs, match in ((dict(step_size=1e-3, balance=BalanceSchedule(at_sampling_start=True)),
+                           "balance=.* is not supported with sharded"),):
         cb = LangevinLoRA(burn_in_steps=1, num_data=8, **kwargs)
         cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
         with pytest.raises(MisconfigurationException, match=match):
             cb._check_sharded(fake, nn.Module())
-    cb = LangevinLoRA(burn_in_steps=1, num_data=8, step_size=1e-3)
-    cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
-    cb._check_sharded(fake, nn.Module())   # a float step: accepted, the shard tracked
-    assert list(cb.engine.shards) == ["w"]
-
-    opt = LangevinAdam([w], lr=1e-2, num_data=8, weight_decay=1e-2, burn_in_steps=0, step_size="auto")
-
-    def closure():
-        opt.zero_grad()
-        loss = (w * w).sum().full_tensor()
-        loss.backward()
-        return loss
-
-    with pytest.warns(UserWarning, match="no warm-up step"), \
-            pytest.raises(ValueError, match="Invalid step_size: 'auto' with sharded"):
-        opt.step(closure)
+    for step_size in (1e-3, "auto"):   # a float or the measured step: accepted, the shard tracked
+        cb = LangevinLoRA(burn_in_steps=1, num_data=8, step_size=step_size)
+        cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
+        cb._check_sharded(fake, nn.Module())
+        assert list(cb.engine.shards) == ["w"]
     mesh2 = init_device_mesh("cpu", (1, 1))
     tp = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)]))
     with pytest.raises(UnsupportedSharding, match="Unsupported sharding"):
         LangevinSGD([tp], lr=1e-3, num_data=8, weight_decay=1e-2)
+
+
+def test_auto_step_on_shards_is_the_unsharded_measurement(one_rank_group):
+    """step_size='auto' on a DTensor parameter: the finite differences on the shard with a full probe vector
+    give the unsharded finite-difference lambda_max and vector bitwise (1-rank mesh: no process; the
+    2-process runs above check 2 shards), through auto_step_size and through LangevinAdam's closure."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from langevin_lora import LangevinAdam, auto_step_size
+
+    mesh = init_device_mesh("cpu", (1,))
+    g = torch.Generator().manual_seed(0)
+    x, w0, G = torch.randn(8, 4, generator=g), torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g) + 0.5
+    plain = nn.Parameter(w0.clone())
+    shard = nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+
+    def loss(w):
+        full = w.full_tensor() if hasattr(w, "full_tensor") else w
+        return torch.tanh(x @ full.T).pow(2).mean()
+
+    kw = dict(precond=[G], weight_decay=1e-2, num_iters=6, generator=None)
+    ref = auto_step_size(lambda: loss(plain), [plain], method="finite_difference",
+                         **dict(kw, generator=torch.Generator().manual_seed(3)))
+    got = auto_step_size(lambda: loss(shard), [shard], **dict(kw, generator=torch.Generator().manual_seed(3)))
+    assert got.method == "finite_difference" and got.lambda_max == ref.lambda_max and got.grad_evals == ref.grad_evals
+    assert torch.equal(got.vector[0], ref.vector[0])
+    assert shard.grad is not None and torch.equal(shard.detach().full_tensor(), w0)   # the shard restored bitwise
+    with pytest.raises(ValueError, match="'double_backward' with sharded"):
+        auto_step_size(lambda: loss(shard), [shard], method="double_backward", **kw)
+
+    out = []
+    for p in (plain, shard):
+        opt = LangevinAdam([p], lr=1e-2, num_data=8, weight_decay=1e-2, burn_in_steps=1, step_size="auto", seed=1)
+
+        def closure(p=p, opt=opt):
+            opt.zero_grad()
+            value = loss(p)
+            value.backward()
+            return value
+
+        for _ in range(4):
+            opt.step(closure)
+        out.append((opt.auto_step.lambda_max, p.detach().full_tensor() if p is shard else p.detach().clone()))
+    assert out[0][0] == out[1][0] and torch.equal(out[0][1], out[1][1])

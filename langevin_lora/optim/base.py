@@ -14,6 +14,7 @@ from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.core.functional import FRICTION_AUTO, check_friction
 from langevin_lora.core.guard import DivergenceGuard
+from langevin_lora.core.sharding import is_sharded, local_tensor
 from langevin_lora.core.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
 from langevin_lora.core.temperature import PRIOR_CENTRES, check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.core.view import LangevinGroupView
@@ -180,10 +181,6 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
-        if self.engine.sharded:
-            raise ValueError(f"Invalid step_size: 'auto' with sharded (FSDP2 / DTensor) parameters ({type(self).__name__} "
-                             "measures the step by moving the parameters along random directions, which are not "
-                             "drawn independently of the sharding yet): pass step_size=<float> or 'lr'")
         noisy = self._noisy()
         params, scale, decay = [], [], []
         for group, ps in noisy:
@@ -207,7 +204,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
             for p, g in zip(every, saved):
                 p.grad = g
             for p, w in masters.items():   # finite differences moved p, not its fp32 master: resync
-                if w is not p:
+                if is_sharded(p):   # its local shard from the shard's master (a bf16 shard)
+                    if w.dtype != p.dtype:
+                        local_tensor(p).copy_(w)
+                elif w is not p:
                     p.copy_(w)
         lam = est.lambda_max
         if torch.distributed.is_available() and torch.distributed.is_initialized():
