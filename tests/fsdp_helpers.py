@@ -55,10 +55,15 @@ RUNS = {
     "callback_guard": ("callback", dict(friction=None, step_size=5.0, head_temperature=0.0,
                                         step_method="finite_difference")),
     "sgd_guard": ("sgd", dict(lr=5.0, friction=None)),
+    # the live Gibbs diagnostics (diag=True: GibbsDiagnostics, make_diagnostics): on full copies of the
+    # shards, so every traced value is the single-device one; the callback's with half-batch gradients
+    # (split_batch), the optimizer's with gradient accumulation (micro-batch gradients)
+    "callback_diag_kinetic": ("callback", dict(friction="auto", step_size=2e-2, head_temperature=1.0, diag=True)),
+    "sgd_diag_kinetic": ("sgd", dict(lr=2e-2, friction=2.0, diag=True, accumulate=2)),
 }
 #: Runs compared with 1 process only (the DDP launch skips them: DDP is not what they exercise).
 FSDP_ONLY = ("callback_auto_kinetic", "callback_auto_overdamped", "sgd_auto_overdamped", "adam_auto_kinetic",
-             "sgd_bf16_auto_kinetic", "callback_guard", "sgd_guard")
+             "sgd_bf16_auto_kinetic", "callback_guard", "sgd_guard", "callback_diag_kinetic", "sgd_diag_kinetic")
 
 
 class Base(nn.Module):
@@ -131,8 +136,8 @@ def make_callback(options: dict, **kwargs) -> LangevinLoRA:
     if options.get("step_size") == "auto":   # finite differences on one process too (the comment in RUNS)
         options["step_size"] = AutoStepSize(method="finite_difference", seed=7,
                                             every_n_steps=options.pop("step_size_every_n_steps", 1000))
-    cb = LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20,
-                      diagnostics=False, **options)
+    options.setdefault("diagnostics", False)
+    cb = LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20, **options)
     if method is not None:   # the guard's measurement of the stable step
         cb.auto_step.method = method
     return cb
@@ -147,24 +152,49 @@ def full_params(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def halves(batch):
+    x, y = batch
+    return (x[:2], y[:2]), (x[2:], y[2:])
+
+
+def make_diagnostics(kind: str):
+    """Every probe at a cadence the 55 sampling steps reach; finite differences (FSDP2's only way)."""
+    from langevin_lora.diagnostics import GibbsDiagnostics
+
+    return GibbsDiagnostics(log_every_n_steps=10, hvp_every_n_steps=20, lambda_max_every_n_steps=20,
+                            hvp_method="finite_difference", center_window=10, report=False, seed=1,
+                            split_batch=halves if kind == "callback" else None, noise_every_n_steps=5)
+
+
 def run(name: str, strategy, devices: int, sharded: bool) -> dict:
     """One run of RUNS[name]; returns the unsharded adapters and heads and what the front-end kept."""
     kind, options = RUNS[name]
+    options = dict(options)
+    diag = make_diagnostics(kind) if options.pop("diag", False) else None
+    accumulate = options.pop("accumulate", 1)
     module = Module(kind, options, sharded)
-    callbacks = [make_callback(options)] if kind == "callback" else []
+    callbacks = [make_callback(options, **({"diagnostics": diag} if diag is not None else {}))] \
+        if kind == "callback" else []
+    if diag is not None and kind != "callback":
+        callbacks.append(diag)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")   # the drop-in's validation_step
         if "guard" in name:   # the runaway it is made for (the test checks the cut)
             warnings.filterwarnings("ignore", category=DivergenceWarning)
-        trainer = make_trainer(strategy, devices, callbacks)
+        trainer = make_trainer(strategy, devices, callbacks, accumulate_grad_batches=accumulate)
         trainer.fit(module, loader())
     out = {"params": full_params(module), "global_step": trainer.global_step}
-    sampler = callbacks[0] if callbacks else trainer.optimizers[0]
+    if diag is not None:
+        rec = diag.recorder
+        out["diagnostics"] = dict(traces=rec.traces, laplacians=rec.laplacians, eta_lambda_max=rec.eta_lambda_max,
+                                  logged=diag.last_logged, steps=rec.sampling_steps, chi2=rec.mean_force_chi2(),
+                                  noise_ratio=rec.noise_ratio)
+    sampler = callbacks[0] if kind == "callback" else trainer.optimizers[0]
     out.update(lambda_max=sampler.auto_step.lambda_max, measurements=sampler.auto_step.measurements,
                step_cuts=sampler.guard.cuts)
-    if callbacks:
+    if kind == "callback":
         cb = callbacks[0]
         out.update(langevin_steps=cb.langevin_steps, bank=[dict(s) for s in cb.sample_bank],
                    bank_steps=list(cb.sample_bank.steps), theta_scale=cb.guard.theta_scale)

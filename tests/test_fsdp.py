@@ -9,7 +9,9 @@ bitwise; the sample bank holds full tensors (rank 0 writes the PEFT folders) and
 the sharded module gives the single-device probabilities. ``step_size="auto"`` (callback and both
 optimizers, overdamped and kinetic, bf16, re-measured warm every 20 steps) measures on the shards the
 single-device lambda_max bitwise (finite differences on both sides: FSDP2 has no double backward), and the
-guard's measured stable step cuts alike. Unsupported strategies and layouts are refused with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
+guard's measured stable step cuts alike. The live Gibbs diagnostics (|theta|^2, virial and kinetic
+temperatures, gauge gap, Hutchinson Laplacian, eta*lambda_max, noise ratio from half-batches and from
+micro-batches) run on full copies of the shards and trace the single-device values bitwise. Unsupported strategies and layouts are refused with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -87,6 +90,17 @@ def test_fsdp_chain_is_the_single_device_and_ddp_chain(runs, name):
         assert single["measurements"] == (3 if RUNS[name][1].get("step_size_every_n_steps") == 20 else 1)
     if "guard" in name:
         assert single["step_cuts"] == 1 and single["measurements"] == 1   # cut straight to the measured step
+    if "diagnostics" in single:   # the live Gibbs diagnostics: every traced value, probe and logged mean
+        a, b = single["diagnostics"], fsdp["diagnostics"]
+        assert a["steps"] == b["steps"] == (55 if name.startswith("callback") else 60)
+        assert {"theta_sq", "virial_temperature", "kinetic_temperature", "gauge_gap/lin", "rho"} <= set(a["traces"])
+        assert a["traces"].keys() == b["traces"].keys()
+        for key, trace in a["traces"].items():
+            assert len(trace) == a["steps"] and np.array_equal(trace, b["traces"][key], equal_nan=True), key
+        assert len(a["laplacians"]) == 3 and a["laplacians"] == b["laplacians"]   # Hutchinson on the shards
+        assert a["eta_lambda_max"] == b["eta_lambda_max"] and a["chi2"] == b["chi2"]
+        assert a["noise_ratio"] is not None and a["noise_ratio"] == b["noise_ratio"]   # half / micro-batches
+        assert a["logged"] and a["logged"] == b["logged"]
     if "bank" in single:   # the callback: same steps, samples, and its guard's |theta_0|^2 reduced over ranks
         assert single["langevin_steps"] == fsdp["langevin_steps"] == 55
         assert single["bank_steps"] == fsdp["bank_steps"] == [24, 44]
@@ -234,7 +248,7 @@ def test_fsdp_recipe_config_parses():
     assert type(strategy).__name__ == "ModelParallelStrategy"
     (callback,) = [build(c) for c in cfg["trainer"]["callbacks"]]
     assert isinstance(callback, LangevinLoRA) and callback.step_size == "auto"
-    assert callback.diagnostics is False
+    assert callback.diagnostics is True
 
 
 def test_options_that_need_unsharded_tensors_are_refused(one_rank_group):

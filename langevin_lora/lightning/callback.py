@@ -600,14 +600,6 @@ class LangevinLoRA(EngineFrontEnd, Callback):
         arg = self._diagnostics_arg
         if arg is False:
             return
-        if "ModelParallelStrategy" in {c.__name__ for c in type(trainer.strategy).__mro__}:
-            if arg is True:   # the default: say so once and go on without
-                rank_zero_info("LangevinLoRA: the live Gibbs diagnostics are not computed under ModelParallelStrategy "
-                               "(sharded adapters) yet; sampling runs without them (diagnostics=False)")
-                return
-            raise MisconfigurationException(
-                f"LangevinLoRA: diagnostics={type(arg).__name__}(...) is not supported under ModelParallelStrategy "
-                "(their estimators and probes need the unsharded tensors): pass diagnostics=False, or use strategy='ddp'.")
         if arg is True:
             factory = default_diagnostics_factory()
             if factory is None:
