@@ -292,7 +292,8 @@ def dropin_run(strategy, devices: int, sharded: bool) -> dict:
 
 
 def worker_extra(out_dir: str) -> None:
-    """FSDP2, 2 processes: resume (sharded and full checkpoints), sample folders and BMA."""
+    """FSDP2, 2 processes: resume of the callback and of the optimizers (sharded and full checkpoints), sample
+    folders and BMA."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     torch.set_num_threads(1)
@@ -301,8 +302,33 @@ def worker_extra(out_dir: str) -> None:
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                      save_distributed_checkpoint=distributed)
 
-    results = {"resume": resume_runs(strategy, out_dir),
+    results = {"resume": resume_runs(strategy, out_dir), "optimizer_resume": optimizer_resume_runs(strategy, out_dir),
                "bank": bank_and_bma(strategy(), 2, True, os.path.join(out_dir, "samples")),
                "dropin": dropin_run(strategy(), 2, True)}
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(results, os.path.join(out_dir, "extra.pt"))
+
+
+def optimizer_resume_runs(strategy, out_dir: str, names=("sgd_kinetic", "adam_kinetic")) -> dict:
+    """The optimizers' kinetic chains under FSDP2 interrupted at RESUME_AT and resumed to STEPS, from a
+    sharded (distributed) and from a full checkpoint: their per-tensor state (momenta, G, moments) is
+    local shards in ``Optimizer.state``, saved through torch's distributed checkpoint state dicts."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = {}
+    for name in names:
+        kind, options = RUNS[name]
+        for ckpt, distributed in (("sharded", True), ("full", False)):
+            folder = os.path.join(out_dir, f"{name}_{ckpt}")
+            for resume in (False, True):
+                module = Module(kind, options, True)
+                callbacks = [] if resume else [ModelCheckpoint(dirpath=folder, every_n_train_steps=RESUME_AT,
+                                                               save_top_k=-1, filename="{step}")]
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+                    trainer = make_trainer(strategy(distributed), 2, callbacks)
+                    trainer.fit(module, loader(),
+                                ckpt_path=os.path.join(folder, f"step={RESUME_AT}.ckpt") if resume else None)
+                out[f"{name}_{ckpt}_{'resumed' if resume else 'straight'}"] = full_params(module)
+    return out

@@ -5,7 +5,7 @@ With the same seed and the same batches on every rank (tests/fsdp_helpers.py say
 heads after 5 burn-in + 55 sampling steps are bitwise those of 1 process and of DDP, for the callback and
 both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the
 zero-config drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a full checkpoint continues
-bitwise; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
+bitwise, the callback's and the optimizers'; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
 the sharded module gives the single-device probabilities. ``step_size="auto"`` (callback and both
 optimizers, overdamped and kinetic, bf16, re-measured warm every 20 steps) measures on the shards the
 single-device lambda_max bitwise (finite differences on both sides: FSDP2 has no double backward), and the
@@ -118,6 +118,20 @@ def test_fsdp_resume_from_sharded_and_full_checkpoints_is_bitwise(runs):
         _assert_same(ref, runs.extra["resume"][f"{kind}_straight"], f"FSDP2 run writing {kind} checkpoints")
         _assert_same(ref, runs.extra["resume"][kind], f"FSDP2 run resumed from a {kind} checkpoint")
     assert (runs.out / "sharded" / "step=32.ckpt").is_dir()   # the distributed checkpoint: one file per rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgd_kinetic", "adam_kinetic"])
+def test_fsdp_optimizer_resume_from_sharded_and_full_checkpoints_is_bitwise(runs, name):
+    """LangevinSGD / LangevinAdam: their per-tensor state (momenta, G, Adam moments, counters) travels
+    unsharded through torch's distributed-checkpoint state dicts (LangevinOptimizer._sharded_state_dict),
+    and the chain killed at step 32 and resumed equals the uninterrupted one and the 1-process one."""
+    ref = runs.single[name]["params"]
+    for kind in ("sharded", "full"):
+        assert (runs.out / f"{name}_{kind}" / "step=32.ckpt").exists()
+        _assert_same(ref, runs.extra["optimizer_resume"][f"{name}_{kind}_straight"], f"{name} writing {kind} checkpoints")
+        _assert_same(ref, runs.extra["optimizer_resume"][f"{name}_{kind}_resumed"], f"{name} resumed from {kind}")
+    assert (runs.out / f"{name}_sharded" / "step=32.ckpt").is_dir()
 
 
 @pytest.mark.slow
@@ -326,3 +340,48 @@ def test_auto_step_on_shards_is_the_unsharded_measurement(one_rank_group):
             opt.step(closure)
         out.append((opt.auto_step.lambda_max, p.detach().full_tensor() if p is shard else p.detach().clone()))
     assert out[0][0] == out[1][0] and torch.equal(out[0][1], out[1][1])
+
+
+def test_sharded_optimizer_state_dict_round_trip(one_rank_group):
+    """A sharded LangevinSGD's state_dict carries everything in one bytes value (torch's distributed
+    checkpoint keeps only state and param_groups; state holds placeholders); loaded into a fresh optimizer
+    the chain continues bitwise; torch's zero-lr state-creating step is a no-op."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from langevin_lora import LangevinSGD
+
+    mesh = init_device_mesh("cpu", (1,))
+    w0 = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        p = nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+        return p, LangevinSGD([p], lr=1e-2, num_data=8, weight_decay=1e-2, friction=2.0, seed=4)
+
+    def steps(p, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            p.full_tensor().pow(2).sum().backward()
+            opt.step()
+
+    p, opt = make()
+    steps(p, opt, 6)
+    ref = p.detach().full_tensor().clone()
+    q, fresh = make()
+    steps(q, fresh, 3)
+    saved = fresh.state_dict()
+    assert set(saved) == {"state", "param_groups"} and isinstance(saved["param_groups"][0]["langevin_state"], bytes)
+    assert list(saved["state"][0]) == ["langevin_state_device"]
+    r, resumed = make()
+    for g in resumed.param_groups:   # what torch.distributed.checkpoint does before loading
+        g["lr"] = 0.0
+    r.grad = torch.zeros_like(r)
+    resumed.step()
+    assert not resumed.state and resumed.engine.generators.state_dict() == make()[1].engine.generators.state_dict()
+    with torch.no_grad():
+        r.copy_(q.detach())
+    resumed.load_state_dict(saved)
+    assert "langevin_state" not in resumed.param_groups[0] and resumed.param_groups[0]["lr"] == 1e-2
+    steps(r, resumed, 3)
+    assert torch.equal(r.detach().full_tensor(), ref)
