@@ -7,7 +7,8 @@ each rank holds for the adapters (:class:`~langevin_lora.core.engine.LangevinEng
 ``state``) and the unsharded numbers, plus the time of one noise draw for the full adapters (what
 every rank draws, keeping its slice) against one for a 1/world share.
 
-    python benchmarks/bench_fsdp_memory.py [--world 2] [--layers 4] [--width 512] [--rank 16] [--append-results]
+Usage, from the repository root:
+``python -m benchmarks.bench_fsdp_memory [--world 2] [--layers 4] [--width 512] [--rank 16] [--append-results]``
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import time
 
 import torch
 from torch import nn
+
+from benchmarks._common import add_results_arguments, append_section
 
 
 def build(layers: int, width: int, rank: int) -> nn.Module:
@@ -67,9 +70,10 @@ def worker(args, out: str) -> None:
 def launch(args, world: int, out: str) -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
                WORLD_SIZE=str(world))
-    cmd = [sys.executable, __file__, "--worker", out, "--layers", str(args.layers), "--width", str(args.width),
-           "--rank", str(args.rank)]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_fsdp_memory", "--worker", out, "--layers", str(args.layers),
+           "--width", str(args.width), "--rank", str(args.rank)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the package is run from the root
+    procs = [subprocess.Popen(cmd, cwd=root, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     assert all(p.wait() == 0 for p in procs)
 
 
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--worker", default=None)
-    ap.add_argument("--append-results", action="store_true")
+    add_results_arguments(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args, args.worker)
@@ -126,9 +130,7 @@ def main() -> None:
     ])
     print(table)
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write("\n" + table + "\n")
+        append_section("\n" + table + "\n", args.results)
 
 
 if __name__ == "__main__":

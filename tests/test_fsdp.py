@@ -3,15 +3,17 @@
 
 With the same seed and the same batches on every rank (tests/fsdp_helpers.py says why), the adapters and
 heads after 5 burn-in + 55 sampling steps are bitwise those of 1 process and of DDP, for the callback and
-both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the
-zero-config drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a full checkpoint continues
-bitwise, the callback's and the optimizers'; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
-the sharded module gives the single-device probabilities. ``step_size="auto"`` (callback and both
-optimizers, overdamped and kinetic, bf16, re-measured warm every 20 steps) measures on the shards the
-single-device lambda_max bitwise (finite differences on both sides: FSDP2 has no double backward), and the
-guard's measured stable step cuts alike. The live Gibbs diagnostics (|theta|^2, virial and kinetic
-temperatures, gauge gap, Hutchinson Laplacian, eta*lambda_max, noise ratio from half-batches and from
-micro-batches) run on full copies of the shards and trace the single-device values bitwise. Unsupported strategies and layouts are refused with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
+both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the zero-config
+drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a
+full checkpoint continues bitwise, the callback's and the optimizers'; the sample bank holds full tensors
+(rank 0 writes the PEFT folders) and ``bma_predict_proba`` on the sharded module gives the single-device
+probabilities. ``step_size="auto"`` (callback and both optimizers, overdamped and kinetic, bf16, re-measured
+warm every 20 steps) measures on the shards the single-device lambda_max bitwise (finite differences on both
+sides: FSDP2 has no double backward), and the guard's measured stable step cuts alike. The live Gibbs
+diagnostics (|theta|^2, virial and kinetic temperatures, gauge gap, Hutchinson Laplacian, eta*lambda_max,
+noise ratio from half-batches and from micro-batches) run on full copies of the shards and trace the
+single-device values bitwise. Unsupported strategies and layouts are refused with one line. Two launches of
+2 processes in all (one FSDP, one DDP), each running several fits.
 """
 from __future__ import annotations
 
@@ -129,8 +131,9 @@ def test_fsdp_optimizer_resume_from_sharded_and_full_checkpoints_is_bitwise(runs
     ref = runs.single[name]["params"]
     for kind in ("sharded", "full"):
         assert (runs.out / f"{name}_{kind}" / "step=32.ckpt").exists()
-        _assert_same(ref, runs.extra["optimizer_resume"][f"{name}_{kind}_straight"], f"{name} writing {kind} checkpoints")
-        _assert_same(ref, runs.extra["optimizer_resume"][f"{name}_{kind}_resumed"], f"{name} resumed from {kind}")
+        got = runs.extra["optimizer_resume"]
+        _assert_same(ref, got[f"{name}_{kind}_straight"], f"{name} writing {kind} checkpoints")
+        _assert_same(ref, got[f"{name}_{kind}_resumed"], f"{name} resumed from {kind}")
     assert (runs.out / f"{name}_sharded" / "step=32.ckpt").is_dir()
 
 

@@ -203,12 +203,14 @@ class UnshardedViews:
                 params.append(full)
                 if grads:
                     g = p.grad
-                    full_grads.append(torch.zeros_like(full) if g is None else self._put((i + len(params) - 1, "grad"), g, spec))
+                    full_grads.append(torch.zeros_like(full) if g is None
+                                      else self._put((i + len(params) - 1, "grad"), g, spec))
             fields = {}
             for field in self.FIELDS:
                 values = getattr(v, field, None)
                 if values is not None:
-                    fields[field] = [self._put((i + k, field), t, spec) for k, (t, spec) in enumerate(zip(values, specs))]
+                    fields[field] = [self._put((i + k, field), t, spec)
+                                     for k, (t, spec) in enumerate(zip(values, specs))]
             out.append(replace(v, params=params, **fields))
             i += len(params)
         return out, full_grads

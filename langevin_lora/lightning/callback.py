@@ -133,8 +133,10 @@ unsharded noise and keeps its shard's slice, so the chain is the one a single de
 tensors and checkpoints hold the unsharded state. ``step_size="auto"`` measures the curvature by finite
 differences on the shards with full probe vectors (:class:`~langevin_lora.core.curvature.ShardedHVP`;
 the gradients come back through FSDP2's reduce-scatter; no double backward), the unsharded
-finite-difference measurement bit for bit; ``balance`` and ``gauge_moves`` are refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts
-and FSDP2's CPU offload are refused with a ``MisconfigurationException`` naming the alternative.
+finite-difference measurement bit for bit; the diagnostics run on full copies of the shards
+(:class:`~langevin_lora.diagnostics.layout.UnshardedViews`); ``balance`` and ``gauge_moves`` are
+refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts and FSDP2's CPU
+offload are refused with a ``MisconfigurationException`` naming the alternative.
 
 **Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
 each Langevin step and before the user's optimizer updates the heads (gradients final and present,
