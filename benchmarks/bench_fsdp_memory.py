@@ -7,7 +7,8 @@ each rank holds for the adapters (:class:`~langevin_lora.core.engine.LangevinEng
 ``state``) and the unsharded numbers, plus the time of one noise draw for the full adapters (what
 every rank draws, keeping its slice) against one for a 1/world share.
 
-    python -m benchmarks bench_fsdp_memory [--world 2] [--layers 4] [--width 512] [--rank 16] [--append-results]
+Usage, from the repository root:
+``python -m benchmarks.bench_fsdp_memory [--world 2] [--layers 4] [--width 512] [--rank 16] [--append-results]``
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import add_results_arguments, append_results
+from benchmarks._common import add_results_arguments, append_section
 
 
 def build(layers: int, width: int, rank: int) -> nn.Module:
@@ -69,9 +70,9 @@ def worker(args, out: str) -> None:
 def launch(args, world: int, out: str) -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
                WORLD_SIZE=str(world))
-    cmd = [sys.executable, "-m", "benchmarks.bench_fsdp_memory", "--worker", out, "--layers", str(args.layers), "--width", str(args.width),
-           "--rank", str(args.rank)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # run from the repository root
+    cmd = [sys.executable, "-m", "benchmarks.bench_fsdp_memory", "--worker", out, "--layers", str(args.layers),
+           "--width", str(args.width), "--rank", str(args.rank)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the package is run from the root
     procs = [subprocess.Popen(cmd, cwd=root, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     assert all(p.wait() == 0 for p in procs)
 
@@ -114,9 +115,10 @@ def main() -> None:
     rows = [f"| 1 process | {one['state_bytes'] / 2**20:.3f} | 1.000 |"]
     rows += [f"| FSDP2 rank {r} of {args.world} | {x['state_bytes'] / 2**20:.3f} | "
              f"{x['state_bytes'] / one['state_bytes']:.3f} |" for r, x in enumerate(ranks)]
-    title = "FSDP2: per-rank sampler state of the adapters (bench_fsdp_memory)"
     table = "\n".join([
-        f"LangevinAdam, kinetic, prior centred where burn-in ends, {args.layers} LoRA layers {args.width}x{args.width} "
+        f"### FSDP2: per-rank sampler state of the adapters (bench_fsdp_memory.py, torch {torch.__version__}, CPU)",
+        "",
+        f"LangevinAdam, kinetic, prior centred at the start, {args.layers} LoRA layers {args.width}x{args.width} "
         f"r={args.rank} ({one['adapter_numel']:,} adapter numbers); state = every tensor of the optimizer's state (G and its square root, momenta, prior centres, Adam's second moment; fp32).",
         "",
         "| run | state MiB | / unsharded |",
@@ -126,10 +128,9 @@ def main() -> None:
         f"Noise: every rank draws the unsharded adapters ({one['adapter_numel']:,} numbers) and keeps its slice: "
         f"{full_ms:.3f} ms per draw, against {share_ms:.3f} ms for a 1/{args.world} share (1 CPU thread).",
     ])
-    print(f"## {title}\n\n{table}")
+    print(table)
     if args.append_results:
-        append_results(title, table, "python -m benchmarks bench_fsdp_memory " + " ".join(sys.argv[1:]),
-                       path=args.results)
+        append_section("\n" + table + "\n", args.results)
 
 
 if __name__ == "__main__":

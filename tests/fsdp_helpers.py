@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from langevin_lora import LangevinAdam, LangevinSGD
+from langevin_lora import AutoStepSize, DivergenceWarning, LangevinAdam, LangevinSGD
 from langevin_lora.lightning.callback import LangevinLoRA
 from langevin_lora.core.sharding import full_tensor
 
@@ -40,7 +40,30 @@ RUNS = {
     "adam_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size=2e-2, precond_clamp=(0.5, 2.0))),
     # bf16 parameters: the fp32 masters are shards beside them, the parameters receive their rounding
     "sgd_bf16_kinetic": ("sgd", dict(lr=2e-2, friction=2.0, dtype=torch.bfloat16)),
+    # step_size="auto": the curvature measured on the shards (finite differences, full probe vectors), at
+    # sampling start and warm-started every 20 steps; the callback's single-device reference measures by
+    # finite differences too (its default there is double backward, which FSDP2 cannot run)
+    "callback_auto_kinetic": ("callback", dict(friction="auto", step_size="auto", head_temperature=1.0,
+                                               step_size_every_n_steps=20)),
+    "callback_auto_overdamped": ("callback", dict(friction=None, step_size="auto", head_temperature=0.0,
+                                                  step_size_every_n_steps=20)),
+    "sgd_auto_overdamped": ("sgd", dict(lr=1.0, friction=None, step_size="auto", step_size_every_n_steps=20)),
+    "adam_auto_kinetic": ("adam", dict(lr=1e-2, friction="auto", step_size="auto", step_size_every_n_steps=20)),
+    "sgd_bf16_auto_kinetic": ("sgd", dict(lr=1.0, friction=2.0, step_size="auto", dtype=torch.bfloat16)),
+    # a fixed step far too long: the divergence guard restores and cuts straight to the stable step it
+    # measures at the restored point (on the shards)
+    "callback_guard": ("callback", dict(friction=None, step_size=5.0, head_temperature=0.0,
+                                        step_method="finite_difference")),
+    "sgd_guard": ("sgd", dict(lr=5.0, friction=None)),
+    # the live Gibbs diagnostics (diag=True: GibbsDiagnostics, make_diagnostics): on full copies of the
+    # shards, so every traced value is the single-device one; the callback's with half-batch gradients
+    # (split_batch), the optimizer's with gradient accumulation (micro-batch gradients)
+    "callback_diag_kinetic": ("callback", dict(friction="auto", step_size=2e-2, head_temperature=1.0, diag=True)),
+    "sgd_diag_kinetic": ("sgd", dict(lr=2e-2, friction=2.0, diag=True, accumulate=2)),
 }
+#: Runs compared with 1 process only (the DDP launch skips them: DDP is not what they exercise).
+FSDP_ONLY = ("callback_auto_kinetic", "callback_auto_overdamped", "sgd_auto_overdamped", "adam_auto_kinetic",
+             "sgd_bf16_auto_kinetic", "callback_guard", "sgd_guard", "callback_diag_kinetic", "sgd_diag_kinetic")
 
 
 class Base(nn.Module):
@@ -108,8 +131,16 @@ def make_trainer(strategy, devices: int, callbacks=(), max_steps: int = STEPS, *
 
 
 def make_callback(options: dict, **kwargs) -> LangevinLoRA:
-    return LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20,
-                        diagnostics=False, **dict(options, **kwargs))
+    options = dict(options, **kwargs)
+    method = options.pop("step_method", None)
+    if options.get("step_size") == "auto":   # finite differences on one process too (the comment in RUNS)
+        options["step_size"] = AutoStepSize(method="finite_difference", seed=7,
+                                            every_n_steps=options.pop("step_size_every_n_steps", 1000))
+    options.setdefault("diagnostics", False)
+    cb = LangevinLoRA(burn_in_steps=BURN, weight_decay=1e-2, seed=7, num_samples=2, sample_every=20, **options)
+    if method is not None:   # the guard's measurement of the stable step
+        cb.auto_step.method = method
+    return cb
 
 
 def loader() -> DataLoader:
@@ -121,19 +152,49 @@ def full_params(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def halves(batch):
+    x, y = batch
+    return (x[:2], y[:2]), (x[2:], y[2:])
+
+
+def make_diagnostics(kind: str):
+    """Every probe at a cadence the 55 sampling steps reach; finite differences (FSDP2's only way)."""
+    from langevin_lora.diagnostics import GibbsDiagnostics
+
+    return GibbsDiagnostics(log_every_n_steps=10, hvp_every_n_steps=20, lambda_max_every_n_steps=20,
+                            hvp_method="finite_difference", center_window=10, report=False, seed=1,
+                            split_batch=halves if kind == "callback" else None, noise_every_n_steps=5)
+
+
 def run(name: str, strategy, devices: int, sharded: bool) -> dict:
     """One run of RUNS[name]; returns the unsharded adapters and heads and what the front-end kept."""
     kind, options = RUNS[name]
+    options = dict(options)
+    diag = make_diagnostics(kind) if options.pop("diag", False) else None
+    accumulate = options.pop("accumulate", 1)
     module = Module(kind, options, sharded)
-    callbacks = [make_callback(options)] if kind == "callback" else []
+    callbacks = [make_callback(options, **({"diagnostics": diag} if diag is not None else {}))] \
+        if kind == "callback" else []
+    if diag is not None and kind != "callback":
+        callbacks.append(diag)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")   # the drop-in's validation_step
-        trainer = make_trainer(strategy, devices, callbacks)
+        if "guard" in name:   # the runaway it is made for (the test checks the cut)
+            warnings.filterwarnings("ignore", category=DivergenceWarning)
+        trainer = make_trainer(strategy, devices, callbacks, accumulate_grad_batches=accumulate)
         trainer.fit(module, loader())
     out = {"params": full_params(module), "global_step": trainer.global_step}
-    if callbacks:
+    if diag is not None:
+        rec = diag.recorder
+        out["diagnostics"] = dict(traces=rec.traces, laplacians=rec.laplacians, eta_lambda_max=rec.eta_lambda_max,
+                                  logged=diag.last_logged, steps=rec.sampling_steps, chi2=rec.mean_force_chi2(),
+                                  noise_ratio=rec.noise_ratio)
+    sampler = callbacks[0] if kind == "callback" else trainer.optimizers[0]
+    out.update(lambda_max=sampler.auto_step.lambda_max, measurements=sampler.auto_step.measurements,
+               step_cuts=sampler.guard.cuts)
+    if kind == "callback":
         cb = callbacks[0]
         out.update(langevin_steps=cb.langevin_steps, bank=[dict(s) for s in cb.sample_bank],
                    bank_steps=list(cb.sample_bank.steps), theta_scale=cb.guard.theta_scale)
@@ -231,7 +292,8 @@ def dropin_run(strategy, devices: int, sharded: bool) -> dict:
 
 
 def worker_extra(out_dir: str) -> None:
-    """FSDP2, 2 processes: resume (sharded and full checkpoints), sample folders and BMA."""
+    """FSDP2, 2 processes: resume of the callback and of the optimizers (sharded and full checkpoints), sample
+    folders and BMA."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     torch.set_num_threads(1)
@@ -240,8 +302,33 @@ def worker_extra(out_dir: str) -> None:
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                      save_distributed_checkpoint=distributed)
 
-    results = {"resume": resume_runs(strategy, out_dir),
+    results = {"resume": resume_runs(strategy, out_dir), "optimizer_resume": optimizer_resume_runs(strategy, out_dir),
                "bank": bank_and_bma(strategy(), 2, True, os.path.join(out_dir, "samples")),
                "dropin": dropin_run(strategy(), 2, True)}
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(results, os.path.join(out_dir, "extra.pt"))
+
+
+def optimizer_resume_runs(strategy, out_dir: str, names=("sgd_kinetic", "adam_kinetic")) -> dict:
+    """The optimizers' kinetic chains under FSDP2 interrupted at RESUME_AT and resumed to STEPS, from a
+    sharded (distributed) and from a full checkpoint: their per-tensor state (momenta, G, moments) is
+    local shards in ``Optimizer.state``, saved through torch's distributed checkpoint state dicts."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = {}
+    for name in names:
+        kind, options = RUNS[name]
+        for ckpt, distributed in (("sharded", True), ("full", False)):
+            folder = os.path.join(out_dir, f"{name}_{ckpt}")
+            for resume in (False, True):
+                module = Module(kind, options, True)
+                callbacks = [] if resume else [ModelCheckpoint(dirpath=folder, every_n_train_steps=RESUME_AT,
+                                                               save_top_k=-1, filename="{step}")]
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+                    trainer = make_trainer(strategy(distributed), 2, callbacks)
+                    trainer.fit(module, loader(),
+                                ckpt_path=os.path.join(folder, f"step={RESUME_AT}.ckpt") if resume else None)
+                out[f"{name}_{ckpt}_{'resumed' if resume else 'straight'}"] = full_params(module)
+    return out

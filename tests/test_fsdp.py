@@ -3,11 +3,17 @@
 
 With the same seed and the same batches on every rank (tests/fsdp_helpers.py says why), the adapters and
 heads after 5 burn-in + 55 sampling steps are bitwise those of 1 process and of DDP, for the callback and
-both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the
-zero-config drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a full checkpoint continues
-bitwise; the sample bank holds full tensors (rank 0 writes the PEFT folders) and ``bma_predict_proba`` on
-the sharded module gives the single-device probabilities. Unsupported strategies and layouts are refused
-with one line. Two launches of 2 processes in all (one FSDP, one DDP), each running several fits.
+both optimizers, overdamped and kinetic, and for bf16 parameters (fp32 master shards); so is the zero-config
+drop-in (validation watch, best-point restore, ladder of prior scales); a chain resumed from a sharded or a
+full checkpoint continues bitwise, the callback's and the optimizers'; the sample bank holds full tensors
+(rank 0 writes the PEFT folders) and ``bma_predict_proba`` on the sharded module gives the single-device
+probabilities. ``step_size="auto"`` (callback and both optimizers, overdamped and kinetic, bf16, re-measured
+warm every 20 steps) measures on the shards the single-device lambda_max bitwise (finite differences on both
+sides: FSDP2 has no double backward), and the guard's measured stable step cuts alike. The live Gibbs
+diagnostics (|theta|^2, virial and kinetic temperatures, gauge gap, Hutchinson Laplacian, eta*lambda_max,
+noise ratio from half-batches and from micro-batches) run on full copies of the shards and trace the
+single-device values bitwise. Unsupported strategies and layouts are refused with one line. Two launches of
+2 processes in all (one FSDP, one DDP), each running several fits.
 """
 from __future__ import annotations
 
@@ -18,11 +24,12 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from fsdp_helpers import RUNS, Module, bank_and_bma, dataset, dropin_run, run
+from fsdp_helpers import FSDP_ONLY, RUNS, Module, bank_and_bma, dataset, dropin_run, run
 from langevin_lora.core.rng import NoiseGenerators, draw_standard_normal
 from langevin_lora.lightning.callback import LangevinLoRA
 from langevin_lora.core.sharding import ShardSpec, mark
@@ -52,7 +59,7 @@ def runs(tmp_path_factory):
     single["bank"] = bank_and_bma("auto", 1, False, str(out / "single_samples"))
     single["dropin"] = dropin_run("auto", 1, False)
     _launch(out, "fsdp", *RUNS)
-    _launch(out, "ddp", *RUNS)
+    _launch(out, "ddp", *[n for n in RUNS if n not in FSDP_ONLY])
     return types.SimpleNamespace(out=out, single=single, fsdp=torch.load(out / "fsdp.pt", weights_only=False),
                                  ddp=torch.load(out / "ddp.pt", weights_only=False),
                                  extra=torch.load(out / "extra.pt", weights_only=False))
@@ -67,7 +74,8 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_fsdp_chain_is_the_single_device_and_ddp_chain(runs, name):
-    single, fsdp, ddp = runs.single[name], runs.fsdp[name], runs.ddp[name]
+    single, fsdp = runs.single[name], runs.fsdp[name]
+    ddp = single if name in FSDP_ONLY else runs.ddp[name]
     assert single["global_step"] == fsdp["global_step"] == ddp["global_step"] == 60
     start = Module(*RUNS[name], sharded=False)
     moved = {n: p.detach() for n, p in start.named_parameters() if p.requires_grad}
@@ -75,6 +83,26 @@ def test_fsdp_chain_is_the_single_device_and_ddp_chain(runs, name):
         assert not torch.equal(p, moved[n]), n
     _assert_same(single["params"], fsdp["params"], f"{name} FSDP2 vs 1 process")
     _assert_same(single["params"], ddp["params"], f"{name} DDP vs 1 process")
+    # step_size="auto" (measured at sampling start, then every 20 steps warm-started) and the guard's
+    # stable step: lambda_max measured on the shards is the single-device one bitwise (finite differences
+    # of gradients that are equal bitwise, every other operation on full tensors), hence the equal chains
+    assert (single["lambda_max"], single["measurements"], single["step_cuts"]) == \
+        (fsdp["lambda_max"], fsdp["measurements"], fsdp["step_cuts"])
+    if "auto" in name:
+        assert single["measurements"] == (3 if RUNS[name][1].get("step_size_every_n_steps") == 20 else 1)
+    if "guard" in name:
+        assert single["step_cuts"] == 1 and single["measurements"] == 1   # cut straight to the measured step
+    if "diagnostics" in single:   # the live Gibbs diagnostics: every traced value, probe and logged mean
+        a, b = single["diagnostics"], fsdp["diagnostics"]
+        assert a["steps"] == b["steps"] == (55 if name.startswith("callback") else 60)
+        assert {"theta_sq", "virial_temperature", "kinetic_temperature", "gauge_gap/lin", "rho"} <= set(a["traces"])
+        assert a["traces"].keys() == b["traces"].keys()
+        for key, trace in a["traces"].items():
+            assert len(trace) == a["steps"] and np.array_equal(trace, b["traces"][key], equal_nan=True), key
+        assert len(a["laplacians"]) == 3 and a["laplacians"] == b["laplacians"]   # Hutchinson on the shards
+        assert a["eta_lambda_max"] == b["eta_lambda_max"] and a["chi2"] == b["chi2"]
+        assert a["noise_ratio"] is not None and a["noise_ratio"] == b["noise_ratio"]   # half / micro-batches
+        assert a["logged"] and a["logged"] == b["logged"]
     if "bank" in single:   # the callback: same steps, samples, and its guard's |theta_0|^2 reduced over ranks
         assert single["langevin_steps"] == fsdp["langevin_steps"] == 55
         assert single["bank_steps"] == fsdp["bank_steps"] == [24, 44]
@@ -92,6 +120,21 @@ def test_fsdp_resume_from_sharded_and_full_checkpoints_is_bitwise(runs):
         _assert_same(ref, runs.extra["resume"][f"{kind}_straight"], f"FSDP2 run writing {kind} checkpoints")
         _assert_same(ref, runs.extra["resume"][kind], f"FSDP2 run resumed from a {kind} checkpoint")
     assert (runs.out / "sharded" / "step=32.ckpt").is_dir()   # the distributed checkpoint: one file per rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgd_kinetic", "adam_kinetic"])
+def test_fsdp_optimizer_resume_from_sharded_and_full_checkpoints_is_bitwise(runs, name):
+    """LangevinSGD / LangevinAdam: their per-tensor state (momenta, G, Adam moments, counters) travels
+    unsharded through torch's distributed-checkpoint state dicts (LangevinOptimizer._sharded_state_dict),
+    and the chain killed at step 32 and resumed equals the uninterrupted one and the 1-process one."""
+    ref = runs.single[name]["params"]
+    for kind in ("sharded", "full"):
+        assert (runs.out / f"{name}_{kind}" / "step=32.ckpt").exists()
+        got = runs.extra["optimizer_resume"]
+        _assert_same(ref, got[f"{name}_{kind}_straight"], f"{name} writing {kind} checkpoints")
+        _assert_same(ref, got[f"{name}_{kind}_resumed"], f"{name} resumed from {kind}")
+    assert (runs.out / f"{name}_sharded" / "step=32.ckpt").is_dir()
 
 
 @pytest.mark.slow
@@ -221,48 +264,127 @@ def test_fsdp_recipe_config_parses():
     strategy = build(cfg["trainer"]["strategy"])
     assert type(strategy).__name__ == "ModelParallelStrategy"
     (callback,) = [build(c) for c in cfg["trainer"]["callbacks"]]
-    assert isinstance(callback, LangevinLoRA) and isinstance(callback.step_size, float)
-    assert callback.diagnostics is False
+    assert isinstance(callback, LangevinLoRA) and callback.step_size == "auto"
+    assert callback.diagnostics is True
 
 
 def test_options_that_need_unsharded_tensors_are_refused(one_rank_group):
-    """On sharded parameters: the callback refuses step_size='auto', balance and gauge_moves at the start
-    of training; the optimizers refuse step_size='auto' at their first measurement and an unsupported
-    layout when built."""
+    """On sharded parameters: the callback refuses balance and gauge_moves at the start of training (and
+    accepts step_size='auto' since issue 21's second pass); the optimizers refuse an unsupported layout
+    when built."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from langevin_lora import BalanceSchedule, LangevinAdam, LangevinSGD
+    from langevin_lora import BalanceSchedule, LangevinSGD
     from langevin_lora.core.sharding import UnsupportedSharding
 
     mesh = init_device_mesh("cpu", (1,))
     w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
     fake = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
-    for kwargs, match in ((dict(), "step_size='auto' is not supported with sharded"),
-                          (dict(step_size=1e-3, balance=BalanceSchedule(at_sampling_start=True)),
-                           "balance=.* is not supported with sharded")):
+    for kwargs, match in ((dict(step_size=1e-3, balance=BalanceSchedule(at_sampling_start=True)),
+                           "balance=.* is not supported with sharded"),):
         cb = LangevinLoRA(burn_in_steps=1, num_data=8, **kwargs)
         cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
         with pytest.raises(MisconfigurationException, match=match):
             cb._check_sharded(fake, nn.Module())
-    cb = LangevinLoRA(burn_in_steps=1, num_data=8, step_size=1e-3)
-    cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
-    cb._check_sharded(fake, nn.Module())   # a float step: accepted, the shard tracked
-    assert list(cb.engine.shards) == ["w"]
-
-    opt = LangevinAdam([w], lr=1e-2, num_data=8, weight_decay=1e-2, burn_in_steps=0, step_size="auto")
-
-    def closure():
-        opt.zero_grad()
-        loss = (w * w).sum().full_tensor()
-        loss.backward()
-        return loss
-
-    with pytest.warns(UserWarning, match="no warm-up step"), \
-            pytest.raises(ValueError, match="Invalid step_size: 'auto' with sharded"):
-        opt.step(closure)
+    for step_size in (1e-3, "auto"):   # a float or the measured step: accepted, the shard tracked
+        cb = LangevinLoRA(burn_in_steps=1, num_data=8, step_size=step_size)
+        cb._groups = [types.SimpleNamespace(names=["w"], params=[w])]
+        cb._check_sharded(fake, nn.Module())
+        assert list(cb.engine.shards) == ["w"]
     mesh2 = init_device_mesh("cpu", (1, 1))
     tp = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh2, [Shard(0), Shard(1)]))
     with pytest.raises(UnsupportedSharding, match="Unsupported sharding"):
         LangevinSGD([tp], lr=1e-3, num_data=8, weight_decay=1e-2)
+
+
+def test_auto_step_on_shards_is_the_unsharded_measurement(one_rank_group):
+    """step_size='auto' on a DTensor parameter: the finite differences on the shard with a full probe vector
+    give the unsharded finite-difference lambda_max and vector bitwise (1-rank mesh: no process; the
+    2-process runs above check 2 shards), through auto_step_size and through LangevinAdam's closure."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from langevin_lora import LangevinAdam, auto_step_size
+
+    mesh = init_device_mesh("cpu", (1,))
+    g = torch.Generator().manual_seed(0)
+    x, w0, G = torch.randn(8, 4, generator=g), torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g) + 0.5
+    plain = nn.Parameter(w0.clone())
+    shard = nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+
+    def loss(w):
+        full = w.full_tensor() if hasattr(w, "full_tensor") else w
+        return torch.tanh(x @ full.T).pow(2).mean()
+
+    kw = dict(precond=[G], weight_decay=1e-2, num_iters=6, generator=None)
+    ref = auto_step_size(lambda: loss(plain), [plain], method="finite_difference",
+                         **dict(kw, generator=torch.Generator().manual_seed(3)))
+    got = auto_step_size(lambda: loss(shard), [shard], **dict(kw, generator=torch.Generator().manual_seed(3)))
+    assert got.method == "finite_difference" and got.lambda_max == ref.lambda_max and got.grad_evals == ref.grad_evals
+    assert torch.equal(got.vector[0], ref.vector[0])
+    assert shard.grad is not None and torch.equal(shard.detach().full_tensor(), w0)   # the shard restored bitwise
+    with pytest.raises(ValueError, match="'double_backward' with sharded"):
+        auto_step_size(lambda: loss(shard), [shard], method="double_backward", **kw)
+
+    out = []
+    for p in (plain, shard):
+        opt = LangevinAdam([p], lr=1e-2, num_data=8, weight_decay=1e-2, burn_in_steps=1, step_size="auto", seed=1)
+
+        def closure(p=p, opt=opt):
+            opt.zero_grad()
+            value = loss(p)
+            value.backward()
+            return value
+
+        for _ in range(4):
+            opt.step(closure)
+        out.append((opt.auto_step.lambda_max, p.detach().full_tensor() if p is shard else p.detach().clone()))
+    assert out[0][0] == out[1][0] and torch.equal(out[0][1], out[1][1])
+
+
+def test_sharded_optimizer_state_dict_round_trip(one_rank_group):
+    """A sharded LangevinSGD's state_dict carries everything in one bytes value (torch's distributed
+    checkpoint keeps only state and param_groups; state holds placeholders); loaded into a fresh optimizer
+    the chain continues bitwise; torch's zero-lr state-creating step is a no-op."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from langevin_lora import LangevinSGD
+
+    mesh = init_device_mesh("cpu", (1,))
+    w0 = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        p = nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+        return p, LangevinSGD([p], lr=1e-2, num_data=8, weight_decay=1e-2, friction=2.0, seed=4)
+
+    def steps(p, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            p.full_tensor().pow(2).sum().backward()
+            opt.step()
+
+    p, opt = make()
+    steps(p, opt, 6)
+    ref = p.detach().full_tensor().clone()
+    q, fresh = make()
+    steps(q, fresh, 3)
+    saved = fresh.state_dict()
+    assert set(saved) == {"state", "param_groups"} and isinstance(saved["param_groups"][0]["langevin_state"], bytes)
+    assert list(saved["state"][0]) == ["langevin_state_device"]
+    r, resumed = make()
+    for g in resumed.param_groups:   # what torch.distributed.checkpoint does before loading
+        g["lr"] = 0.0
+    r.grad = torch.zeros_like(r)
+    resumed.step()
+    assert not resumed.state and resumed.engine.generators.state_dict() == make()[1].engine.generators.state_dict()
+    with torch.no_grad():
+        r.copy_(q.detach())
+    resumed.load_state_dict(saved)
+    assert "langevin_state" not in resumed.param_groups[0] and resumed.param_groups[0]["lr"] == 1e-2
+    steps(r, resumed, 3)
+    assert torch.equal(r.detach().full_tensor(), ref)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_int, check_non_negative, check_real
+from langevin_lora.core import sharding as _sharding
 from langevin_lora.core.functional import LOW_PRECISION
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "num_coordinates",
     "HessianVectorProduct",
     "BackwardClosureHVP",
+    "ShardedHVP",
     "rademacher",
     "hutchinson_laplacian",
     "power_iteration",
@@ -254,6 +256,70 @@ class BackwardClosureHVP(HessianVectorProduct):
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
 
 
+class ShardedHVP(HessianVectorProduct):
+    r"""Hessian-vector products for sharded (FSDP2 / DTensor) ``params``, equal to the unsharded ones.
+
+    The vectors are *full* (unsharded) tensors, the same on every rank; only the parameters are
+    sharded. A product is the central finite difference of :class:`HessianVectorProduct` with every
+    step made on the shards: :math:`\epsilon` from the norms of the full parameters and vector, each
+    rank adds its slice of :math:`\epsilon v` to its local shard, the gradients come back as shards
+    through FSDP2's reduce-scatter (``loss.backward()``: ``torch.autograd.grad`` does not reach the
+    sharded parameters, which FSDP2 replaces by unsharded copies in the forward pass, so there is no
+    double backward) and are gathered to full tensors. Every element-wise operation is the unsharded
+    one, so given the same gradients the product is the unsharded finite difference bit for bit.
+    ``backward_closure``: ``loss_fn`` is a torch optimizer closure that calls ``backward()`` itself;
+    else this calls ``loss_fn().backward()``. Either way it writes ``.grad`` of ``params`` (set to
+    ``None`` before each call; the caller saves and restores them) and of whatever else the loss reaches.
+    Every rank must call it (collectives)."""
+
+    def __init__(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *, fd_eps: float = 1e-3,
+                 backward_closure: bool = False) -> None:
+        super().__init__(loss_fn, params, method="finite_difference", fd_eps=fd_eps)
+        sharding = self._sharding = _sharding
+        self.backward_closure = backward_closure
+        #: the full parameters (gathered once: a product restores the shards bitwise)
+        self.full = [sharding.full_tensor(p.detach()) for p in self.params]
+        self._slices = [sharding.shard_spec(p).slices if sharding.is_sharded(p) else None for p in self.params]
+
+    def _gradient(self) -> list[Tensor]:
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = self._loss()
+            if not self.backward_closure:
+                loss.backward()
+        return [torch.zeros_like(f) if p.grad is None else self._sharding.full_tensor(p.grad.detach()).clone()
+                for p, f in zip(self.params, self.full)]
+
+    def _finite_difference(self, vs: Sequence[Tensor]) -> list[Tensor]:
+        with torch.no_grad():
+            theta_norm = batched_dot(self.full, self.full).sqrt().clamp_min(1.0)
+            v_norm = batched_dot(vs, vs).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+            eps = self.fd_eps * theta_norm / v_norm
+            steps = [v * eps.to(v.dtype) for v in vs]
+            local = [self._sharding.local_tensor(p.detach()) for p in self.params]
+            steps = [s if sl is None else s[sl] for s, sl in zip(steps, self._slices)]
+            saved = [t.clone() for t in local]
+            try:
+                torch._foreach_add_(local, steps)
+                g_plus = self._gradient()
+                for t, s in zip(local, saved):
+                    t.copy_(s)
+                torch._foreach_sub_(local, steps)
+                g_minus = self._gradient()
+            finally:
+                for t, s in zip(local, saved):
+                    t.copy_(s)
+            return [(gp - gm) / (2 * eps).to(gp.dtype) for gp, gm in zip(g_plus, g_minus)]
+
+    def __call__(self, vs: Sequence[Tensor]) -> list[Tensor]:
+        if len(vs) != len(self.params):
+            raise ValueError(f"Invalid vs: expected {len(self.params)} tensors, got {len(vs)}")
+        self.products += 1
+        self.used_method = "finite_difference"
+        return self._finite_difference(vs)
+
+
 def rademacher(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
     """Independent :math:`\\pm 1` entries shaped like ``params``, drawn from ``generator``."""
     out = []
@@ -374,8 +440,20 @@ def top_eigenvalue(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *,
     ``res.loss_evaluations`` counts forward passes (each with a backward); about two gradient
     evaluations per iteration in all. ``backward_closure``: ``loss_fn`` is a torch optimizer closure
     (:class:`BackwardClosureHVP`, finite differences).
+
+    Sharded ``params`` (FSDP2 / DTensor): the products are :class:`ShardedHVP`'s (finite differences on
+    the shards, ``method="auto"`` included), ``scale`` and ``init`` hold *full* tensors and so does the
+    returned vector; the random start is the unsharded draw, so the result is the unsharded
+    finite-difference measurement bit for bit, given the same gradients. Every rank must call it.
     """
-    if backward_closure:   # a torch optimizer closure: gradients from .grad (BackwardClosureHVP)
+    if any(_sharding.is_sharded(p) for p in params):   # FSDP2: finite differences on the shards, full vectors
+        if method == "double_backward":
+            raise ValueError("Invalid method: 'double_backward' with sharded (FSDP2 / DTensor) parameters (their "
+                             "gradients come back through FSDP2's reduce-scatter, not autograd.grad): pass 'auto' or "
+                             "'finite_difference'")
+        hvp = ShardedHVP(loss_fn, params, fd_eps=fd_eps, backward_closure=backward_closure)
+        params = hvp.full
+    elif backward_closure:   # a torch optimizer closure: gradients from .grad (BackwardClosureHVP)
         hvp = BackwardClosureHVP(loss_fn, params, fd_eps=fd_eps)
     else:
         hvp = HessianVectorProduct(loss_fn, params, method=method, fd_eps=fd_eps, batch_dims=batch_dims)

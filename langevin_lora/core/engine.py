@@ -556,7 +556,7 @@ class LangevinEngine:
             if sharding.is_sharded(p):   # a full (or same-layout) checkpoint: keep this rank's slice
                 spec = self.shards[key] = sharding.shard_spec(p, key)
             for name, t in list(slot.items()):
-                if name not in _DERIVED:
+                if name not in _DERIVED and torch.is_tensor(t):   # (a front-end's counters stay as they are)
                     if spec is not None and t.shape == spec.global_shape != p.to_local().shape:
                         t = t[spec.slices].clone()
                     slot[name] = sharding.mark(t.to(p.device), spec if name == "master" else None)

@@ -68,6 +68,7 @@ from torch import Tensor
 
 from langevin_lora._docs import readable_docstring
 from langevin_lora._validation import check_int, check_positive, check_real
+from langevin_lora.core import sharding
 from langevin_lora.core.curvature import HessianVectorProduct, top_eigenvalue
 from langevin_lora.core.functional import check_friction
 
@@ -200,18 +201,32 @@ def auto_step_size(closure: Callable[[], Tensor], params: Sequence[Tensor], *,
             return the loss): gradients are read from ``.grad`` (finite differences; the ``.grad`` it
             writes are the caller's to save and restore).
 
+    Sharded ``params`` (FSDP2 / DTensor; every rank calls it): ``precond`` holds the local shards of
+    :math:`G` (as the engine keeps them), gathered here; the products are finite differences on the
+    shards with full probe vectors (:class:`~langevin_lora.core.curvature.ShardedHVP`), so the estimate
+    is the unsharded finite-difference one bit for bit given the same gradients; they write ``.grad``
+    (without ``backward_closure`` too): the caller saves and restores them. ``vector`` is full.
+
     Raises :class:`NonFiniteLossError` (a ``ValueError``) naming the cause when the parameters or the
     probe loss are inf/NaN (e.g. a NaN batch during burn-in), and ``ValueError`` when
     :math:`\lambda_{\max}` is not a finite positive number otherwise (a flat potential): then no step
     follows from the curvature.
     """
     check_friction(friction)
-    _check_finite_start(params)
+    params = list(params)
+    full = params
+    if any(sharding.is_sharded(p) for p in params):   # FSDP2: the full tensors (small LoRA factors) for the
+        # checks, G's maximum and the power iteration's vectors; G given as local shards, like the engine's
+        full = [sharding.full_tensor(p.detach()) for p in params]
+        if precond is not None:
+            precond = [sharding.full_tensor(G, sharding.shard_spec(p)) if torch.is_tensor(G) and sharding.is_sharded(p)
+                       else G for G, p in zip(precond, params)]
+    _check_finite_start(full)
     with torch.enable_grad():
         res = top_eigenvalue(closure, params, scale=precond, weight_decay=weight_decay, num_iters=num_iters,
                              rtol=rtol, init=init, generator=generator, method=method, fd_eps=fd_eps,
                              backward_closure=backward_closure)
-    lam = max(abs(float(res.eigenvalue)), prior_curvature(params, precond, weight_decay))
+    lam = max(abs(float(res.eigenvalue)), prior_curvature(full, precond, weight_decay))
     if not math.isfinite(lam):
         _check_finite_loss(closure, backward_closure)   # names a non-finite probe loss; else the message below
     if not math.isfinite(lam) or lam <= 0:

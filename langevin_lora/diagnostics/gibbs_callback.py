@@ -55,9 +55,10 @@ from torch import Tensor
 from langevin_lora._validation import check_bool, check_directory, check_int, check_positive, check_version
 from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.functional import LOW_PRECISION
+from langevin_lora.core.sharding import full_tensor, is_sharded
 from langevin_lora.core.step_size import STEP_ACCURACY_BOUND, StepSizeWarning, step_remedy
 from langevin_lora.diagnostics.checks import stationarity_report
-from langevin_lora.diagnostics.layout import lora_modules_of
+from langevin_lora.diagnostics.layout import UnshardedViews, any_sharded, lora_modules_of
 from langevin_lora.diagnostics.probes import CurvatureProbes
 from langevin_lora.diagnostics.recorder import GibbsRecorder
 from langevin_lora.diagnostics.replay import isolated_training_step, loss_tensor
@@ -134,6 +135,7 @@ class GibbsDiagnostics(Callback):
         self.plots = check_bool("plots", plots)
         self.report_dir = check_directory("report_dir", report_dir, must_write=True)
         self.recorder = GibbsRecorder(center_window=center_window, center_mode=center_mode, block_size=block_size)
+        self._unsharded = UnshardedViews()   # FSDP2: full copies of the sampled tensors for the recorder
         self.probes = CurvatureProbes(hutchinson_probes=hutchinson_probes, power_iters=power_iters,
                                       hvp_method=hvp_method, fd_eps=fd_eps, seed=seed)
         self.sampler: Any = None
@@ -155,6 +157,7 @@ class GibbsDiagnostics(Callback):
         self._loss_step, self._loss_acc = -1, None
         self._micro_step, self._prev_grads = -1, None
         self._rng: RngSnapshot | None = None
+        self._params: list[Tensor] = []   # the live sampled tensors of the last observed step
 
     # -- read-only views of the recorder (the names tests and recipes use) --------------------------
     @property
@@ -271,7 +274,10 @@ class GibbsDiagnostics(Callback):
             return
         params = [p for v in views for p in v.params]
         with torch.no_grad():
-            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+            if any_sharded(views):   # FSDP2: the full tensors (UnshardedViews)
+                views, grads = self._unsharded(views)
+            else:
+                grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
             wide = [g.float() if g.dtype in LOW_PRECISION else g for g in grads]
             prev = self._prev_grads or [torch.zeros_like(g) for g in wide]
             scale = k * self._inv_scale(trainer)
@@ -318,13 +324,17 @@ class GibbsDiagnostics(Callback):
         views = self.sampler.langevin_groups()
         step = self.recorder.sampling_steps  # index of this step if it samples
         sampled = self.recorder.sampling_groups(views)
+        self._params = [p for v in sampled for p in v.params]   # the live tensors (the probes move them)
         micro_grads = None
         if (sampled and self.split_batch is not None and trainer.accumulate_grad_batches < 2
                 and step % self.noise_every_n_steps == 0 and self._batch is not None):
-            micro_grads = self._half_batch_gradients(trainer, pl_module, [p for v in sampled for p in v.params])
+            micro_grads = self._half_batch_gradients(trainer, pl_module, self._params)
         loss = self._loss_acc if self._loss_step == trainer.global_step else None
-        flushed = self.recorder.record(views, loss=loss, modules=lambda: lora_modules_of(pl_module),
-                                       micro_grads=micro_grads)
+        grads, modules = None, lambda: lora_modules_of(pl_module)
+        if sampled and any_sharded(sampled):   # FSDP2: the recorder works on full copies (UnshardedViews)
+            views, grads = self._unsharded(sampled)
+            modules = lambda: self._unsharded.modules(lora_modules_of(pl_module))   # noqa: E731
+        flushed = self.recorder.record(views, grads=grads, loss=loss, modules=modules, micro_grads=micro_grads)
         if flushed:
             self._publish(trainer, pl_module, flushed, can_log=True)
         if sampled and self._probe_due(step):
@@ -352,11 +362,33 @@ class GibbsDiagnostics(Callback):
     def _half_batch_gradients(self, trainer: Trainer, pl_module: LightningModule, params: list[Tensor]) -> list | None:
         batch, batch_idx = self._batch
         grads = []
-        with self._replay(trainer, pl_module) as replayed, torch.enable_grad():
+        sharded = any(is_sharded(p) for p in params)
+        with self._replay(trainer, pl_module) as replayed, torch.enable_grad(), self._grads_kept(pl_module, sharded):
             for half in self.split_batch(batch):
+                if sharded:   # FSDP2: backward() (its reduce-scatter), the full gradients gathered
+                    for p in params:
+                        p.grad = None
+                    replayed(half, batch_idx).backward()
+                    grads.append([torch.zeros(p.shape, dtype=p.dtype, device=p.device) if p.grad is None
+                                  else full_tensor(p.grad.detach()) for p in params])
+                    continue
                 g = torch.autograd.grad(replayed(half, batch_idx), params, allow_unused=True)
                 grads.append([torch.zeros_like(p) if gi is None else gi.detach() for p, gi in zip(params, g)])
         return grads if len(grads) >= 2 else None
+
+    @staticmethod
+    @contextmanager
+    def _grads_kept(pl_module: LightningModule, sharded: bool) -> Iterator[None]:
+        """Sharded (FSDP2) replays differentiate with ``backward()``, which writes ``.grad``: every gradient
+        of the step is set aside meanwhile and put back (no-op unsharded: ``autograd.grad`` writes none)."""
+        stash = [(p, p.grad) for p in pl_module.parameters()] if sharded else []
+        for p, _ in stash:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, g in stash:
+                p.grad = g
 
     def _run_probes(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         if self.loss_fn is None and (not pl_module.automatic_optimization or self._batch is None):
@@ -365,8 +397,9 @@ class GibbsDiagnostics(Callback):
         do_hvp = bool(self.hvp_every_n_steps) and step % self.hvp_every_n_steps == 0
         do_pow = bool(self.lambda_max_every_n_steps) and step % self.lambda_max_every_n_steps == 0
         rec = self.recorder
-        with self._replay(trainer, pl_module) as replayed:
-            lap, eig = self.probes.measure(lambda: replayed(batch, batch_idx), rec.params,
+        params = self._params if self._params and any(is_sharded(p) for p in self._params) else rec.params
+        with self._replay(trainer, pl_module) as replayed, self._grads_kept(pl_module, params is self._params):
+            lap, eig = self.probes.measure(lambda: replayed(batch, batch_idx), params,
                                            weight_decay=rec.weight_decay, scale=rec.step_scale(),
                                            laplacian=do_hvp, power=do_pow)
         if lap is not None:

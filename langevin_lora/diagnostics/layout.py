@@ -10,14 +10,16 @@ the recorder's running state follows the :attr:`Layout.signature` (group names a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "LoraModule", "build_layout", "lora_modules_of", "views_key", "precond_of", "centres_of",
-           "momenta_of", "BASE_COLUMNS", "KINETIC_COLUMN"]
+from langevin_lora.core import sharding
+
+__all__ = ["Layout", "LoraModule", "UnshardedViews", "build_layout", "lora_modules_of", "views_key", "precond_of",
+           "centres_of", "momenta_of", "BASE_COLUMNS", "KINETIC_COLUMN"]
 
 # Columns of every row; then the virial temperature per group and per module, the gauge gap per
 # module and their mean.
@@ -154,3 +156,65 @@ def build_layout(views: Sequence[Any], modules: Iterable[LoraModule], key: tuple
         mod_a=torch.tensor([m[1] for m in mods], dtype=torch.long, device=device),
         mod_b=torch.tensor([m[2] for m in mods], dtype=torch.long, device=device),
         mod_rank=per_module(3), mod_in=per_module(4), mod_out=per_module(5), columns=columns)
+
+
+def any_sharded(views: Sequence[Any]) -> bool:
+    """Whether a tensor of ``views`` is sharded (FSDP2 / DTensor)."""
+    return any(sharding.is_sharded(p) for v in views for p in v.params)
+
+
+class UnshardedViews:
+    r"""Full (unsharded) copies of sharded views (FSDP2 / DTensor), for the recorder.
+
+    The recorder's sums (:math:`\lVert\theta\rVert^2`, the virial, the kinetic temperature, the gauge gap
+    from :math:`\lVert A\rVert^2, \lVert B\rVert^2`, the mean-force blocks, the virial centre) are taken
+    on the full tensors: every rank gathers the parameters, their gradients, preconditioners, momenta
+    and prior centres of the sampled groups (an all-gather each: LoRA factors are small) and runs the
+    single-device arithmetic on them, so every value is the unsharded one bit for bit, and equal on
+    every rank. The full copies live in buffers kept from step to step (their identities do not
+    change, so the recorder's layout is not rebuilt at every step). Every rank must call it."""
+
+    FIELDS = ("precond", "momentum", "prior_centre")
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], Tensor] = {}
+        #: id(sharded parameter) -> its full buffer (the last call)
+        self.full_of: dict[int, Tensor] = {}
+
+    def _put(self, key: tuple[int, str], t: Tensor, spec: Any) -> Tensor:
+        full = sharding.full_tensor(t.detach(), spec)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != full.shape or buf.dtype != full.dtype or buf.device != full.device:
+            buf = self._buffers[key] = full.clone()
+        else:
+            buf.copy_(full)
+        return buf
+
+    def __call__(self, views: Sequence[Any], grads: bool = True) -> tuple[list[Any], list[Tensor] | None]:
+        """``(full views, their full gradients)`` (``None`` unless ``grads``; a missing ``.grad`` gives zeros)."""
+        out, full_grads, i = [], [] if grads else None, 0
+        self.full_of = {}
+        for v in views:
+            specs = [sharding.shard_spec(p) if sharding.is_sharded(p) else None for p in v.params]
+            params = []
+            for p, spec in zip(v.params, specs):
+                full = self._put((i + len(params), "param"), p, spec)
+                self.full_of[id(p)] = full
+                params.append(full)
+                if grads:
+                    g = p.grad
+                    full_grads.append(torch.zeros_like(full) if g is None
+                                      else self._put((i + len(params) - 1, "grad"), g, spec))
+            fields = {}
+            for field in self.FIELDS:
+                values = getattr(v, field, None)
+                if values is not None:
+                    fields[field] = [self._put((i + k, field), t, spec)
+                                     for k, (t, spec) in enumerate(zip(values, specs))]
+            out.append(replace(v, params=params, **fields))
+            i += len(params)
+        return out, full_grads
+
+    def modules(self, modules: Iterable[LoraModule]) -> list[LoraModule]:
+        """``modules`` with their factors replaced by the full buffers of the last call."""
+        return [LoraModule(m.name, self.full_of.get(id(m.A), m.A), self.full_of.get(id(m.B), m.B)) for m in modules]

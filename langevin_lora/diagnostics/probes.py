@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from langevin_lora._validation import check_choice, check_int, check_real
-from langevin_lora.core.curvature import HessianVectorProduct, hutchinson_laplacian, power_iteration
+from langevin_lora.core.curvature import HessianVectorProduct, ShardedHVP, hutchinson_laplacian, power_iteration
+from langevin_lora.core.sharding import is_sharded
 
 __all__ = ["CurvatureProbes"]
 
@@ -67,11 +68,18 @@ class CurvatureProbes:
         r"""``(Delta U, eta*lambda_max)`` at the current ``params`` (``None`` for what was not asked).
 
         ``loss_fn`` must return the same function of ``params`` at every call (replay dropout);
-        ``weight_decay`` is :math:`\lambda` per tensor and ``scale`` :math:`\eta G` per tensor."""
+        ``weight_decay`` is :math:`\lambda` per tensor and ``scale`` :math:`\eta G` per tensor. Sharded
+        ``params`` (FSDP2; every rank calls it): finite differences on the shards with full probes
+        (:class:`~langevin_lora.core.curvature.ShardedHVP`, which writes ``.grad``: the caller keeps them),
+        ``scale`` full tensors; the values are the unsharded finite-difference ones."""
         params = list(params)
         generator = self._generator_on(params[0].device)
         method = "finite_difference" if self.fallback else self.hvp_method
-        hvp = HessianVectorProduct(loss_fn, params, method=method, fd_eps=self.fd_eps)
+        if any(is_sharded(p) for p in params):   # FSDP2: finite differences on the shards, full probes
+            hvp = ShardedHVP(loss_fn, params, fd_eps=self.fd_eps)
+            params = hvp.full
+        else:
+            hvp = HessianVectorProduct(loss_fn, params, method=method, fd_eps=self.fd_eps)
         lap = eig = None
         with torch.enable_grad():
             if laplacian:

@@ -130,10 +130,13 @@ noise from identically seeded generators, so replicas stay identical. **FSDP2** 
 Lightning's ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``): every rank draws the
 unsharded noise and keeps its shard's slice, so the chain is the one a single device or DDP runs
 (:mod:`langevin_lora.core.sharding`); the guard's sums reduce over the ranks, the sample bank keeps full
-tensors and checkpoints hold the unsharded state. With sharded adapters ``step_size`` must be a float
-(the Hessian-vector products of ``"auto"`` do not run through FSDP2's hooks), and ``balance`` and
-``gauge_moves`` are refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts
-and FSDP2's CPU offload are refused with a ``MisconfigurationException`` naming the alternative.
+tensors and checkpoints hold the unsharded state. ``step_size="auto"`` measures the curvature by finite
+differences on the shards with full probe vectors (:class:`~langevin_lora.core.curvature.ShardedHVP`;
+the gradients come back through FSDP2's reduce-scatter; no double backward), the unsharded
+finite-difference measurement bit for bit; the diagnostics run on full copies of the shards
+(:class:`~langevin_lora.diagnostics.layout.UnshardedViews`); ``balance`` and ``gauge_moves`` are
+refused. FSDP1 (``FSDPStrategy``), DeepSpeed, XLA FSDP, tensor-parallel layouts and FSDP2's CPU
+offload are refused with a ``MisconfigurationException`` naming the alternative.
 
 **Observers.** ``step_observers`` are called as ``fn(trainer, pl_module, callback)`` right before
 each Langevin step and before the user's optimizer updates the heads (gradients final and present,
@@ -598,14 +601,6 @@ class LangevinLoRA(DropInStages, EngineFrontEnd, Callback):
         arg = self._diagnostics_arg
         if arg is False:
             return
-        if "ModelParallelStrategy" in {c.__name__ for c in type(trainer.strategy).__mro__}:
-            if arg is True:   # the default: say so once and go on without
-                rank_zero_info("LangevinLoRA: the live Gibbs diagnostics are not computed under ModelParallelStrategy "
-                               "(sharded adapters) yet; sampling runs without them (diagnostics=False)")
-                return
-            raise MisconfigurationException(
-                f"LangevinLoRA: diagnostics={type(arg).__name__}(...) is not supported under ModelParallelStrategy "
-                "(their estimators and probes need the unsharded tensors): pass diagnostics=False, or use strategy='ddp'.")
         if arg is True:
             factory = default_diagnostics_factory()
             if factory is None:
@@ -681,14 +676,11 @@ class LangevinLoRA(DropInStages, EngineFrontEnd, Callback):
         if not sharded:
             return
         self.engine.track(dict(named))   # before the freeze's median reduces over the shards
-        for arg, bad in (("step_size", self.step_size == "auto"), ("balance", self.balance is not None),
-                         ("gauge_moves", self.gauge_moves is not None)):
+        for arg, bad in (("balance", self.balance is not None), ("gauge_moves", self.gauge_moves is not None)):
             if bad:
                 raise MisconfigurationException(
                     f"LangevinLoRA: {arg}={getattr(self, arg)!r} is not supported with sharded (fully_shard) adapters "
-                    + ("(the Hessian-vector products of the automatic step do not run through FSDP2's hooks): pass "
-                       "step_size=<float>" if arg == "step_size" else "(it needs the unsharded LoRA factors): pass "
-                       f"{arg}=None") + ", or train with strategy='ddp'.")
+                    f"(it needs the unsharded LoRA factors): pass {arg}=None, or train with strategy='ddp'.")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.sampling and self.chain.phase == "watch" and self.chain.due(trainer.global_step):
@@ -882,9 +874,18 @@ class LangevinLoRA(DropInStages, EngineFrontEnd, Callback):
             params += g.params
             scale += G if G is not None else [1.0] * len(g.params)
             decay += [g.weight_decay] * len(g.params)
-        with self._probe_loss() as closure:
-            est = self.auto_step.measure(closure, params, precond=scale, weight_decay=decay,
-                                         friction=getattr(self, "friction", None), cold=cold)
+        # Sharded (FSDP2) adapters: finite differences through loss.backward(), which writes .grad (the
+        # unsharded path's autograd.grad does not): every gradient of the step is kept aside meanwhile.
+        stash = [(p, p.grad) for p in self._module.parameters()] if self.engine.sharded else []
+        for p, _ in stash:
+            p.grad = None
+        try:
+            with self._probe_loss() as closure:
+                est = self.auto_step.measure(closure, params, precond=scale, weight_decay=decay,
+                                             friction=getattr(self, "friction", None), cold=cold)
+        finally:
+            for p, g in stash:
+                p.grad = g
         lam = est.lambda_max
         strategy = self._trainer.strategy
         if getattr(self._trainer, "world_size", 1) > 1:
@@ -900,8 +901,7 @@ class LangevinLoRA(DropInStages, EngineFrontEnd, Callback):
     def _recover(self, event: Divergence) -> None:
         """The guard saw a runaway: restore, cut, re-measure (``"auto"``); raises past its last cut."""
         first = self._groups[0] if self._groups else None
-        stable = (self._stable_step if self.step_size != "auto" and first is not None and not self.engine.sharded
-                  else None)
+        stable = self._stable_step if self.step_size != "auto" and first is not None else None
         self.guard.recover(event, step_size=self.group_step(first) if first is not None else None, stable_step=stable)
         if self.step_size == "auto":
             self._measure_step()

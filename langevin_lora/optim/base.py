@@ -2,6 +2,7 @@
 hyperparameter in the param group, the engine's per-tensor state in ``Optimizer.state``."""
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -14,6 +15,7 @@ from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.core.functional import FRICTION_AUTO, check_friction
 from langevin_lora.core.guard import DivergenceGuard
+from langevin_lora.core.sharding import full_tensor, is_sharded, local_tensor, shard_spec
 from langevin_lora.core.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
 from langevin_lora.core.temperature import PRIOR_CENTRES, check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.core.view import LangevinGroupView
@@ -180,10 +182,6 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         r"""Measure :math:`\lambda_{\max}(G^{1/2}\nabla^2U G^{1/2})` of the noisy sampling groups from the
         torch closure (finite differences of the gradients it leaves in ``.grad``, the dropout masks of
         this step replayed) at the current parameters; every ``.grad`` is restored. Returns the step."""
-        if self.engine.sharded:
-            raise ValueError(f"Invalid step_size: 'auto' with sharded (FSDP2 / DTensor) parameters ({type(self).__name__} "
-                             "measures the step by moving the parameters along random directions, which are not "
-                             "drawn independently of the sharding yet): pass step_size=<float> or 'lr'")
         noisy = self._noisy()
         params, scale, decay = [], [], []
         for group, ps in noisy:
@@ -207,7 +205,10 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
             for p, g in zip(every, saved):
                 p.grad = g
             for p, w in masters.items():   # finite differences moved p, not its fp32 master: resync
-                if w is not p:
+                if is_sharded(p):   # its local shard from the shard's master (a bf16 shard)
+                    if w.dtype != p.dtype:
+                        local_tensor(p).copy_(w)
+                elif w is not p:
                     p.copy_(w)
         lam = est.lambda_max
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -263,6 +264,12 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if closure is None and self.engine.sharded and not self.state and all(
+                g["lr"] == 0 for g in self.param_groups):
+            # torch.distributed.checkpoint.state_dict's _init_optim_state: a step at lr 0 on zero gradients to
+            # create the per-tensor state before a checkpoint is loaded. Sharded, this optimizer keeps its
+            # state in SHARDED_STATE_KEY (state_dict), which needs no such step: nothing moves, nothing is drawn.
+            return None
         rng = RngSnapshot() if closure is not None and self._measure_due_soon() else None
         loss = None
         if closure is not None:
@@ -356,16 +363,63 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus ``"langevin"`` (generators, step size, guard). With sharded (FSDP2)
+        parameters the whole state travels unsharded in ``param_groups[0][SHARDED_STATE_KEY]``
+        (:meth:`_sharded_state_dict`; a collective: every rank calls it)."""
         state = super().state_dict()
         state["langevin"] = self.engine.state_dict(per_tensor=False)
         state["langevin"]["step_size"] = {
             "base": self._base_step, "langevin_steps": self._langevin_steps, "auto": self.auto_step.state_dict(),
             "warned_no_closure": self._warned_no_closure,
             "guard": None if self.guard is None else {"scale": self.guard.scale, "cuts": self.guard.cuts}}
+        if self.engine.sharded:
+            state = self._sharded_state_dict(state)
         return state
+
+    #: ``param_groups[0]`` key of a sharded optimizer's state, and the key of its placeholder tensors in
+    #: ``state`` (:meth:`_sharded_state_dict`).
+    SHARDED_STATE_KEY, SHARDED_DEVICE_KEY = "langevin_state", "langevin_state_device"
+
+    def _sharded_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        r"""The state of an optimizer over sharded (FSDP2 / DTensor) parameters, in a form that survives
+        ``torch.distributed.checkpoint.state_dict`` (what Lightning's ``ModelParallelStrategy`` saves and
+        loads through): that API keeps only ``state`` and ``param_groups``, saves plain tensors of
+        ``state`` as replicated (the local shards would be lost) and builds its loading template from a
+        zero-lr step (whose state lacks what only sampling creates). So everything (per-tensor state
+        gathered to full tensors, keyed by position, and ``"langevin"``) is serialised into one ``bytes``
+        value of ``param_groups[0]``, the same on every rank, loaded back whole by the sharded (DCP) and
+        the full checkpoint alike; the checkpoint does not depend on the sharding. ``state`` holds only
+        a 1-element placeholder tensor per parameter (torch's loaders want a state for every parameter
+        that requires a gradient, and a tensor to find the device; Lightning's rekeying, a non-empty
+        ``state``)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        per_tensor = {}
+        for i, p in enumerate(params):
+            slot = self.state.get(p)
+            if not slot:
+                continue
+            spec = shard_spec(p) if is_sharded(p) else None
+            per_tensor[i] = {n: (full_tensor(t.detach(), spec) if spec is not None and torch.is_tensor(t)
+                                 and t.dim() == p.dim() else t) for n, t in slot.items() if n not in ("precond_sqrt",)}
+            per_tensor[i] = {n: t.detach().cpu().clone() if torch.is_tensor(t) else t for n, t in per_tensor[i].items()}
+        buffer = io.BytesIO()
+        torch.save({"state": per_tensor, "langevin": state.pop("langevin")}, buffer)
+        groups = [dict(g) for g in state["param_groups"]]
+        groups[0][self.SHARDED_STATE_KEY] = buffer.getvalue()
+        marker = {i: {self.SHARDED_DEVICE_KEY: torch.zeros(1, device=params[0].device)}
+                  for g in groups for i in g["params"]}
+        return {"state": marker, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
+        sharded = next((g[self.SHARDED_STATE_KEY] for g in state_dict["param_groups"] if self.SHARDED_STATE_KEY in g),
+                       None)
+        if sharded is not None:   # _sharded_state_dict's form: unpack, then load as usual, then place the shards
+            payload = torch.load(io.BytesIO(sharded), map_location="cpu", weights_only=True)
+            state_dict["param_groups"] = [{k: v for k, v in g.items()
+                                           if k not in (self.SHARDED_STATE_KEY, self.SHARDED_DEVICE_KEY)}
+                                          for g in state_dict["param_groups"]]
+            state_dict["state"], state_dict["langevin"] = {}, payload["langevin"]
         with warnings.catch_warnings():   # a checkpoint of release 0.1: its names, translated silently
             warnings.simplefilter("ignore", DeprecationWarning)
             state_dict["param_groups"] = [
@@ -397,3 +451,9 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
                     # the guard restarts its windows and snapshots at the next sampling step
                     self.guard.reset()
                     self.guard.scale, self.guard.cuts = float(step["guard"]["scale"]), int(step["guard"]["cuts"])
+        if sharded is not None:   # the full per-tensor state, each rank keeping its slices (engine.bind)
+            params = [p for g in self.param_groups for p in g["params"]]
+            self.state.clear()
+            for i, slot in payload["state"].items():
+                self.state[params[int(i)]] = dict(slot)
+            self.engine.bind({p: p for p in params if p in self.state})
