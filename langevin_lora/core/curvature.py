@@ -275,11 +275,10 @@ class ShardedHVP(HessianVectorProduct):
     def __init__(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor], *, fd_eps: float = 1e-3,
                  backward_closure: bool = False) -> None:
         super().__init__(loss_fn, params, method="finite_difference", fd_eps=fd_eps)
-        sharding = self._sharding = _sharding
         self.backward_closure = backward_closure
         #: the full parameters (gathered once: a product restores the shards bitwise)
-        self.full = [sharding.full_tensor(p.detach()) for p in self.params]
-        self._slices = [sharding.shard_spec(p).slices if sharding.is_sharded(p) else None for p in self.params]
+        self.full = [_sharding.full_tensor(p.detach()) for p in self.params]
+        self._slices = [_sharding.shard_spec(p).slices if _sharding.is_sharded(p) else None for p in self.params]
 
     def _gradient(self) -> list[Tensor]:
         for p in self.params:
@@ -288,7 +287,7 @@ class ShardedHVP(HessianVectorProduct):
             loss = self._loss()
             if not self.backward_closure:
                 loss.backward()
-        return [torch.zeros_like(f) if p.grad is None else self._sharding.full_tensor(p.grad.detach()).clone()
+        return [torch.zeros_like(f) if p.grad is None else _sharding.full_tensor(p.grad.detach()).clone()
                 for p, f in zip(self.params, self.full)]
 
     def _finite_difference(self, vs: Sequence[Tensor]) -> list[Tensor]:
@@ -297,7 +296,7 @@ class ShardedHVP(HessianVectorProduct):
             v_norm = batched_dot(vs, vs).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
             eps = self.fd_eps * theta_norm / v_norm
             steps = [v * eps.to(v.dtype) for v in vs]
-            local = [self._sharding.local_tensor(p.detach()) for p in self.params]
+            local = [_sharding.local_tensor(p.detach()) for p in self.params]
             steps = [s if sl is None else s[sl] for s, sl in zip(steps, self._slices)]
             saved = [t.clone() for t in local]
             try:
