@@ -149,3 +149,32 @@ def test_the_readme_layout_table_is_the_tree():
         if folder not in rows or f"`{path.name}`" not in rows[folder]:
             missing.append(rel)
     assert not missing, f"not in the README's repository table: {missing}"
+
+
+def test_every_dotted_name_in_the_docs_resolves():
+    """``langevin_lora.x.y`` named in the READMEs and in the docstrings and imports of the package, recipes and
+    benchmarks is a module or an attribute of one (docs follow the moves)."""
+    import re
+
+    bad = []
+    repo = ROOT.parent
+    docs = [repo / d for d in ("README.md", "recipes/README.md", "benchmarks/README.md")]
+    docs += sorted(p for d in ("langevin_lora", "recipes", "benchmarks") for p in (repo / d).rglob("*.py"))
+    for path in docs:
+        doc, text = path.relative_to(repo).as_posix(), path.read_text()
+        for name in sorted(set(re.findall(r"\blangevin_lora(?:\.\w+)+(?![\w*])", text))):   # not globs (X_*)
+            parts = name.split(".")
+            obj = None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)   # the _moved row names old paths on purpose
+                for k in range(len(parts), 0, -1):
+                    try:
+                        obj = importlib.import_module(".".join(parts[:k]))
+                    except ImportError:
+                        continue
+                    for attr in parts[k:]:
+                        obj = getattr(obj, attr, None)
+                    break
+            if obj is None:
+                bad.append(f"{doc}: {name}")
+    assert not bad, "\n".join(bad)
