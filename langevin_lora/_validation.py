@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,18 @@ def check_version(owner: str, state: Any, current: int, missing: int | None = No
         raise ValueError(f"Invalid {owner} checkpoint version: {version!r} (this release reads versions 1 to {current}; "
                          "a newer version was written by a newer langevin-lora: upgrade it)")
     return version
+
+
+def _internal(filename: str) -> bool:
+    import torch
+
+    return any(filename.startswith(os.path.dirname(m.__file__)) for m in (sys.modules["langevin_lora"], torch))
+
+
+def warn_deprecated(message: str) -> None:
+    """A :class:`DeprecationWarning` attributed to the user's line: the first frame outside this package and
+    torch (a constructor's keyword reaches us through ``torch.optim.Optimizer.__init__``, for one)."""
+    level, frame = 2, sys._getframe(1)   # stacklevel 2 is this function's caller
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)

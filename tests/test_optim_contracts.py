@@ -1015,3 +1015,14 @@ def test_release_01_names_still_work_with_a_deprecation_warning():
     fresh.load_state_dict(saved)
     assert [(g["burn_in_steps"], g["precond_adapt_steps"], g["prior_centre"]) for g in fresh.param_groups] == \
         [(7, 2, "burn_in"), (7, 3, "burn_in")]
+
+
+def test_release_01_name_warnings_point_at_the_users_line():
+    """The DeprecationWarning of an old keyword names the caller's file and line, not torch.optim's or ours."""
+    import inspect
+
+    with pytest.warns(DeprecationWarning) as record:
+        line = inspect.currentframe().f_lineno + 1
+        LangevinAdam(_p(), lr=1e-2, num_data=10, weight_decay=0.1, warmup_steps=7)
+    w = next(r for r in record if "warmup_steps" in str(r.message))
+    assert (w.filename, w.lineno) == (__file__, line)

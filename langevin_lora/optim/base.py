@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive
+from langevin_lora._validation import check_bool, check_choice, check_non_negative, check_positive, warn_deprecated
 from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.core.functional import FRICTION_AUTO, check_friction
@@ -41,8 +41,8 @@ def renamed_keys(mapping: dict[str, Any], owner: str) -> dict[str, Any]:
         if new in out:
             raise ValueError(f"Invalid arguments to {owner}: both {old!r} and {new!r} given; {old!r} is the "
                              f"name before release 0.2, pass only {new!r}")
-        warnings.warn(f"{owner}: {old!r} is now called {new!r} (the vocabulary of LangevinLoRA); the old name "
-                      "is removed in release 0.3", DeprecationWarning, stacklevel=4)
+        warn_deprecated(f"{owner}: {old!r} is now called {new!r} (the vocabulary of LangevinLoRA); the old name "
+                        "is removed in release 0.3")
         out[new] = out.pop(old)
     return out
 
@@ -52,9 +52,8 @@ def check_prior_centre(value: Any, owner: str) -> str:
     if value is None:
         return "zero"
     if value in _RENAMED_CENTRES:
-        warnings.warn(f"{owner}: prior_centre={value!r} is now spelled {_RENAMED_CENTRES[value]!r} (the "
-                      "vocabulary of LangevinLoRA); the old spelling is removed in release 0.3",
-                      DeprecationWarning, stacklevel=5)
+        warn_deprecated(f"{owner}: prior_centre={value!r} is now spelled {_RENAMED_CENTRES[value]!r} (the "
+                        "vocabulary of LangevinLoRA); the old spelling is removed in release 0.3")
         return _RENAMED_CENTRES[value]
     return check_choice("prior_centre", value, PRIOR_CENTRES)
 
