@@ -241,7 +241,7 @@ def test_balance_lora_minilm_preserves_function_and_transports_moments(minilm_lo
 
     # refused once LangevinAdam has frozen its preconditioner
     sampler = adam_pre19([f.A for f in factors] + [f.B for f in factors], lr=1e-4, num_data=100, burn_in_steps=None)
-    with pytest.warns(UserWarning, match="no warm-up step"):
+    with pytest.warns(UserWarning, match="no burn-in step"):
         sampler.start_sampling()
     with pytest.raises(ValueError, match="frozen preconditioner"):
         balance_lora_(model, optimizer=sampler)

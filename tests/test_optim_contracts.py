@@ -357,7 +357,7 @@ def test_noise_follows_scheduled_lr(opt_name):
         opt = LangevinSGD([p], lr=lr0, beta=beta, seed=4)
     else:
         opt = adam_pre19([p], lr=lr0, beta=beta, warmup_steps=None, seed=4)
-        with pytest.warns(UserWarning, match="no warm-up step"):
+        with pytest.warns(UserWarning, match="no burn-in step"):
             opt.start_sampling()  # G = 1
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
     deltas = []
@@ -807,7 +807,7 @@ def test_frozen_preconditioner_matches_moments_before_switch(clamp):
 def test_manual_start_sampling_and_no_step_warning():
     params = make_params()
     opt = adam_pre19(params, lr=1e-2, beta=100.0, warmup_steps=None, seed=0)
-    with pytest.warns(UserWarning, match="no warm-up step taken, the preconditioner is the identity"):
+    with pytest.warns(UserWarning, match="no burn-in step taken, the preconditioner is the identity"):
         opt.start_sampling()
     assert opt.sampling
     for p in params:

@@ -102,7 +102,7 @@ def adapted_preconditioner(grad_sq_means: Sequence[Tensor], reference: float, ep
     moment collected during a *noise-free* descent instead records the gradients met on the way
     to the mode, which can leave :math:`G^{1/2}\nabla^2 U G^{1/2}` worse conditioned than
     :math:`\nabla^2 U` itself (bench_sampler.py's logistic regression: condition number 85 for
-    :math:`G = 1`, 1300 after a noise-free Adam warm-up, 107 after 300 adaptation steps, which
+    :math:`G = 1`, 1300 after a noise-free Adam burn-in, 107 after 300 adaptation steps, which
     took effective samples per gradient from 0.36× to 1.01× SGLD's). The new preconditioner is
 
     .. math::

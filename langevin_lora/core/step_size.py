@@ -256,7 +256,7 @@ def _check_finite_start(params: Sequence[Tensor]) -> None:
     if bad:
         raise NonFiniteLossError(
             f"Invalid parameters: {len(bad)} of the {len(params)} sampled tensors hold inf/NaN where sampling starts "
-            "(a non-finite loss or gradient during burn-in / warm-up reached them: your optimizer does not skip such "
+            "(a non-finite loss or gradient during burn-in reached them: your optimizer does not skip such "
             "steps). Find the batch with a non-finite loss (e.g. torch.autograd.set_detect_anomaly, or skip it in "
             "training_step), or lower the burn-in learning rate; a float step_size does not help, the parameters "
             "themselves are broken")

@@ -25,7 +25,7 @@ class LangevinGroupView:
         beta: inverse temperature :math:`\beta` (``inf`` for a noise-free group).
         weight_decay: :math:`\lambda` (coupled).
         precond: the frozen diagonal preconditioner :math:`G` per tensor, or ``None`` (identity).
-        sampling: ``True`` when the group takes Langevin steps now (``False`` during warm-up/burn-in).
+        sampling: ``True`` when the group takes Langevin steps now (``False`` during burn-in).
         friction: :math:`\gamma` of a kinetic (BAOAB) group, ``None`` for the overdamped step.
         momentum: the kinetic momenta :math:`p` (standing for :math:`G\cdot p`, stationary law
             :math:`N(0, G/\beta)`) per tensor, ``None`` before the first kinetic step or when overdamped.

@@ -1,4 +1,4 @@
-r"""Balancing LoRA factors (Castin et al. 2026; THEORY §4): for warm-up/burn-in, never while sampling.
+r"""Balancing LoRA factors (Castin et al. 2026; THEORY §4): for burn-in, never while sampling.
 
 Among all factorisations :math:`(gA, Bg^{-1})` of the same :math:`\Delta W = s\,BA`
 (:mod:`langevin_lora.lora.gauge`), balancing (:func:`balance_factors`, :func:`balance_lora_`,
@@ -7,7 +7,7 @@ Among all factorisations :math:`(gA, Bg^{-1})` of the same :math:`\Delta W = s\,
 onto :math:`\{AA^\top = B^\top B\}`, a set that :math:`\pi_\beta` does **not** concentrate on
 (:math:`E_\pi[AA^\top - B^\top B] = \tfrac{\text{in}-\text{out}}{\beta\lambda} I`). Projecting
 during sampling changes the law of :math:`W` itself (THEORY §4, rank-1 example:
-:math:`E[W] = 0.363` instead of :math:`0.655`), so it is allowed during warm-up/burn-in or once when
+:math:`E[W] = 0.363` instead of :math:`0.655`), so it is allowed during burn-in or once when
 sampling starts, and refused while sampling (use :class:`~langevin_lora.lora.gauge.GaugeMoves` then).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ SAMPLING_REFUSAL = (
     "balancing LoRA factors while sampling changes the law being sampled: pi_beta is not "
     "concentrated on the balanced set AA^T = B^T B (E_pi[AA^T - B^T B] = (in - out)/(beta*lambda) I), "
     "and projecting onto it after every step changes the law of W = BA itself (THEORY §4, rank-1 "
-    "example: E[W] = 0.363 instead of 0.655). Balance during warm-up/burn-in or once before "
+    "example: E[W] = 0.363 instead of 0.655). Balance during burn-in or once before "
     "sampling starts; use GaugeMoves for exact gauge moves during sampling."
 )
 
@@ -171,7 +171,7 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
     both gradients vanish. Convolution and embedding adapters are handled through their
     :math:`(r, \text{in})` / :math:`(\text{out}, r)` matrix views.
 
-    **Only during warm-up/burn-in or once before sampling starts** (THEORY §4): see
+    **Only during burn-in or once before sampling starts** (THEORY §4): see
     :class:`BalanceSchedule`, which refuses balancing while sampling.
 
     Optimizer state: Adam's moments are coordinates of the old gauge. Under
@@ -189,7 +189,7 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
     - ``moments="reset"``: the whole per-tensor state is cleared (but an fp32 master copy).
       ``torch.optim.Adam/AdamW`` and :class:`~langevin_lora.LangevinAdam` restart the moments
       with their bias correction counted from the restart (LangevinAdam keeps a per-tensor
-      ``step`` for that; its warm-up length still counts the group's steps). A second moment
+      ``step`` for that; its burn-in length still counts the group's steps). A second moment
       restarted shortly before sampling starts is estimated from few gradients: prefer
       ``"transport"`` there.
 
@@ -241,20 +241,20 @@ def balance_lora_(model: nn.Module, adapter_name: str | None = None, optimizer: 
 
 
 class BalanceSchedule:
-    r"""When to balance (THEORY §4): every ``every_n_steps`` warm-up/burn-in steps, and/or once
+    r"""When to balance (THEORY §4): every ``every_n_steps`` burn-in steps, and/or once
     when sampling starts; never while sampling.
 
     Meant to be driven by a sampler (the LangevinLoRA callback, or a training loop)::
 
         schedule = BalanceSchedule(every_n_steps=50, at_sampling_start=True)
-        # after each warm-up/burn-in optimizer step:
+        # after each burn-in optimizer step:
         schedule.step(model, step, sampling=False, optimizer=opt)
         # right before the preconditioner is frozen / samples start being kept:
         schedule.start_sampling(model, optimizer=opt)
         opt.start_sampling()
 
     Args:
-        every_n_steps: balance after every this many warm-up/burn-in steps (``None``: never).
+        every_n_steps: balance after every this many burn-in steps (``None``: never).
         at_sampling_start: balance once in :meth:`start_sampling`.
         moments: optimizer-state policy passed to :func:`balance_lora_`.
 
@@ -277,12 +277,12 @@ class BalanceSchedule:
             raise ValueError("Invalid sampling=True for balancing: " + SAMPLING_REFUSAL)
 
     def due(self, step: int) -> bool:
-        """Whether warm-up/burn-in step ``step`` (counted from 1) is a balancing step."""
+        """Whether burn-in step ``step`` (counted from 1) is a balancing step."""
         return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
 
     def step(self, model: nn.Module, step: int, *, sampling: bool, optimizer: Any = None,
              adapter_name: str | None = None) -> bool:
-        """Balance after warm-up/burn-in step ``step`` when :meth:`due`; returns whether it did.
+        """Balance after burn-in step ``step`` when :meth:`due`; returns whether it did.
 
         Raises ``ValueError`` when called with ``sampling=True``: the caller must stop driving
         the schedule once sampling has started (use :class:`GaugeMoves` then)."""

@@ -8,7 +8,7 @@ of the potential :math:`U = \hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2` doe
 The PEFT scaling :math:`s` multiplies :math:`BA` and plays no role in anything below.
 
 The symmetry has two uses with different rules. **Balancing** (a deterministic projection, allowed
-during warm-up/burn-in only) lives in :mod:`langevin_lora.lora.balance`. **Gauge moves**
+during burn-in only) lives in :mod:`langevin_lora.lora.balance`. **Gauge moves**
 (:func:`orthogonal_gauge_move_`, :func:`gl_gauge_move_`, :class:`GaugeMoves`), here, are Markov
 kernels that leave :math:`\pi_\beta \propto e^{-\beta U}` exactly invariant and need no forward
 pass. Interleaved with Langevin steps they keep the target and speed up mixing along the gauge

@@ -15,7 +15,7 @@ from langevin_lora.optim.base import RENAMED, LangevinOptimizer, renamed_keys
 
 @readable_docstring
 class LangevinAdam(LangevinOptimizer):
-    r"""Adam warm-up, then exact Langevin sampling with a frozen Adam preconditioner.
+    r"""Adam burn-in, then exact Langevin sampling with a frozen Adam preconditioner.
 
     **Burn-in** (the first ``burn_in_steps`` steps, no noise) is Adam on the potential
     :math:`U = \hat L + \tfrac{\lambda}{2}\lVert\theta\rVert^2` with *coupled* L2 decay,
@@ -55,14 +55,14 @@ class LangevinAdam(LangevinOptimizer):
             called ``warmup_steps`` before release 0.2 (still accepted, with a ``DeprecationWarning``).
         precond_clamp: ``(c_lo, c_hi)`` with ``0 < c_lo <= 1 <= c_hi``, relative to the median
             (caps the preconditioner's condition number at ``c_hi / c_lo``).
-        precond_adapt_steps: after the freeze, take this many Langevin steps with the warm-up's
+        precond_adapt_steps: after the freeze, take this many Langevin steps with the burn-in's
             :math:`G` while averaging :math:`v = (g + \lambda\theta)^2`, then re-freeze
             :math:`G` from :math:`v` with :func:`~langevin_lora.core.functional.adapted_preconditioner`
-            (same median, curvature-based shape; 0: keep the warm-up's :math:`G`). Those steps are
-            burn-in: discard them. Recommended when the warm-up's path gradients are not a
+            (same median, curvature-based shape; 0: keep the burn-in's :math:`G`). Those steps are
+            burn-in: discard them. Recommended when the burn-in's path gradients are not a
             curvature scale (well-conditioned or standardised problems, LoRA from ``B = 0``). Called
             ``adapt_steps`` before release 0.2.
-        friction: ``"auto"`` (default: kinetic BAOAB after the warm-up, :math:`\gamma = 2\sqrt{\lambda G_{\min}}`,
+        friction: ``"auto"`` (default: kinetic BAOAB after the burn-in, :math:`\gamma = 2\sqrt{\lambda G_{\min}}`,
             logged at INFO by ``langevin_lora.core.engine``; noise-free groups step overdamped), :math:`\gamma > 0`,
             or ``None`` (overdamped sampling). ``"auto"`` needs ``weight_decay > 0`` in groups at ``temperature > 0``.
         prior_centre: ``"burn_in"`` (default: the parameters when sampling starts, i.e. where the burn-in
@@ -77,7 +77,7 @@ class LangevinAdam(LangevinOptimizer):
             the first noisy step and ``lr`` is used. ``"lr"``: ``lr`` is the Langevin step (the behaviour
             before issue 19); a float: that step when sampling starts.
         step_safety, step_size_every_n_steps, guard: as in :class:`~langevin_lora.LangevinSGD` (the guard
-            watches the sampling steps, not the warm-up).
+            watches the sampling steps, not the burn-in).
 
     **Defaults** (since issue 18/19, as :class:`~langevin_lora.LangevinLoRA`'s): prior centred where
     sampling starts, kinetic ``friction="auto"``, measured step, divergence guard on. The earlier
@@ -166,7 +166,7 @@ class LangevinAdam(LangevinOptimizer):
 
     @torch.no_grad()
     def start_sampling(self) -> None:
-        """Freeze the preconditioner of every group still in warm-up and switch to Langevin steps.
+        """Freeze the preconditioner of every group still in burn-in and switch to Langevin steps.
 
         A group with no Adam step yet gets :math:`G \\equiv 1` (plain SGLD) and a warning.
         Calling it again does nothing."""
@@ -182,7 +182,7 @@ class LangevinAdam(LangevinOptimizer):
         raw = []
         for group in groups:
             if group["step"] == 0:
-                warnings.warn("LangevinAdam.start_sampling: no warm-up step taken, the preconditioner "
+                warnings.warn("LangevinAdam.start_sampling: no burn-in step taken, the preconditioner "
                               "is the identity (plain SGLD)", stacklevel=3)
             _, beta2 = group["betas"]
             for p in group["params"]:
@@ -208,10 +208,10 @@ class LangevinAdam(LangevinOptimizer):
 
     def _freeze_due(self) -> None:
         # Every group that is due is frozen at once: they share the clamp's reference scale.
-        self._freeze([g for g in self.param_groups if not g["sampling"] and self._warmup_done(g)])
+        self._freeze([g for g in self.param_groups if not g["sampling"] and self._burn_in_done(g)])
 
     @staticmethod
-    def _warmup_done(group: dict[str, Any]) -> bool:
+    def _burn_in_done(group: dict[str, Any]) -> bool:
         return group["burn_in_steps"] is not None and group["step"] >= group["burn_in_steps"]
 
     def _update(self, batches: list[StepGroup]) -> None:
@@ -247,7 +247,7 @@ class LangevinAdam(LangevinOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(w)
                 state["step"] = 0
             # Bias correction counts the steps of *these* moments (a per-tensor count), so moments
-            # restarted mid-run are corrected like fresh ones; group["step"] counts the warm-up.
+            # restarted mid-run are corrected like fresh ones; group["step"] counts the burn-in.
             state["step"] = state.get("step", group["step"] - 1) + 1
             m.append(state["exp_avg"])
             v.append(state["exp_avg_sq"])
@@ -272,7 +272,7 @@ class LangevinAdam(LangevinOptimizer):
         window has just ended (:meth:`LangevinEngine.refreeze`). Groups frozen together (same reference
         scale) are re-frozen together, so the relative scale of, e.g., LoRA ``A`` and ``B`` groups
         comes from the measurement. A tensor that never had a gradient during adaptation keeps its
-        warm-up ``G``."""
+        burn-in ``G``."""
         due: dict[float, list[dict[str, Any]]] = {}
         for group in self.param_groups:
             if group.pop("refreeze_due", False):

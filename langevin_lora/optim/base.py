@@ -151,7 +151,7 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         return friction
 
     def group_step(self, group: dict[str, Any]) -> float:
-        r"""The Langevin step of ``group`` now: ``lr`` before sampling (Adam's warm-up), for noise-free
+        r"""The Langevin step of ``group`` now: ``lr`` before sampling (Adam's burn-in), for noise-free
         groups and with ``step_size="lr"``; else the measured (``"auto"``) or given (float) step at sampling
         start times :math:`\mathrm{lr}_t/\mathrm{lr}_{t_0}` (your LR schedule, relative to its value when
         sampling started). Times the divergence guard's cut factor while sampling."""
