@@ -133,3 +133,8 @@ def test_bank_log_likelihood_and_loo():
     assert res.p == pytest.approx(lppd - res.elpd, rel=1e-9), res
     with pytest.raises(ValueError, match="Invalid labels: 29 labels for 30 examples"):
         bank_log_likelihood(model, bank, dl, labels=y[:29])
+    # A shuffling DataLoader would pair each pass's predictions with another pass's labels: refused.
+    with pytest.raises(ValueError, match=r"bank_log_likelihood: the DataLoader shuffles"):
+        bank_log_likelihood(model, bank, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+    with pytest.raises(ValueError, match=r"bank_to_inference_data: the DataLoader shuffles"):
+        bank_to_inference_data(model, bank, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))

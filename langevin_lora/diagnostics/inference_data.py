@@ -213,9 +213,9 @@ def bank_log_likelihood(model: Any, bank: Any, dataloader_or_batches: Iterable[A
     """
     import torch
 
-    batches = dataloader_or_batches
-    if iter(batches) is batches:
-        batches = list(batches)
+    from langevin_lora.posterior.averaging import fixed_batches
+
+    batches = fixed_batches(dataloader_or_batches, "bank_log_likelihood")
     y = torch.as_tensor(np.asarray(_labels_of(batches) if labels is None else labels)).reshape(-1)
     rows = []
     with bank.averaging(model) as averager:
@@ -234,9 +234,9 @@ def bank_to_inference_data(model: Any, bank: Any, dataloader_or_batches: Iterabl
     ``posterior.theta_sq`` (:math:`\lVert\theta_s\rVert^2` of each banked sample, one chain, so
     ``arviz_stats.loo`` finds its relative efficiency, 1 for one chain). Draws are the samples in
     bank order (their optimizer steps in ``posterior.sample_step``)."""
-    batches = dataloader_or_batches
-    if iter(batches) is batches:  # one-shot iterator: read it once
-        batches = list(batches)
+    from langevin_lora.posterior.averaging import fixed_batches
+
+    batches = fixed_batches(dataloader_or_batches, "bank_to_inference_data")
     ll = bank_log_likelihood(model, bank, batches, labels=labels, forward_fn=forward_fn)
     labels = _labels_of(batches) if labels is None else labels
     theta_sq = np.array([sum(float(t.double().pow(2).sum()) for t in sample.values()) for sample in bank])

@@ -32,7 +32,7 @@ from langevin_lora.core.sharding import copy_full_
 if TYPE_CHECKING:  # pragma: no cover
     from langevin_lora.posterior.bank import SampleBank
 
-__all__ = ["Averager", "bma_predict_proba", "default_forward", "sample_probabilities"]
+__all__ = ["Averager", "bma_predict_proba", "default_forward", "fixed_batches", "sample_probabilities"]
 
 Forward = Callable[[nn.Module, Any], Tensor]
 
@@ -83,8 +83,9 @@ def check_finite_probs(probs: Tensor, bank: "SampleBank", i: int, where: str) ->
     return probs
 
 
-def _batches(dataloader_or_batches: Iterable[Any], where: str) -> Iterable[Any]:
-    """Batches that can be read once per sample: a DataLoader that does not shuffle, or a list."""
+def fixed_batches(dataloader_or_batches: Iterable[Any], where: str) -> Iterable[Any]:
+    """Batches that can be read once per sample in the same order: a DataLoader that does not shuffle (else
+    ``ValueError`` naming ``where``), a list, or a one-shot iterator read once into a list."""
     from torch.utils.data import DataLoader, RandomSampler
 
     if isinstance(dataloader_or_batches, DataLoader) and isinstance(dataloader_or_batches.sampler, RandomSampler):
@@ -139,7 +140,7 @@ def sample_probabilities(model: nn.Module, bank: "SampleBank", dataloader_or_bat
     metrics are computed from these. Arguments, restoring and errors as in :func:`bma_predict_proba`;
     all ``S`` passes are held in memory (the average alone holds one).
     """
-    batches = _batches(dataloader_or_batches, "sample_probabilities")
+    batches = fixed_batches(dataloader_or_batches, "sample_probabilities")
     with bank.averaging(model) as averager:
         return torch.stack(list(averager.per_sample(batches, forward_fn, where="sample_probabilities")))
 
@@ -170,7 +171,7 @@ def bma_predict_proba(model: nn.Module, bank: "SampleBank", dataloader_or_batche
         ValueError: the bank is empty, the DataLoader shuffles, or ``model`` holds no parameter
             for some banked tensor.
     """
-    batches = _batches(dataloader_or_batches, "bma_predict_proba")
+    batches = fixed_batches(dataloader_or_batches, "bma_predict_proba")
     total: Tensor | None = None
     with bank.averaging(model) as averager:
         for i, probs in enumerate(averager.per_sample(batches, forward_fn, where="bma_predict_proba")):
