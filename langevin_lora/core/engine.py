@@ -125,6 +125,10 @@ class StepGroup:
     name: str = ""
 
 
+def _cloned(value: Any) -> Any:
+    return value.clone() if torch.is_tensor(value) else value
+
+
 def work_tensor_of(sampler: Any, p: Tensor) -> Tensor:
     """The tensor ``sampler`` updates for ``p`` (its fp32 master copy, or ``p``); ``p`` for anything
     that is not a Langevin sampler (e.g. a torch optimizer)."""
@@ -219,11 +223,13 @@ class LangevinEngine:
         """The :class:`~langevin_lora.core.sharding.ShardSpec` of each key (``None``: unsharded)."""
         return [self.shards.get(k) for k in keys]
 
-    def _full(self, key: Hashable, t: Tensor) -> Tensor:
+    def _full(self, key: Hashable, t: Any) -> Any:
         """The unsharded tensor of the per-tensor value ``t`` of ``key`` (gathered over its shards: a
-        collective), else ``t``."""
+        collective), else ``t`` (also a front-end's counters: builtins or tensors not shaped like the shard)."""
         spec = self.shards.get(key)
-        return t if spec is None else sharding.full_tensor(t, spec)
+        if spec is None or not torch.is_tensor(t) or t.dim() != len(spec.global_shape):
+            return t
+        return sharding.full_tensor(t, spec)
 
     def gather(self, params: Sequence[Tensor], keys: Sequence[Hashable] | None = None, **hyper: Any) -> StepGroup:
         """The parameters of ``params`` that have a gradient, with their work tensors and gradients in
@@ -529,7 +535,7 @@ class LangevinEngine:
         out: dict[str, Any] = {"generators": self.generators.state_dict(), "skipped_steps": self.skipped_steps,
                                "kinetic_lr": dict(self.kinetic_lr)}
         if per_tensor:   # sharded tensors saved unsharded: the checkpoint does not depend on the sharding
-            out["state"] = {k: {n: self._full(k, t).clone() for n, t in s.items() if n not in _DERIVED}
+            out["state"] = {k: {n: _cloned(self._full(k, t)) for n, t in s.items() if n not in _DERIVED}
                             for k, s in self.state.items() if s}
         return out
 

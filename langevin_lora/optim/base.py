@@ -15,7 +15,7 @@ from langevin_lora.core.curvature import RngSnapshot
 from langevin_lora.core.engine import EngineFrontEnd, LangevinEngine, NonFiniteGradientWarning, StepGroup
 from langevin_lora.core.functional import FRICTION_AUTO, check_friction
 from langevin_lora.core.guard import DivergenceGuard
-from langevin_lora.core.sharding import full_tensor, is_sharded, local_tensor, shard_spec
+from langevin_lora.core.sharding import is_sharded, local_tensor
 from langevin_lora.core.step_size import AutoStepSize, NonFiniteLossError, StepSizeWarning, step_from_lambda_max
 from langevin_lora.core.temperature import PRIOR_CENTRES, check_proper_prior, effective_beta, resolve_base_beta
 from langevin_lora.core.view import LangevinGroupView
@@ -392,15 +392,9 @@ class LangevinOptimizer(EngineFrontEnd, Optimizer):
         that requires a gradient, and a tensor to find the device; Lightning's rekeying, a non-empty
         ``state``)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        per_tensor = {}
-        for i, p in enumerate(params):
-            slot = self.state.get(p)
-            if not slot:
-                continue
-            spec = shard_spec(p) if is_sharded(p) else None
-            per_tensor[i] = {n: (full_tensor(t.detach(), spec) if spec is not None and torch.is_tensor(t)
-                                 and t.dim() == p.dim() else t) for n, t in slot.items() if n not in ("precond_sqrt",)}
-            per_tensor[i] = {n: t.detach().cpu().clone() if torch.is_tensor(t) else t for n, t in per_tensor[i].items()}
+        index = {p: i for i, p in enumerate(params)}
+        per_tensor = {index[p]: {n: t.detach().cpu() if torch.is_tensor(t) else t for n, t in slot.items()}
+                      for p, slot in self.engine.state_dict()["state"].items()}   # gathered unsharded, cloned
         buffer = io.BytesIO()
         torch.save({"state": per_tensor, "langevin": state.pop("langevin")}, buffer)
         groups = [dict(g) for g in state["param_groups"]]
