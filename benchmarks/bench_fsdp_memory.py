@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from torch import nn
 
 from benchmarks._common import add_results_arguments, append_section
@@ -68,7 +68,7 @@ def worker(args, out: str) -> None:
 
 
 def launch(args, world: int, out: str) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()),
                WORLD_SIZE=str(world))
     cmd = [sys.executable, "-m", "benchmarks.bench_fsdp_memory", "--worker", out, "--layers", str(args.layers),
            "--width", str(args.width), "--rank", str(args.rank)]

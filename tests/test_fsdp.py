@@ -18,7 +18,6 @@ single-device values bitwise. Unsupported strategies and layouts are refused wit
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import types
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from fsdp_helpers import FSDP_ONLY, RUNS, Module, bank_and_bma, dataset, dropin_run, run
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 
 def _launch(out: Path, mode: str, *names: str) -> None:
     """Two processes of tests/fsdp_worker.py, as Lightning's own launcher would start them."""
-    port = str(random.randint(20000, 40000))
+    port = str(find_free_network_port())   # a random port collided now and then (rank 1 aborted in init)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(HERE / "fsdp_worker.py"), str(out), mode, *names],
